@@ -1,0 +1,1 @@
+"""Pallas GPU kernels (installed as `nurec_jax.kernels`)."""

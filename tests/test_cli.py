@@ -1,0 +1,21 @@
+import os
+import subprocess
+import sys
+
+
+def test_scene_info_cli_prints_summary():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "nurec_jax.cli.scene_info"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "clipgt-sample-street-0001" in out.stdout
+    assert "camera_front_wide_120fov" in out.stdout and "dynamic_rigids" in out.stdout
+
+
+def test_scene_info_cli_reports_bad_file(tmp_path):
+    bad = tmp_path / "broken.usdz"
+    bad.write_bytes(b"nope")
+    out = subprocess.run([sys.executable, "-m", "nurec_jax.cli.scene_info", f"--scene={bad}"],
+                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert out.returncode != 0
+    assert "broken.usdz: not a zip archive" in out.stderr
