@@ -1,0 +1,25 @@
+"""Numerical constants shared by the reference renderer, the Pallas kernels and the tests.
+
+Values follow NuRec's 3DGUT configuration (rendering.md sections 2 and 7).
+"""
+
+# Compositing (gsplat / 3DGUT / NuRec).
+ALPHA_THRESHOLD = 1.0 / 255.0  # a Gaussian with alpha below this is skipped
+MAX_ALPHA = 0.99  # alpha clamp; keeps 1 / (1 - alpha) <= 100 in backward passes
+TRANSMITTANCE_THRESHOLD = 1e-4  # a pixel stops once T would fall to or below this (exclusive)
+MIN_KERNEL_RESPONSE = 0.0113  # density_kernel_min_response ~ exp(-4.5): the 3-sigma contour
+
+# Unscented transform (NuRec: alpha 1, beta 2, kappa 0).
+UT_ALPHA = 1.0
+UT_BETA = 2.0
+UT_KAPPA = 0.0
+UT_IMAGE_MARGIN = 0.1  # sigma points within 10 % outside the image still count as valid
+
+# Footprint used for tile selection only (eval3d decides the composited alpha).
+COVARIANCE_DILATION = 0.3  # px^2 added to the projected covariance
+MAX_EXTENT_SIGMA = 3.33  # opacity-aware extent is capped at 3.33 sigma
+NEAR_CLIP = 0.2  # metres: Gaussian means closer than this (camera z or distance) are culled
+DEPTH_KEY_FAR = 1e5  # metres: far end of the log-depth range packed into sort keys
+
+TILE_SIZE = 16
+ROLLING_SHUTTER_ITERATIONS = 5

@@ -1,0 +1,116 @@
+"""Gradient-safe jnp helpers: norms, quaternions, SO(3)/SE(3) maps and pose interpolation.
+
+Quaternions are Hamilton (w, x, y, z). NaN-free gradients: every branch that could divide by zero
+computes on a safe substitute inside `jnp.where` (a NaN in the untaken branch still poisons
+reverse-mode AD).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False, eps: float = 1e-20) -> jax.Array:
+    """Euclidean norm whose gradient at 0 is 0 instead of NaN."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=keepdims)
+    safe = jnp.where(sq > eps, sq, 1.0)
+    return jnp.where(sq > eps, jnp.sqrt(safe), 0.0)
+
+
+def safe_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-20) -> jax.Array:
+    n = safe_norm(x, axis=axis, keepdims=True, eps=eps)
+    return x / jnp.where(n > 0, n, 1.0)
+
+
+def quat_normalize(q: jax.Array) -> jax.Array:
+    return safe_normalize(q)
+
+
+def quat_multiply(a: jax.Array, b: jax.Array) -> jax.Array:
+    aw, ax, ay, az = jnp.moveaxis(a, -1, 0)
+    bw, bx, by, bz = jnp.moveaxis(b, -1, 0)
+    return jnp.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        axis=-1,
+    )
+
+
+def quat_conjugate(q: jax.Array) -> jax.Array:
+    return q * jnp.array([1.0, -1.0, -1.0, -1.0], q.dtype)
+
+
+def quat_to_matrix(q: jax.Array) -> jax.Array:
+    """(..., 4) wxyz (normalised here) -> (..., 3, 3)."""
+    w, x, y, z = jnp.moveaxis(quat_normalize(q), -1, 0)
+    return jnp.stack(
+        [
+            jnp.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+            jnp.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+            jnp.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        axis=-2,
+    )
+
+
+def matrix_to_quat(m: jax.Array) -> jax.Array:
+    """(..., 3, 3) rotation -> (..., 4) unit wxyz (Shepperd's method, branch by largest component)."""
+    r = lambda i, j: m[..., i, j]  # noqa: E731
+    cand = jnp.stack(
+        [
+            1.0 + r(0, 0) + r(1, 1) + r(2, 2),
+            1.0 + r(0, 0) - r(1, 1) - r(2, 2),
+            1.0 - r(0, 0) + r(1, 1) - r(2, 2),
+            1.0 - r(0, 0) - r(1, 1) + r(2, 2),
+        ],
+        axis=-1,
+    )
+    best = jnp.argmax(cand, axis=-1)
+    s = 2.0 * jnp.sqrt(jnp.maximum(jnp.max(cand, axis=-1), 1e-12))
+    qs = jnp.stack(
+        [
+            jnp.stack([0.25 * s, (r(2, 1) - r(1, 2)) / s, (r(0, 2) - r(2, 0)) / s, (r(1, 0) - r(0, 1)) / s], -1),
+            jnp.stack([(r(2, 1) - r(1, 2)) / s, 0.25 * s, (r(0, 1) + r(1, 0)) / s, (r(0, 2) + r(2, 0)) / s], -1),
+            jnp.stack([(r(0, 2) - r(2, 0)) / s, (r(0, 1) + r(1, 0)) / s, 0.25 * s, (r(1, 2) + r(2, 1)) / s], -1),
+            jnp.stack([(r(1, 0) - r(0, 1)) / s, (r(0, 2) + r(2, 0)) / s, (r(1, 2) + r(2, 1)) / s, 0.25 * s], -1),
+        ],
+        axis=-2,
+    )
+    q = jnp.take_along_axis(qs, best[..., None, None], axis=-2)[..., 0, :]
+    return quat_normalize(jnp.where(q[..., :1] < 0, -q, q))
+
+
+def so3_exp(omega: jax.Array) -> jax.Array:
+    """Axis-angle (..., 3) -> unit wxyz quaternion, with a Taylor branch near 0."""
+    theta_sq = jnp.sum(omega * omega, axis=-1, keepdims=True)
+    small = theta_sq < 1e-8
+    safe_sq = jnp.where(small, 1.0, theta_sq)
+    theta = jnp.sqrt(safe_sq)
+    half = 0.5 * theta
+    real = jnp.where(small, 1.0 - theta_sq / 8.0, jnp.cos(half))
+    imag = jnp.where(small, 0.5 - theta_sq / 48.0, jnp.sin(half) / theta)
+    return jnp.concatenate([real, imag * omega], axis=-1)
+
+
+def slerp(q0: jax.Array, q1: jax.Array, t: jax.Array) -> jax.Array:
+    """Shortest-path slerp of unit wxyz quaternions; nlerp where they (nearly) coincide."""
+    t = jnp.asarray(t)[..., None]
+    dot = jnp.sum(q0 * q1, axis=-1, keepdims=True)
+    q1 = jnp.where(dot < 0, -q1, q1)
+    dot = jnp.abs(dot)
+    close = dot > 0.9995
+    omega = jnp.arccos(jnp.clip(jnp.where(close, 0.5, dot), -1.0, 1.0))
+    sin_omega = jnp.sin(omega)
+    w0 = jnp.where(close, 1.0 - t, jnp.sin((1.0 - t) * omega) / sin_omega)
+    w1 = jnp.where(close, t, jnp.sin(t * omega) / sin_omega)
+    return quat_normalize(w0 * q0 + w1 * q1)
+
+
+def rotate(q: jax.Array, v: jax.Array) -> jax.Array:
+    """Rotates vectors v (..., 3) by unit quaternions q (..., 4)."""
+    return jnp.einsum("...ij,...j->...i", quat_to_matrix(q), v)

@@ -1,0 +1,466 @@
+"""The differentiable camera renderer (NuRec's 3DGUT): unscented-transform tiling + per-ray eval3d.
+
+Pipeline for one frame (rendering.md section 9):
+  1. Per pixel: its exposure time tau (rolling shutter), its camera pose at tau, its ray; the same
+     ray expressed in every actor's frame at tau.
+  2. Per Gaussian (no gradients): the 7 sigma points through the exact camera with the rolling-shutter
+     fixed point -> 2D mean and covariance -> opacity-aware tile rectangle; culling; depth key.
+  3. (tile, Gaussian) pairs in a fixed-capacity buffer, one packed uint32 key each (tile id in the
+     high bits, quantised log depth in the low bits), one stable sort, per-tile ranges.
+  4. Per tile: eval3d + front-to-back compositing (`nurec_jax.kernels.rasterize_ref`).
+  5. Sky / background behind.
+
+Gradients flow to the sensor poses (through the rays and the SH view direction) and to the Gaussian
+parameters (through eval3d and the colours); tiling and sorting are not differentiated.
+Library functions are pure and never jit themselves; `nurec_jax.renderer.Renderer` owns the jit
+boundary and grows capacities on overflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nurec_jax import constants as C
+from nurec_jax import math as nmath
+from nurec_jax import sh as sh_lib
+from nurec_jax import sky as sky_lib
+from nurec_jax.cameras import Camera
+from nurec_jax.kernels import rasterize_ref
+from nurec_jax.metadata import ShutterType
+from nurec_jax.poses import Pose, PosePair
+from nurec_jax.types import Gaussians, SceneGaussians, Sky
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderOptions:
+    """Static render configuration (part of the jit cache key).
+
+    Attributes:
+      pair_capacity: size of the (tile, Gaussian) pair buffer.
+      tile_capacity: most Gaussians one tile may hold.
+      chunk: Gaussians composited per step.
+      tile_batch: tiles walked side by side (vectorised) by the reference compositor.
+      rolling_shutter_iterations: fixed-point iterations when projecting under a rolling shutter.
+      disable_rolling_shutter: render every pixel at the start pose (render-grpc's option).
+    """
+
+    pair_capacity: int = 1 << 18
+    tile_capacity: int = 1 << 11
+    chunk: int = 32
+    tile_batch: int = 8
+    rolling_shutter_iterations: int = C.ROLLING_SHUTTER_ITERATIONS
+    disable_rolling_shutter: bool = False
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ActorPoses:
+    """Object -> world poses of every actor track at the start and end of the exposure.
+
+    Attributes:
+      poses: PosePair with (A,) leading axes, one per `SceneGaussians.track_ids` entry.
+      visible: (A,) bool; an invisible actor (outside its track's time range, or removed) is not drawn.
+    """
+
+    poses: PosePair
+    visible: jax.Array
+
+    @staticmethod
+    def empty(dtype=jnp.float32) -> "ActorPoses":
+        p = Pose(jnp.zeros((0, 4), dtype), jnp.zeros((0, 3), dtype))
+        return ActorPoses(PosePair(p, p), jnp.zeros((0,), bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RenderOutput:
+    """One rendered frame.
+
+    Attributes:
+      rgb: (H, W, 3) colour in [0, 1] with the sky behind.
+      alpha: (H, W) accumulated opacity 1 - T.
+      hit_distance: (H, W) sum of w_i t*_i (not divided by alpha), metres along the ray.
+      depth: (H, W) expected ray distance hit_distance / alpha (0 where alpha ~ 0).
+      num_pairs: () int32 (tile, Gaussian) pairs needed; > pair_capacity means overflow.
+      max_tile_pairs: () int32 largest per-tile list; > tile_capacity means overflow.
+    """
+
+    rgb: jax.Array
+    alpha: jax.Array
+    hit_distance: jax.Array
+    depth: jax.Array
+    num_pairs: jax.Array
+    max_tile_pairs: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Rolling shutter
+
+
+def shutter_tau(uv: jax.Array, width: int, height: int, shutter_type: int) -> jax.Array:
+    """Relative exposure time in [0, 1] of continuous image points (protocol.md 7.4)."""
+    u, v = uv[..., 0], uv[..., 1]
+    hm, wm = max(height - 1, 1), max(width - 1, 1)
+    st = ShutterType(shutter_type)
+    if st == ShutterType.ROLLING_TOP_TO_BOTTOM:
+        tau = jnp.floor(v) / hm
+    elif st == ShutterType.ROLLING_LEFT_TO_RIGHT:
+        tau = jnp.floor(u) / wm
+    elif st == ShutterType.ROLLING_BOTTOM_TO_TOP:
+        tau = (height - jnp.ceil(v)) / hm
+    elif st == ShutterType.ROLLING_RIGHT_TO_LEFT:
+        tau = (width - jnp.ceil(u)) / wm
+    else:
+        return jnp.zeros_like(u)
+    return jnp.clip(tau, 0.0, 1.0)
+
+
+def _effective_shutter(camera: Camera, options: RenderOptions) -> int:
+    if options.disable_rolling_shutter:
+        return int(ShutterType.GLOBAL)
+    return int(camera.shutter_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames: frame 0 is the world, frame 1 + a is actor a.
+
+
+def _frame_pairs(actors: ActorPoses, dtype) -> PosePair:
+    ident = Pose(jnp.array([[1.0, 0.0, 0.0, 0.0]], dtype), jnp.zeros((1, 3), dtype))
+    start = Pose(jnp.concatenate([ident.quat, actors.poses.start.quat.astype(dtype)]),
+                 jnp.concatenate([ident.trans, actors.poses.start.trans.astype(dtype)]))
+    end = Pose(jnp.concatenate([ident.quat, actors.poses.end.quat.astype(dtype)]),
+               jnp.concatenate([ident.trans, actors.poses.end.trans.astype(dtype)]))
+    return PosePair(start, end)
+
+
+def _pair_at(pair: PosePair, index: jax.Array, tau: jax.Array) -> Pose:
+    """Pose of frame `index` (any shape) at relative time `tau` (same shape)."""
+    sub = PosePair(Pose(pair.start.quat[index], pair.start.trans[index]),
+                   Pose(pair.end.quat[index], pair.end.trans[index]))
+    return sub.at(tau)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Merged:
+    means: jax.Array
+    quats: jax.Array
+    scales: jax.Array
+    opacities: jax.Array
+    sh: jax.Array
+    frames: jax.Array
+    sh_degree: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+
+def _merge(gaussians: SceneGaussians, actors: ActorPoses) -> _Merged:
+    s, d = gaussians.static, gaussians.dynamic
+    k = max(s.sh.shape[1], d.sh.shape[1])
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0), (0, k - x.shape[1]), (0, 0)))
+
+    dyn_op = d.opacities
+    if d.count:
+        dyn_op = jnp.where(actors.visible[gaussians.dynamic_track], d.opacities, 0.0)
+    frames = jnp.concatenate([jnp.zeros(s.count, jnp.int32), 1 + gaussians.dynamic_track.astype(jnp.int32)])
+    return _Merged(
+        means=jnp.concatenate([s.means, d.means]),
+        quats=jnp.concatenate([s.quats, d.quats]),
+        scales=jnp.concatenate([s.scales, d.scales]),
+        opacities=jnp.concatenate([s.opacities, dyn_op]),
+        sh=jnp.concatenate([pad(s.sh), pad(d.sh)]),
+        frames=frames,
+        sh_degree=max(s.sh_degree, d.sh_degree),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Projection (unscented transform) and tiling; nothing here is differentiated.
+
+
+def _in_image(uv, width, height, margin):
+    mx, my = margin * width, margin * height
+    return (uv[..., 0] >= -mx) & (uv[..., 0] <= width + mx) & (uv[..., 1] >= -my) & (uv[..., 1] <= height + my)
+
+
+def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx, x_local, shutter: int,
+                   iterations: int):
+    """Projects frame-local points with the rolling-shutter fixed point (rendering.md 4).
+
+    Returns a list of (uv (..., 2), valid (...)) estimates: the fixed-point solution, plus, under a
+    rolling shutter, the projections at the start and at the end of the exposure.
+    """
+    def at(tau):
+        f = _pair_at(frames, frame_idx, tau)
+        p_world = f.apply(x_local)
+        cam = sensor.at(tau).inverse()
+        uv, ok = camera.project(cam.apply(p_world))
+        return uv, ok & _in_image(uv, camera.width, camera.height, C.UT_IMAGE_MARGIN)
+
+    zero = jnp.zeros(x_local.shape[:-1], x_local.dtype)
+    uv0, ok0 = at(zero)
+    if shutter == int(ShutterType.GLOBAL):
+        return [(uv0, ok0)]
+    uv1, ok1 = at(zero + 1.0)
+    uv = jnp.where(ok0[..., None], uv0, uv1)
+    ok_k = ok0 | ok1
+    for _ in range(iterations):
+        tau = shutter_tau(uv, camera.width, camera.height, shutter)
+        uv, ok_k = at(tau)
+    return [(uv, ok_k), (uv0, ok0), (uv1, ok1)]
+
+
+def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: _Merged, shutter: int,
+                        iterations: int):
+    """Tile-selection rectangle of every Gaussian from its 7 sigma points (rendering.md 2.1-2.2).
+
+    Returns (lo (N, 2), hi (N, 2), valid (N,)) in pixels. Under a rolling shutter the rectangle is
+    the union of the fixed-point footprint and the start- and end-of-exposure footprints: the UT
+    footprint is only an estimate, and a fast-moving sensor shears the true one.
+    """
+    lam = C.UT_ALPHA ** 2 * (3 + C.UT_KAPPA) - 3
+    spread = math.sqrt(3 + lam)
+    w0m = lam / (3 + lam)
+    w0c = w0m + (1 - C.UT_ALPHA ** 2 + C.UT_BETA)
+    wi = 1.0 / (2 * (3 + lam))
+    axes = nmath.quat_to_matrix(g.quats) * g.scales[:, None, :] * spread  # columns scaled
+    offs = jnp.concatenate([jnp.zeros_like(axes[:, :, :1]), axes, -axes], axis=-1)  # [N, 3, 7]
+    pts = g.means[:, None, :] + jnp.swapaxes(offs, 1, 2)  # [N, 7, 3]
+    idx = jnp.broadcast_to(g.frames[:, None], pts.shape[:2])
+    opac = jnp.maximum(g.opacities, 1e-30)
+    k = jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
+    lo = hi = None
+    valid = jnp.zeros(g.opacities.shape, bool)
+    for uv, ok in project_points(camera, sensor, frames, idx, pts, shutter, iterations):
+        wm = jnp.array([w0m] + [wi] * 6, uv.dtype)
+        wc = jnp.array([w0c] + [wi] * 6, uv.dtype)
+        mean = jnp.sum(wm[None, :, None] * uv, axis=1)
+        diff = uv - mean[:, None, :]
+        cov = jnp.einsum("k,nki,nkj->nij", wc, diff, diff)
+        var = jnp.stack([cov[:, 0, 0], cov[:, 1, 1]], -1) + C.COVARIANCE_DILATION
+        half = k[:, None] * jnp.sqrt(jnp.maximum(var, 0.0))
+        this_ok = jnp.any(ok, axis=1)
+        big = jnp.asarray(jnp.inf, uv.dtype)
+        e_lo = jnp.where(this_ok[:, None], mean - half, big)
+        e_hi = jnp.where(this_ok[:, None], mean + half, -big)
+        lo = e_lo if lo is None else jnp.minimum(lo, e_lo)
+        hi = e_hi if hi is None else jnp.maximum(hi, e_hi)
+        valid = valid | this_ok
+    return lo, hi, valid
+
+
+def _tile_bits(n_tiles: int) -> int:
+    return max(1, math.ceil(math.log2(n_tiles + 1)))
+
+
+def depth_key(depth: jax.Array, depth_bits: int) -> jax.Array:
+    """Quantised log depth in [0, 2^depth_bits - 1] (uint32), monotone in depth."""
+    near = C.NEAR_CLIP * 0.5
+    lo, hi = math.log(near), math.log(C.DEPTH_KEY_FAR)
+    q = (jnp.log(jnp.maximum(depth, near)) - lo) / (hi - lo)
+    levels = (1 << depth_bits) - 1
+    return jnp.clip(jnp.floor(q * levels), 0, levels).astype(jnp.uint32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Binning:
+    """Result of tile binning: per-tile depth-ordered Gaussian ids."""
+
+    tile_gids: jax.Array  # [T, tile_capacity] int32, -1 padded
+    tile_counts: jax.Array  # [T] int32
+    num_pairs: jax.Array  # () int32
+    max_tile_pairs: jax.Array  # () int32
+
+
+def bin_gaussians(rect_lo, rect_hi, valid, opacities, depth, tiles_x: int, tiles_y: int, options: RenderOptions,
+                  tile_size: int = C.TILE_SIZE) -> Binning:
+    """Emits (tile, Gaussian) pairs for each Gaussian's pixel rectangle and sorts them by (tile, depth)."""
+    n_tiles = tiles_x * tiles_y
+    tbits = _tile_bits(n_tiles)
+    dbits = 32 - tbits
+    lo = jnp.floor(rect_lo / tile_size)
+    hi = jnp.floor(rect_hi / tile_size)
+    finite = jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi), -1)
+    big = float(max(tiles_x, tiles_y) + 1)
+    lo = jnp.clip(jnp.nan_to_num(lo), -1, big)
+    hi = jnp.clip(jnp.nan_to_num(hi), -1, big)
+    x0 = jnp.clip(lo[:, 0], 0, tiles_x - 1).astype(jnp.int32)
+    y0 = jnp.clip(lo[:, 1], 0, tiles_y - 1).astype(jnp.int32)
+    x1 = jnp.clip(hi[:, 0], 0, tiles_x - 1).astype(jnp.int32)
+    y1 = jnp.clip(hi[:, 1], 0, tiles_y - 1).astype(jnp.int32)
+    inside = (hi[:, 0] >= 0) & (lo[:, 0] <= tiles_x - 1) & (hi[:, 1] >= 0) & (lo[:, 1] <= tiles_y - 1)
+    keep = valid & finite & inside & (opacities >= C.ALPHA_THRESHOLD)
+    nx = jnp.where(keep, x1 - x0 + 1, 0)
+    ny = jnp.where(keep, y1 - y0 + 1, 0)
+    counts = nx * ny
+    offsets = jnp.cumsum(counts)
+    total = offsets[-1] if counts.shape[0] else jnp.int32(0)
+    cap = options.pair_capacity
+    slot = jnp.arange(cap, dtype=jnp.int32)
+    g = jnp.clip(jnp.searchsorted(offsets, slot, side="right"), 0, max(counts.shape[0] - 1, 0)).astype(jnp.int32)
+    local = slot - (offsets[g] - counts[g])
+    nxg = jnp.maximum(nx[g], 1)
+    tile = (y0[g] + local // nxg) * tiles_x + x0[g] + local % nxg
+    dkey = depth_key(depth, dbits)
+    key = (tile.astype(jnp.uint32) << jnp.uint32(dbits)) | dkey[g]
+    key = jnp.where(slot < total, key, jnp.uint32(0xFFFFFFFF))
+    skey, sg = jax.lax.sort((key, g), num_keys=1, is_stable=True)
+    stile = (skey >> jnp.uint32(dbits)).astype(jnp.int32)  # invalid slots: 2^tbits - 1 >= n_tiles
+    tids = jnp.arange(n_tiles, dtype=jnp.int32)
+    start = jnp.searchsorted(stile, tids, side="left").astype(jnp.int32)
+    end = jnp.searchsorted(stile, tids, side="right").astype(jnp.int32)
+    tcount = end - start
+    j = jnp.arange(options.tile_capacity, dtype=jnp.int32)
+    pos = start[:, None] + j[None, :]
+    gids = jnp.where(j[None, :] < tcount[:, None], sg[jnp.clip(pos, 0, cap - 1)], -1)
+    return Binning(gids, jnp.minimum(tcount, options.tile_capacity), total.astype(jnp.int32),
+                   jnp.max(tcount).astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sky
+
+
+def sky_color(sky: Sky, dirs_world: jax.Array) -> jax.Array:
+    """Bilinear cubemap lookup (or the constant colour) toward world directions (..., 3)."""
+    if sky.cubemap is None:
+        return jnp.broadcast_to(sky.color.astype(dirs_world.dtype), dirs_world.shape)
+    d = jnp.einsum("ij,...j->...i", sky.rotation_world_to_sky.astype(dirs_world.dtype), dirs_world)
+    face, u, v = sky_lib.direction_to_face_uv(d, jnp)
+    cube = sky.cubemap.astype(dirs_world.dtype)
+    size = cube.shape[1]
+    x = jnp.clip(u * size - 0.5, 0.0, size - 1.0)
+    y = jnp.clip(v * size - 0.5, 0.0, size - 1.0)
+    x0 = jnp.clip(jnp.floor(x), 0, size - 2).astype(jnp.int32) if size > 1 else jnp.zeros_like(x, jnp.int32)
+    y0 = jnp.clip(jnp.floor(y), 0, size - 2).astype(jnp.int32) if size > 1 else jnp.zeros_like(y, jnp.int32)
+    fx = (x - x0)[..., None]
+    fy = (y - y0)[..., None]
+    x1 = jnp.minimum(x0 + 1, size - 1)
+    y1 = jnp.minimum(y0 + 1, size - 1)
+    c00, c01 = cube[face, y0, x0], cube[face, y0, x1]
+    c10, c11 = cube[face, y1, x0], cube[face, y1, x1]
+    return (1 - fy) * ((1 - fx) * c00 + fx * c01) + fy * ((1 - fx) * c10 + fx * c11)
+
+
+# ----------------------------------------------------------------------------------------------
+# The frame
+
+
+def pixel_grid(width: int, height: int, tile: int = C.TILE_SIZE):
+    """Pixel centres laid out per tile: (uv [T, tile*tile, 2], valid [T, tile*tile], tiles_x, tiles_y)."""
+    tx, ty = -(-width // tile), -(-height // tile)
+    ys, xs = np.meshgrid(np.arange(ty * tile), np.arange(tx * tile), indexing="ij")
+    # [ty, tile, tx, tile] -> [ty, tx, tile, tile] -> [T, P]
+    xs = xs.reshape(ty, tile, tx, tile).transpose(0, 2, 1, 3).reshape(tx * ty, tile * tile)
+    ys = ys.reshape(ty, tile, tx, tile).transpose(0, 2, 1, 3).reshape(tx * ty, tile * tile)
+    uv = np.stack([xs + 0.5, ys + 0.5], -1)
+    valid = (xs < width) & (ys < height)
+    return uv, valid, tx, ty
+
+
+def untile(x: jax.Array, width: int, height: int, tile: int = C.TILE_SIZE) -> jax.Array:
+    """[T, tile*tile, ...] -> [H, W, ...]."""
+    tx, ty = -(-width // tile), -(-height // tile)
+    rest = x.shape[2:]
+    x = x.reshape(ty, tx, tile, tile, *rest)
+    x = jnp.moveaxis(x, 2, 1).reshape(ty * tile, tx * tile, *rest)
+    return x[:height, :width]
+
+
+def render(
+    gaussians: SceneGaussians,
+    camera: Camera,
+    sensor_pose: PosePair,
+    actors: ActorPoses | None = None,
+    options: RenderOptions = RenderOptions(),
+) -> RenderOutput:
+    """Renders one camera frame.
+
+    Args:
+      gaussians: the scene (static layers in world, actors cuboid-local).
+      camera: camera model at the output resolution.
+      sensor_pose: camera -> world poses at the start and end of the exposure.
+      actors: object -> world poses of each track (`gaussians.track_ids` order); None hides all actors.
+      options: static configuration.
+
+    Returns:
+      RenderOutput; check `num_pairs` / `max_tile_pairs` against the capacities (the Renderer does).
+    """
+    dtype = gaussians.static.means.dtype
+    if actors is None or actors.visible.shape[0] != len(gaussians.track_ids):
+        n = len(gaussians.track_ids)
+        ident = Pose(jnp.tile(jnp.array([1.0, 0, 0, 0], dtype), (n, 1)), jnp.zeros((n, 3), dtype))
+        actors = ActorPoses(PosePair(ident, ident), jnp.zeros((n,), bool))
+    shutter = _effective_shutter(camera, options)
+    width, height = camera.width, camera.height
+    frames = _frame_pairs(actors, dtype)
+    g = _merge(gaussians, actors)
+
+    with jax.named_scope("rays"):
+        uv_np, valid_np, tiles_x, tiles_y = pixel_grid(width, height)
+        uv = jnp.asarray(uv_np, dtype)
+        tau = shutter_tau(uv, width, height, shutter)
+        cam_pose = sensor_pose.at(tau)  # [T, P]
+        d_cam = camera.unproject(uv)
+        origin = cam_pose.trans
+        direction = nmath.safe_normalize(cam_pose.rotate(d_cam))
+        n_frames = frames.start.quat.shape[0]
+        if n_frames == 1:
+            rays = jnp.concatenate([origin, direction], -1)[:, :, None, :]
+        else:
+            f_idx = jnp.arange(n_frames)
+            fpose = _pair_at(frames, f_idx[None, None, :], jnp.broadcast_to(tau[..., None], tau.shape + (n_frames,)))
+            inv = fpose.inverse()
+            o_f = inv.apply(origin[:, :, None, :])
+            d_f = inv.rotate(direction[:, :, None, :])
+            rays = jnp.concatenate([o_f, d_f], -1)  # [T, P, F, 6]
+
+    with jax.named_scope("project"):
+        sg = jax.lax.stop_gradient
+        rect_lo, rect_hi, ok = unscented_footprint(
+            camera, sg(sensor_pose), sg(frames), jax.tree_util.tree_map(sg, g), shutter,
+            options.rolling_shutter_iterations)
+        mid = sensor_pose.at(jnp.asarray(0.5, dtype))
+        fmid = _pair_at(frames, g.frames, jnp.full(g.frames.shape, 0.5, dtype))
+        p_world = fmid.apply(g.means)
+        p_cam = sg(mid.inverse().apply(p_world))
+        if camera.wide_angle:
+            depth = jnp.linalg.norm(p_cam, axis=-1)
+        else:
+            depth = p_cam[:, 2]
+        ok = ok & (depth >= C.NEAR_CLIP) & (g.opacities >= C.ALPHA_THRESHOLD)
+
+    with jax.named_scope("bin"):
+        binning = bin_gaussians(rect_lo, rect_hi, ok, sg(g.opacities), depth, tiles_x, tiles_y, options)
+
+    with jax.named_scope("shade"):
+        # SH toward the mid-exposure camera centre, in each Gaussian's own frame.
+        centre_local = fmid.inverse().apply(jnp.broadcast_to(mid.trans, g.means.shape))
+        view = nmath.safe_normalize(g.means - centre_local)
+        colors = sh_lib.sh_to_rgb(g.sh, view, g.sh_degree, jnp)
+
+    with jax.named_scope("rasterize"):
+        rgb, trans, hit = rasterize_ref.rasterize_tiles_ref(
+            binning.tile_gids, binning.tile_counts, rays, jnp.asarray(valid_np), g.means, g.quats, g.scales,
+            g.opacities, colors, g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
+
+    with jax.named_scope("compose"):
+        bg = sky_color(gaussians.sky, direction)
+        rgb = rgb + trans[..., None] * bg
+        alpha = 1.0 - trans
+        depth_px = jnp.where(alpha > 1e-6, hit / jnp.where(alpha > 1e-6, alpha, 1.0), 0.0)
+    return RenderOutput(
+        rgb=untile(rgb, width, height),
+        alpha=untile(alpha, width, height),
+        hit_distance=untile(hit, width, height),
+        depth=untile(depth_px, width, height),
+        num_pairs=binning.num_pairs,
+        max_tile_pairs=binning.max_tile_pairs,
+    )

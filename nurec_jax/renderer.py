@@ -1,0 +1,129 @@
+"""The jit boundary for rendering: compiled functions cached per static signature, capacities grown
+on overflow, and helpers that pose cameras and actors from a scene's recorded trajectory and tracks.
+
+`Renderer` is what the server and the CLIs use; research code may call `nurec_jax.render.render`
+directly under its own `jax.jit` / `jax.grad`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nurec_jax.cameras import Camera
+from nurec_jax.metadata import SceneMetadata
+from nurec_jax.poses import Pose, PosePair
+from nurec_jax.render import ActorPoses, RenderOptions, RenderOutput, render
+from nurec_jax.types import SceneGaussians
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+class Renderer:
+    """Renders frames with cached compiled functions and overflow-safe capacities.
+
+    Capacities come from power-of-two buckets: a frame that needs more pairs (or a longer tile list)
+    than the current bucket is re-rendered with the next sufficient bucket, which is then kept for
+    that (scene, resolution) so later frames start there. Nothing is ever silently clipped.
+    """
+
+    def __init__(self, base_options: RenderOptions = RenderOptions(pair_capacity=1 << 16, tile_capacity=1 << 10),
+                 max_pair_capacity: int = 1 << 26):
+        self.base_options = base_options
+        self.max_pair_capacity = max_pair_capacity
+        self._fn = jax.jit(self._traced, static_argnames=("options",))
+        self._caps: dict[tuple, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.trace_count = 0  # how many times a render function was traced (compiled)
+
+    def _traced(self, gaussians, camera, sensor_pose, actors, options):
+        self.trace_count += 1
+        return render(gaussians, camera, sensor_pose, actors, options)
+
+    def options_for(self, key: tuple) -> RenderOptions:
+        with self._lock:
+            caps = self._caps.get(key)
+        if caps is None:
+            return self.base_options
+        return dataclasses.replace(self.base_options, pair_capacity=caps[0], tile_capacity=caps[1])
+
+    def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
+               actors: ActorPoses | None = None, *, disable_rolling_shutter: bool = False,
+               cache_key: tuple = ()) -> RenderOutput:
+        key = (cache_key, camera.width, camera.height)
+        opts = dataclasses.replace(self.options_for(key), disable_rolling_shutter=disable_rolling_shutter)
+        if actors is None:
+            actors = hidden_actors(gaussians)
+        while True:
+            out = self._fn(gaussians, camera, sensor_pose, actors, options=opts)
+            pairs, longest = int(out.num_pairs), int(out.max_tile_pairs)
+            if pairs <= opts.pair_capacity and longest <= opts.tile_capacity:
+                return out
+            new_pairs = max(opts.pair_capacity, _next_pow2(pairs))
+            new_tile = max(opts.tile_capacity, _next_pow2(longest))
+            if new_pairs > self.max_pair_capacity:
+                raise MemoryError(f"frame needs {pairs} tile/Gaussian pairs, above the limit {self.max_pair_capacity}")
+            _LOGGER.info("capacity grown to %d pairs / %d per tile for %s", new_pairs, new_tile, key)
+            with self._lock:
+                self._caps[key] = (new_pairs, new_tile)
+            opts = dataclasses.replace(opts, pair_capacity=new_pairs, tile_capacity=new_tile)
+
+
+def hidden_actors(gaussians: SceneGaussians) -> ActorPoses:
+    n = len(gaussians.track_ids)
+    dtype = gaussians.static.means.dtype
+    ident = Pose(jnp.tile(jnp.array([1.0, 0.0, 0.0, 0.0], dtype), (n, 1)), jnp.zeros((n, 3), dtype))
+    return ActorPoses(PosePair(ident, ident), jnp.zeros((n,), bool))
+
+
+def track_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], start_us: int, end_us: int,
+                      overrides: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                      dtype=np.float32) -> ActorPoses:
+    """Actor poses at an exposure's start and end from the scene's tracks (interpolated).
+
+    An actor is visible when its track exists at the exposure start (no extrapolation outside the
+    track's time range) or when `overrides` (track id -> (T_start, T_end) object -> world 4x4) poses it.
+    """
+    starts, ends, vis = [], [], []
+    overrides = overrides or {}
+    for tid in track_ids:
+        if tid in overrides:
+            s, e = overrides[tid]
+            starts.append(np.asarray(s, np.float64))
+            ends.append(np.asarray(e, np.float64))
+            vis.append(True)
+            continue
+        track = metadata.tracks.get(tid)
+        if track is None:
+            starts.append(np.eye(4))
+            ends.append(np.eye(4))
+            vis.append(False)
+            continue
+        starts.append(track.pose_at(start_us))
+        ends.append(track.pose_at(end_us))
+        vis.append(bool(track.is_present(start_us) or track.is_present(end_us)))
+    if not track_ids:
+        p = Pose(jnp.zeros((0, 4), dtype), jnp.zeros((0, 3), dtype))
+        return ActorPoses(PosePair(p, p), jnp.zeros((0,), bool))
+    return ActorPoses(PosePair.from_matrices(np.stack(starts).astype(dtype), np.stack(ends).astype(dtype)),
+                      jnp.asarray(vis))
+
+
+def rig_camera_poses(metadata: SceneMetadata, camera_id: str, start_us: int, end_us: int,
+                     dtype=np.float32) -> PosePair:
+    """Camera -> world at an exposure's start and end from the recorded ego trajectory."""
+    if metadata.trajectory is None:
+        raise ValueError(f"scene {metadata.scene_id!r} has no ego trajectory")
+    cal = metadata.cameras[camera_id]
+    start = metadata.trajectory.pose_at(start_us) @ cal.T_sensor_rig
+    end = metadata.trajectory.pose_at(end_us) @ cal.T_sensor_rig
+    return PosePair.from_matrices(start.astype(dtype), end.astype(dtype))
