@@ -26,6 +26,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nurec_jax.cli.scene_info
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m nurec_jax.cli.render_frame --output_dir=out/demo \
+	    --cameras=camera_front_wide_120fov,camera_rear_pinhole_70fov --frames=0,60 --width=320
+	@echo "demo images written to out/demo/"
 
 sample-scene: $(STAMP)
 	$(PY) tools/make_sample_scene.py --output nurec_jax/data/sample_scene.usdz

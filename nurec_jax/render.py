@@ -189,30 +189,68 @@ def _in_image(uv, width, height, margin):
     return (uv[..., 0] >= -mx) & (uv[..., 0] <= width + mx) & (uv[..., 1] >= -my) & (uv[..., 1] <= height + my)
 
 
+def _shutter_levels(width: int, height: int, shutter: int) -> int:
+    """How many distinct exposure times a shutter has (rows or columns; 1 for a global shutter)."""
+    st = ShutterType(shutter)
+    if st in (ShutterType.ROLLING_TOP_TO_BOTTOM, ShutterType.ROLLING_BOTTOM_TO_TOP):
+        return max(height, 1)
+    if st in (ShutterType.ROLLING_LEFT_TO_RIGHT, ShutterType.ROLLING_RIGHT_TO_LEFT):
+        return max(width, 1)
+    return 1
+
+
+def _level_of(tau, levels: int):
+    return jnp.clip(jnp.round(tau * max(levels - 1, 1)), 0, levels - 1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _PoseTable:
+    """Poses at every distinct exposure time (rolling-shutter rows/columns), as matrices."""
+
+    rot: jax.Array  # [L, ..., 3, 3]
+    trans: jax.Array  # [L, ..., 3]
+
+
+def _table(pair: PosePair, levels: int, dtype, invert: bool = False) -> _PoseTable:
+    tau = jnp.arange(levels, dtype=dtype) / max(levels - 1, 1)
+    extra = pair.start.trans.ndim - 1
+    pose = pair.at(tau.reshape((levels,) + (1,) * extra))
+    if invert:
+        pose = pose.inverse()
+    return _PoseTable(pose.rotation(), pose.trans)
+
+
 def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx, x_local, shutter: int,
                    iterations: int):
     """Projects frame-local points with the rolling-shutter fixed point (rendering.md 4).
 
     Returns a list of (uv (..., 2), valid (...)) estimates: the fixed-point solution, plus, under a
-    rolling shutter, the projections at the start and at the end of the exposure.
+    rolling shutter, the projections at the start and at the end of the exposure. Exposure times are
+    row (or column) quantised, so poses come from a per-row table instead of a slerp per point.
     """
-    def at(tau):
-        f = _pair_at(frames, frame_idx, tau)
-        p_world = f.apply(x_local)
-        cam = sensor.at(tau).inverse()
-        uv, ok = camera.project(cam.apply(p_world))
+    levels = _shutter_levels(camera.width, camera.height, shutter)
+    dtype = x_local.dtype
+    cam_tab = _table(sensor, levels, dtype, invert=True)  # world -> camera, [L]
+    frame_tab = _table(frames, levels, dtype)  # frame -> world, [L, F]
+
+    def at(level):
+        rf = frame_tab.rot[level, frame_idx]
+        p_world = jnp.einsum("...ij,...j->...i", rf, x_local) + frame_tab.trans[level, frame_idx]
+        p_cam = jnp.einsum("...ij,...j->...i", cam_tab.rot[level], p_world) + cam_tab.trans[level]
+        uv, ok = camera.project(p_cam)
         return uv, ok & _in_image(uv, camera.width, camera.height, C.UT_IMAGE_MARGIN)
 
-    zero = jnp.zeros(x_local.shape[:-1], x_local.dtype)
+    zero = jnp.zeros(x_local.shape[:-1], jnp.int32)
     uv0, ok0 = at(zero)
-    if shutter == int(ShutterType.GLOBAL):
+    if levels == 1:
         return [(uv0, ok0)]
-    uv1, ok1 = at(zero + 1.0)
+    uv1, ok1 = at(zero + levels - 1)
     uv = jnp.where(ok0[..., None], uv0, uv1)
     ok_k = ok0 | ok1
     for _ in range(iterations):
-        tau = shutter_tau(uv, camera.width, camera.height, shutter)
-        uv, ok_k = at(tau)
+        level = _level_of(shutter_tau(uv, camera.width, camera.height, shutter), levels)
+        uv, ok_k = at(level)
     return [(uv, ok_k), (uv0, ok0), (uv1, ok1)]
 
 
@@ -406,20 +444,20 @@ def render(
     with jax.named_scope("rays"):
         uv_np, valid_np, tiles_x, tiles_y = pixel_grid(width, height)
         uv = jnp.asarray(uv_np, dtype)
-        tau = shutter_tau(uv, width, height, shutter)
-        cam_pose = sensor_pose.at(tau)  # [T, P]
+        levels = _shutter_levels(width, height, shutter)
+        level = _level_of(shutter_tau(uv, width, height, shutter), levels)  # [T, P]
+        cam_tab = _table(sensor_pose, levels, dtype)  # camera -> world per row/column (differentiable)
         d_cam = camera.unproject(uv)
-        origin = cam_pose.trans
-        direction = nmath.safe_normalize(cam_pose.rotate(d_cam))
+        origin = cam_tab.trans[level]
+        direction = nmath.safe_normalize(jnp.einsum("tpij,tpj->tpi", cam_tab.rot[level], d_cam))
         n_frames = frames.start.quat.shape[0]
         if n_frames == 1:
             rays = jnp.concatenate([origin, direction], -1)[:, :, None, :]
         else:
-            f_idx = jnp.arange(n_frames)
-            fpose = _pair_at(frames, f_idx[None, None, :], jnp.broadcast_to(tau[..., None], tau.shape + (n_frames,)))
-            inv = fpose.inverse()
-            o_f = inv.apply(origin[:, :, None, :])
-            d_f = inv.rotate(direction[:, :, None, :])
+            inv_tab = _table(frames, levels, dtype, invert=True)  # world -> frame, [L, F]
+            rf, tf = inv_tab.rot[level], inv_tab.trans[level]  # [T, P, F, ...]
+            o_f = jnp.einsum("tpfij,tpj->tpfi", rf, origin) + tf
+            d_f = jnp.einsum("tpfij,tpj->tpfi", rf, direction)
             rays = jnp.concatenate([o_f, d_f], -1)  # [T, P, F, 6]
 
     with jax.named_scope("project"):
