@@ -321,6 +321,9 @@ def bin_gaussians(rect_lo, rect_hi, valid, opacities, depth, tiles_x: int, tiles
                   tile_size: int = C.TILE_SIZE) -> Binning:
     """Emits (tile, Gaussian) pairs for each Gaussian's pixel rectangle and sorts them by (tile, depth)."""
     n_tiles = tiles_x * tiles_y
+    if rect_lo.shape[0] == 0:
+        return Binning(jnp.full((n_tiles, options.tile_capacity), -1, jnp.int32), jnp.zeros(n_tiles, jnp.int32),
+                       jnp.int32(0), jnp.int32(0))
     tbits = _tile_bits(n_tiles)
     dbits = 32 - tbits
     lo = jnp.floor(rect_lo / tile_size)
@@ -485,9 +488,13 @@ def render(
         colors = sh_lib.sh_to_rgb(g.sh, view, g.sh_degree, jnp)
 
     with jax.named_scope("rasterize"):
-        rgb, trans, hit = rasterize_ref.rasterize_tiles_ref(
-            binning.tile_gids, binning.tile_counts, rays, jnp.asarray(valid_np), g.means, g.quats, g.scales,
-            g.opacities, colors, g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
+        if g.means.shape[0] == 0:  # nothing but sky
+            n_t, n_p = valid_np.shape
+            rgb, trans, hit = jnp.zeros((n_t, n_p, 3), dtype), jnp.ones((n_t, n_p), dtype), jnp.zeros((n_t, n_p), dtype)
+        else:
+            rgb, trans, hit = rasterize_ref.rasterize_tiles_ref(
+                binning.tile_gids, binning.tile_counts, rays, jnp.asarray(valid_np), g.means, g.quats, g.scales,
+                g.opacities, colors, g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
 
     with jax.named_scope("compose"):
         bg = sky_color(gaussians.sky, direction)

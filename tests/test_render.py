@@ -14,11 +14,14 @@ from nurec_jax.poses import PosePair
 _OPTS = R.RenderOptions(pair_capacity=1 << 13, tile_capacity=1 << 8, chunk=8, tile_batch=4)
 _render = jax.jit(R.render, static_argnames=("options",))
 
-# Tolerance: float32 rendering vs float64 brute force, and Gaussians whose unscented-transform
-# footprint misses a tile the true 3-sigma footprint touches (the UT only estimates the footprint);
-# such a Gaussian's missing contribution is confined to a few pixels.
+# Tolerance, and why: the renderer is float32 against a float64 brute force (~1e-5), and it selects
+# tiles from the unscented transform's 2D footprint, as NuRec does. For a large Gaussian close to
+# the camera the perspective stretches its 3-sigma tail beyond that estimate, so the faint tail is
+# clipped in a few tiles (seen: 6 % of pixels off by at most 0.0063 for a 0.43 m Gaussian 1.4 m from
+# the camera). A real bug (a misplaced, missed or mis-ordered Gaussian) exceeds 0.01 somewhere.
 _ATOL = 2e-3
-_MAX_BAD_FRACTION = 0.01
+_MAX_BAD_FRACTION = 0.08
+_MAX_ERROR = 0.01
 
 
 def _compare(model, shutter, motion=0.6, seed=0):
@@ -33,18 +36,44 @@ def _compare(model, shutter, motion=0.6, seed=0):
                                         host["actor_T"], fx.BACKGROUND, wide=cam.wide_angle)
     assert alpha.max() > 0.5 and (alpha < 0.9).mean() > 0.05  # neither empty nor a wall
     for name, a, b in (("rgb", np.asarray(out.rgb), rgb), ("alpha", np.asarray(out.alpha), alpha)):
-        bad = np.abs(a - b).reshape(a.shape[0], a.shape[1], -1).max(-1) > _ATOL
-        assert bad.mean() <= _MAX_BAD_FRACTION, f"{model}/{shutter} {name}: {bad.mean():.3%} pixels differ"
-    np.testing.assert_allclose(np.asarray(out.hit_distance), hit, atol=0.02, rtol=1e-3)
+        err = np.abs(a - b).reshape(a.shape[0], a.shape[1], -1).max(-1)
+        assert (err > _ATOL).mean() <= _MAX_BAD_FRACTION, f"{model}/{shutter} {name}: {(err > _ATOL).mean():.3%} differ"
+        assert err.max() <= _MAX_ERROR, f"{model}/{shutter} {name}: max error {err.max()}"
+    # Hit distance is alpha-weighted ray distance: the same clipped tails, times distances of ~5 m.
+    np.testing.assert_allclose(np.asarray(out.hit_distance), hit, atol=0.05, rtol=1e-3)
+
+
+_SHUTTERS = [ShutterType.GLOBAL, ShutterType.ROLLING_TOP_TO_BOTTOM, ShutterType.ROLLING_LEFT_TO_RIGHT,
+             ShutterType.ROLLING_BOTTOM_TO_TOP, ShutterType.ROLLING_RIGHT_TO_LEFT]
 
 
 @pytest.mark.parametrize("model", ["ftheta", "pinhole", "fisheye"])
-@pytest.mark.parametrize("shutter", [ShutterType.GLOBAL, ShutterType.ROLLING_TOP_TO_BOTTOM])
+@pytest.mark.parametrize("shutter", _SHUTTERS)
 def test_tiled_matches_brute_force(model, shutter):
-    _compare(model, shutter)
+    _compare(model, shutter, seed=int(shutter))
 
 
-@pytest.mark.parametrize("shutter", [ShutterType.ROLLING_LEFT_TO_RIGHT, ShutterType.ROLLING_BOTTOM_TO_TOP,
-                                     ShutterType.ROLLING_RIGHT_TO_LEFT])
-def test_tiled_matches_brute_force_rolling_directions(shutter):
-    _compare("ftheta", shutter, seed=1)
+def test_sky_cubemap_behind_an_empty_scene():
+    """With no Gaussians every pixel shows the cubemap face its world ray points to (nurec_jax.sky
+    convention: world +x -> GL +Z face 4, world +z (up) -> GL +Y face 2, world +y -> GL +X face 0)."""
+    from nurec_jax import cameras, geometry
+    from nurec_jax.metadata import OpenCVPinholeIntrinsics
+    from nurec_jax.types import Gaussians, SceneGaussians, Sky
+
+    faces = np.eye(6, 3)[[0, 1, 2, 0, 1, 2]] * np.array([1, 1, 1, 0.5, 0.5, 0.5])[:, None]
+    cube = np.broadcast_to(faces[:, None, None, :], (6, 4, 4, 3)).astype(np.float32)
+    empty = Gaussians(jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0, 3)), jnp.zeros(0), jnp.zeros((0, 1, 3)), 0)
+    scene = SceneGaussians(empty, jnp.zeros(0, jnp.int32), empty, jnp.zeros(0, jnp.int32),
+                           Sky(jnp.asarray(cube), jnp.zeros(3), jnp.eye(3)), (), ())
+    cam = cameras.camera_from_intrinsics(OpenCVPinholeIntrinsics((16, 16), ShutterType.GLOBAL, (8.0, 8.0),
+                                                                 (16.0, 16.0)))
+    forward = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # OpenCV camera looking along world +x
+    for look, face in ((np.eye(3), 4), (geometry.quat_wxyz_to_matrix(np.array([np.cos(np.pi / 4), 0, 0,
+                                                                                 np.sin(np.pi / 4)])), 0)):
+        T = geometry.make_transform(look @ forward, [1.0, 2.0, 3.0]).astype(np.float32)
+        out = _render(scene, cam, PosePair.from_matrices(T), None, options=_OPTS)
+        np.testing.assert_allclose(np.asarray(out.rgb)[8, 8], faces[face], atol=1e-6)
+        assert float(out.alpha.max()) == 0.0
+    down = geometry.make_transform(np.diag([1.0, -1.0, -1.0]), [0, 0, 0]).astype(np.float32)  # camera z -> world -z
+    out = _render(scene, cam, PosePair.from_matrices(down), None, options=_OPTS)
+    np.testing.assert_allclose(np.asarray(out.rgb)[8, 8], faces[3], atol=1e-6)  # GL -Y face: the ground

@@ -1,0 +1,1 @@
+"""Generated gRPC modules (tools/gen_protos.py); do not edit."""
