@@ -1,0 +1,1 @@
+"""gRPC server pieces (wire-compatible with NuRec's SensorsimService)."""
