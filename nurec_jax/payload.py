@@ -164,8 +164,42 @@ def _layer_names(config: Mapping[str, Any], state: Mapping[str, Any]) -> list[st
     return names
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+def valid_gaussians(means, quats, scales, opacities, coeffs) -> np.ndarray:
+    """(N,) mask of Gaussians whose parameters are all finite and whose quaternion is not ~0."""
+    return (
+        np.all(np.isfinite(means), 1)
+        & np.all(np.isfinite(quats), 1)
+        & np.all(np.isfinite(scales), 1)
+        & np.isfinite(opacities)
+        & np.all(np.isfinite(coeffs), (1, 2))
+        & (np.linalg.norm(quats, axis=1) > 1e-8)
+    )
+
+
+def activated_layer(name: str, positions, rotations, log_scales, logits, coeffs, degree: int, *,
+                    colour_convention: str, rigid: bool = False, cuboid_ids=None,
+                    track_ids: tuple[str, ...] = (), where: str = "") -> HostLayer:
+    """Drops invalid Gaussians and applies the activations of pre-activation values
+    (normalize, exp, sigmoid), as both `.nurec` payloads and 3DGS PLY files store them."""
+    valid = valid_gaussians(positions, rotations, log_scales, logits, coeffs)
+    dropped = int(valid.size - valid.sum())
+    if dropped:
+        _LOGGER.warning("%s: dropped %d Gaussians with non-finite or degenerate values", where or name, dropped)
+    return HostLayer(
+        name=name,
+        rigid=rigid,
+        means=positions[valid].astype(np.float32),
+        quats=geometry.normalize_quat(rotations[valid]).astype(np.float32),
+        # Exponentials of huge log-scales overflow to inf; clamp to keep the arrays finite.
+        scales=np.exp(np.clip(log_scales[valid], -30.0, 30.0)).astype(np.float32),
+        opacities=(0.5 * (1.0 + np.tanh(0.5 * logits[valid]))).astype(np.float32),  # sigmoid
+        sh=coeffs[valid].astype(np.float32),
+        sh_degree=degree,
+        cuboid_ids=None if cuboid_ids is None else cuboid_ids[valid],
+        track_ids=track_ids,
+        dropped=dropped,
+        colour_convention=colour_convention,
+    )
 
 
 def _decode_layer(
@@ -233,14 +267,6 @@ def _decode_layer(
         dc = (dc - 0.5) / sh.C0
     coeffs = np.concatenate([dc[:, None, :], spec[:, : sh.num_coeffs(degree) - 1, :]], axis=1)
 
-    valid = (
-        np.all(np.isfinite(pos), 1)
-        & np.all(np.isfinite(rot), 1)
-        & np.all(np.isfinite(scl), 1)
-        & np.isfinite(dens)
-        & np.all(np.isfinite(coeffs), (1, 2))
-        & (np.linalg.norm(rot, axis=1) > 1e-8)
-    )
     cuboid_ids = None
     track_ids: tuple[str, ...] = ()
     rigid = "gaussian_cuboid_ids" in present
@@ -257,25 +283,9 @@ def _decode_layer(
                 f"{wl}: gaussian_cuboid_ids range [{cuboid_ids.min()}, {cuboid_ids.max()}] "
                 f"outside its {len(track_ids)} tracks"
             )
-    dropped = int(n - valid.sum())
-    if dropped:
-        _LOGGER.warning("%s: dropped %d Gaussians with non-finite or degenerate values", wl, dropped)
-    # Exponentials of huge log-scales overflow to inf; clamp to keep the arrays finite.
-    scales = np.exp(np.clip(scl[valid], -30.0, 30.0))
-    return HostLayer(
-        name=name,
-        rigid=rigid,
-        means=pos[valid].astype(np.float32),
-        quats=geometry.normalize_quat(rot[valid]).astype(np.float32),
-        scales=scales.astype(np.float32),
-        opacities=_sigmoid(dens[valid]).astype(np.float32),
-        sh=coeffs[valid].astype(np.float32),
-        sh_degree=degree,
-        cuboid_ids=None if cuboid_ids is None else cuboid_ids[valid],
-        track_ids=track_ids,
-        dropped=dropped,
-        colour_convention="radiance_sph_O0" if o0 else "3dgs",
-    )
+    return activated_layer(name, pos, rot, scl, dens, coeffs, degree,
+                           colour_convention="radiance_sph_O0" if o0 else "3dgs", rigid=rigid,
+                           cuboid_ids=cuboid_ids, track_ids=track_ids, where=wl)
 
 
 def decode_payload(data: bytes, where: str, max_bytes: int) -> Payload:

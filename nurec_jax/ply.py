@@ -11,9 +11,9 @@ import os
 
 import numpy as np
 
-from nurec_jax import geometry, sh
+from nurec_jax import sh
 from nurec_jax.errors import SceneFormatError
-from nurec_jax.payload import HostLayer
+from nurec_jax.payload import HostLayer, activated_layer
 
 _PLY_TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -89,24 +89,7 @@ def parse_ply_gaussians(data: bytes, where: str) -> HostLayer:
     rot = col("rot_0", "rot_1", "rot_2", "rot_3")
     scl = col("scale_0", "scale_1", "scale_2")
     opa = v["opacity"].astype(np.float64)
-    valid = (
-        np.all(np.isfinite(pos), 1) & np.all(np.isfinite(rot), 1) & np.all(np.isfinite(scl), 1)
-        & np.isfinite(opa) & np.all(np.isfinite(coeffs), (1, 2)) & (np.linalg.norm(rot, axis=1) > 1e-8)
-    )
-    return HostLayer(
-        name="gaussians",
-        rigid=False,
-        means=pos[valid].astype(np.float32),
-        quats=geometry.normalize_quat(rot[valid]).astype(np.float32),
-        scales=np.exp(np.clip(scl[valid], -30, 30)).astype(np.float32),
-        opacities=(0.5 * (1 + np.tanh(0.5 * opa[valid]))).astype(np.float32),
-        sh=coeffs[valid].astype(np.float32),
-        sh_degree=degree,
-        cuboid_ids=None,
-        track_ids=(),
-        dropped=int(n - valid.sum()),
-        colour_convention="3dgs",
-    )
+    return activated_layer("gaussians", pos, rot, scl, opa, coeffs, degree, colour_convention="3dgs", where=where)
 
 
 def write_ply_gaussians(path: str | os.PathLike, means, quats_wxyz, log_scales, opacity_logits, sh_coeffs) -> None:

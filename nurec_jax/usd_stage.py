@@ -15,7 +15,7 @@ import numpy as np
 
 from nurec_jax import geometry, sh
 from nurec_jax.errors import SceneFormatError, UnsupportedSceneError
-from nurec_jax.payload import HostLayer
+from nurec_jax.payload import HostLayer, valid_gaussians
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -158,10 +158,7 @@ def read_particle_fields(stage, where: str) -> list[HostLayer]:
             coeffs = np.zeros((n, k, 3))  # DC 0 in the 3DGS convention is colour 0.5
         else:
             coeffs = coeffs.reshape(-1, 3)[: n * k].reshape(n, k, 3)
-        valid = (
-            np.all(np.isfinite(pos), 1) & np.all(np.isfinite(quat), 1) & np.all(np.isfinite(scales), 1)
-            & np.isfinite(opac) & np.all(np.isfinite(coeffs), (1, 2)) & (np.linalg.norm(quat, axis=1) > 1e-8)
-        )
+        valid = valid_gaussians(pos, quat, scales, opac, coeffs)
         t = _local_to_world(prim)
         means, quats, scl, coeffs_w = transform_gaussians(
             t, pos[valid], geometry.normalize_quat(quat[valid]), scales[valid], coeffs[valid], degree, where
