@@ -253,22 +253,42 @@ def _rigid(value: Any, where: str) -> np.ndarray:
     return m
 
 
-def _floats(value: Any, where: str, length: int | None = None, pad: int | None = None) -> tuple[float, ...]:
+def parse_floats(value: Any, where: str, length: int | None = None, pad: int | None = None,
+                 error: type[Exception] = SceneFormatError) -> tuple[float, ...]:
+    """A list of finite numbers: exactly `length` of them, or at most `pad`, zero-padded to `pad`.
+
+    `error` is the exception raised (scene files: SceneFormatError; gRPC requests: ValueError).
+    """
     if value is None:
         return ()
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
-        raise SceneFormatError(f"{where}: expected a list of numbers, got {value!r}") from None
+        raise error(f"{where}: expected a list of numbers, got {value!r}") from None
     if not all(math.isfinite(v) for v in out):
-        raise SceneFormatError(f"{where}: non-finite value in {list(out)}")
+        raise error(f"{where}: non-finite value in {list(out)}")
     if length is not None and len(out) != length:
-        raise SceneFormatError(f"{where}: expected {length} numbers, got {len(out)}")
+        raise error(f"{where}: expected {length} numbers, got {len(out)}")
     if pad is not None:
         if len(out) > pad:
-            raise SceneFormatError(f"{where}: expected at most {pad} numbers, got {len(out)}")
+            raise error(f"{where}: expected at most {pad} numbers, got {len(out)}")
         out = out + (0.0,) * (pad - len(out))
     return out
+
+
+def parse_poly(value: Any, where: str, error: type[Exception] = SceneFormatError) -> tuple[float, ...]:
+    """An FTheta polynomial: () when absent or empty, else 6 coefficients (zero-padded)."""
+    if value is None or len(value) == 0:
+        return ()
+    return parse_floats(value, where, pad=6, error=error)
+
+
+def parse_max_angle(value: Any, default: float, where: str, error: type[Exception] = SceneFormatError) -> float:
+    """A maximum ray angle in (0, pi]; absent (None) means `default`."""
+    angle = default if value is None else float(value)
+    if not (math.isfinite(angle) and 0 < angle <= math.pi):
+        raise error(f"{where}: {value} not in (0, pi]")
+    return angle
 
 
 def _enum(enum_cls, value: Any, where: str, default=None):
@@ -302,40 +322,34 @@ def parse_camera_model(model: Any, where: str) -> CameraIntrinsics:
     p = model.get("parameters") or {}
     res = _resolution(p, f"{where}.parameters")
     shutter = _enum(ShutterType, p.get("shutter_type"), f"{where}.parameters.shutter_type", ShutterType.GLOBAL)
-    pp = _floats(p.get("principal_point"), f"{where}.parameters.principal_point", 2)
+    pp = parse_floats(p.get("principal_point"), f"{where}.parameters.principal_point", 2)
     if kind == "ftheta":
         ref = _enum(PolynomialType, p.get("reference_poly"), f"{where}.parameters.reference_poly",
                     PolynomialType.PIXELDIST_TO_ANGLE)
-        bw = _floats(p.get("pixeldist_to_angle_poly"), f"{where}.parameters.pixeldist_to_angle_poly", pad=6)
-        fw = _floats(p.get("angle_to_pixeldist_poly"), f"{where}.parameters.angle_to_pixeldist_poly", pad=6)
-        if p.get("pixeldist_to_angle_poly") is None or len(p.get("pixeldist_to_angle_poly")) == 0:
-            bw = ()
-        if p.get("angle_to_pixeldist_poly") is None or len(p.get("angle_to_pixeldist_poly")) == 0:
-            fw = ()
+        bw = parse_poly(p.get("pixeldist_to_angle_poly"), f"{where}.parameters.pixeldist_to_angle_poly")
+        fw = parse_poly(p.get("angle_to_pixeldist_poly"), f"{where}.parameters.angle_to_pixeldist_poly")
         if (ref == PolynomialType.PIXELDIST_TO_ANGLE and not bw) or (
             ref == PolynomialType.ANGLE_TO_PIXELDIST and not fw
         ):
             raise SceneFormatError(f"{where}.parameters: reference polynomial {ref.name} is missing")
-        cde = _floats(p.get("linear_cde", (1.0, 0.0, 0.0)), f"{where}.parameters.linear_cde", 3)
-        max_angle = float(p.get("max_angle", math.pi))
-        if not (0 < max_angle <= math.pi):
-            raise SceneFormatError(f"{where}.parameters.max_angle: {max_angle} not in (0, pi]")
+        cde = parse_floats(p.get("linear_cde", (1.0, 0.0, 0.0)), f"{where}.parameters.linear_cde", 3)
+        max_angle = parse_max_angle(p.get("max_angle"), math.pi, f"{where}.parameters.max_angle")
         return FThetaIntrinsics(res, shutter, pp, ref, bw, fw, max_angle, cde)  # type: ignore[arg-type]
-    fl = _floats(p.get("focal_length"), f"{where}.parameters.focal_length", 2)
+    fl = parse_floats(p.get("focal_length"), f"{where}.parameters.focal_length", 2)
     if fl[0] <= 0 or fl[1] <= 0:
         raise SceneFormatError(f"{where}.parameters.focal_length: must be positive, got {list(fl)}")
     if kind in ("opencv-pinhole", "opencv_pinhole", "pinhole"):
         return OpenCVPinholeIntrinsics(
             res, shutter, pp, fl,  # type: ignore[arg-type]
-            _floats(p.get("radial_coeffs", ()), f"{where}.parameters.radial_coeffs", pad=6),
-            _floats(p.get("tangential_coeffs", ()), f"{where}.parameters.tangential_coeffs", pad=2),
-            _floats(p.get("thin_prism_coeffs", ()), f"{where}.parameters.thin_prism_coeffs", pad=4),
+            parse_floats(p.get("radial_coeffs", ()), f"{where}.parameters.radial_coeffs", pad=6),
+            parse_floats(p.get("tangential_coeffs", ()), f"{where}.parameters.tangential_coeffs", pad=2),
+            parse_floats(p.get("thin_prism_coeffs", ()), f"{where}.parameters.thin_prism_coeffs", pad=4),
         )
     if kind in ("opencv-fisheye", "opencv_fisheye", "fisheye"):
-        max_angle = float(p.get("max_angle", math.pi / 2))
+        max_angle = parse_max_angle(p.get("max_angle"), math.pi / 2, f"{where}.parameters.max_angle")
         return OpenCVFisheyeIntrinsics(
             res, shutter, pp, fl,  # type: ignore[arg-type]
-            _floats(p.get("radial_coeffs", ()), f"{where}.parameters.radial_coeffs", pad=4),
+            parse_floats(p.get("radial_coeffs", ()), f"{where}.parameters.radial_coeffs", pad=4),
             max_angle,
         )
     raise UnsupportedSceneError(f"{where}.type: unsupported camera model {model['type']!r}")

@@ -22,6 +22,9 @@ from nurec_jax.metadata import (
     OpenCVPinholeIntrinsics,
     PolynomialType,
     ShutterType,
+    parse_floats,
+    parse_max_angle,
+    parse_poly,
 )
 
 _MIN_QUAT_NORM = 1e-6
@@ -99,15 +102,20 @@ def available_camera(cal: CameraCalibration) -> sensorsim_pb2.AvailableCamerasRe
         rig_to_camera=se3_to_grpc_pose(cal.T_sensor_rig), logical_id=cal.logical_id)
 
 
-def _finite(values, field: str, count: int | None = None, at_most: int | None = None) -> tuple[float, ...]:
-    out = tuple(float(v) for v in values)
-    if not all(math.isfinite(v) for v in out):
-        raise ValueError(f"{field}: non-finite value")
-    if count is not None and len(out) != count:
-        raise ValueError(f"{field}: expected {count} values, got {len(out)}")
-    if at_most is not None and len(out) > at_most:
-        raise ValueError(f"{field}: expected at most {at_most} values, got {len(out)}")
-    return out
+def _positive_focal(p, field: str) -> tuple[float, float]:
+    fl = parse_floats((p.focal_length_x, p.focal_length_y), f"{field}.focal_length", error=ValueError)
+    if min(fl) <= 0:
+        raise ValueError(f"{field}.focal_length_x/focal_length_y: must be positive, got {fl}")
+    return fl
+
+
+def _principal_point(p, field: str) -> tuple[float, float]:
+    return parse_floats((p.principal_point_x, p.principal_point_y), f"{field}.principal_point", error=ValueError)
+
+
+def _max_angle(value: float, default: float, field: str) -> float:
+    # proto3 has no presence for doubles: 0 means unset (AlpaSim's convention).
+    return parse_max_angle(None if value == 0 else value, default, f"{field}.max_angle", error=ValueError)
 
 
 def intrinsics_from_camera_spec(spec: sensorsim_pb2.CameraSpec, field: str = "camera_intrinsics"):
@@ -133,42 +141,30 @@ def intrinsics_from_camera_spec(spec: sensorsim_pb2.CameraSpec, field: str = "ca
         ref = PolynomialType(int(p.reference_poly)) if p.reference_poly in (1, 2) else None
         if ref is None:
             raise ValueError(f"{f}.reference_poly: must be PIXELDIST_TO_ANGLE or ANGLE_TO_PIXELDIST")
-        bw = _finite(p.pixeldist_to_angle_poly, f"{f}.pixeldist_to_angle_poly", at_most=6)
-        fw = _finite(p.angle_to_pixeldist_poly, f"{f}.angle_to_pixeldist_poly", at_most=6)
+        bw = parse_poly(p.pixeldist_to_angle_poly, f"{f}.pixeldist_to_angle_poly", error=ValueError)
+        fw = parse_poly(p.angle_to_pixeldist_poly, f"{f}.angle_to_pixeldist_poly", error=ValueError)
         if (ref == PolynomialType.PIXELDIST_TO_ANGLE and not bw) or (ref == PolynomialType.ANGLE_TO_PIXELDIST
                                                                     and not fw):
             raise ValueError(f"{f}: the reference polynomial ({ref.name}) is empty")
-        pad = lambda c: c + (0.0,) * (6 - len(c)) if c else ()  # noqa: E731
         cde = (1.0, 0.0, 0.0)
         if p.HasField("linear_cde"):
-            cde = _finite((p.linear_cde.linear_c, p.linear_cde.linear_d, p.linear_cde.linear_e), f"{f}.linear_cde")
+            cde = parse_floats((p.linear_cde.linear_c, p.linear_cde.linear_d, p.linear_cde.linear_e),
+                               f"{f}.linear_cde", error=ValueError)
             if abs(cde[0] - cde[1] * cde[2]) < 1e-9:
                 raise ValueError(f"{f}.linear_cde: singular (c - d*e = 0)")
-        max_angle = float(p.max_angle) if p.max_angle > 0 else math.pi
-        if not math.isfinite(max_angle) or max_angle > math.pi:
-            raise ValueError(f"{f}.max_angle: {p.max_angle} not in (0, pi]")
-        pp = _finite((p.principal_point_x, p.principal_point_y), f"{f}.principal_point")
-        return FThetaIntrinsics((w, h), shutter, pp, ref, pad(bw), pad(fw), max_angle, cde)
+        return FThetaIntrinsics((w, h), shutter, _principal_point(p, f), ref, bw, fw,
+                                _max_angle(p.max_angle, math.pi, f), cde)
     if which == "opencv_pinhole_param":
         p = spec.opencv_pinhole_param
         f = f"{field}.opencv_pinhole_param"
-        fl = _finite((p.focal_length_x, p.focal_length_y), f"{f}.focal_length")
-        if min(fl) <= 0:
-            raise ValueError(f"{f}.focal_length_x/focal_length_y: must be positive, got {fl}")
-        radial = _finite(p.radial_coeffs, f"{f}.radial_coeffs", at_most=6)
-        tang = _finite(p.tangential_coeffs, f"{f}.tangential_coeffs", at_most=2)
-        prism = _finite(p.thin_prism_coeffs, f"{f}.thin_prism_coeffs", at_most=4)
-        pp = _finite((p.principal_point_x, p.principal_point_y), f"{f}.principal_point")
-        return OpenCVPinholeIntrinsics((w, h), shutter, pp, fl, radial + (0.0,) * (6 - len(radial)),
-                                       tang + (0.0,) * (2 - len(tang)), prism + (0.0,) * (4 - len(prism)))
+        return OpenCVPinholeIntrinsics(
+            (w, h), shutter, _principal_point(p, f), _positive_focal(p, f),
+            parse_floats(p.radial_coeffs, f"{f}.radial_coeffs", pad=6, error=ValueError),
+            parse_floats(p.tangential_coeffs, f"{f}.tangential_coeffs", pad=2, error=ValueError),
+            parse_floats(p.thin_prism_coeffs, f"{f}.thin_prism_coeffs", pad=4, error=ValueError))
     p = spec.opencv_fisheye_param
     f = f"{field}.opencv_fisheye_param"
-    fl = _finite((p.focal_length_x, p.focal_length_y), f"{f}.focal_length")
-    if min(fl) <= 0:
-        raise ValueError(f"{f}.focal_length_x/focal_length_y: must be positive, got {fl}")
-    radial = _finite(p.radial_coeffs, f"{f}.radial_coeffs", at_most=4)
-    max_angle = float(p.max_angle) if p.max_angle > 0 else math.pi / 2
-    if not math.isfinite(max_angle) or max_angle > math.pi:
-        raise ValueError(f"{f}.max_angle: {p.max_angle} not in (0, pi]")
-    pp = _finite((p.principal_point_x, p.principal_point_y), f"{f}.principal_point")
-    return OpenCVFisheyeIntrinsics((w, h), shutter, pp, fl, radial + (0.0,) * (4 - len(radial)), max_angle)
+    return OpenCVFisheyeIntrinsics(
+        (w, h), shutter, _principal_point(p, f), _positive_focal(p, f),
+        parse_floats(p.radial_coeffs, f"{f}.radial_coeffs", pad=4, error=ValueError),
+        _max_angle(p.max_angle, math.pi / 2, f))
