@@ -173,3 +173,14 @@ def test_rigid_ids_out_of_range(tmp_path):
     path = _scene(tmp_path, [("volume.nurec", hm.payload(state, {}))])
     with pytest.raises(SceneFormatError, match=r"gaussian_cuboid_ids range \[0, 5\] outside its 3 tracks"):
         _load(path)
+
+
+def test_bad_camera_calibration_names_the_key(tmp_path):
+    cal = {"logical_sensor_name": "cam", "T_sensor_rig": np.eye(4).tolist(),
+           "camera_model": {"type": "opencv-fisheye", "parameters": {
+               "resolution": [64, 48], "principal_point": [32, 24], "focal_length": [20, 20], "max_angle": 4.0}}}
+    members = [("volume.nurec", hm.payload(_good_state(), {})),
+               ("rig_trajectories.json", hm.jbytes({"camera_calibrations": {"cam@x": cal}}))]
+    with pytest.raises(SceneFormatError, match=r"camera_calibrations\['cam@x'\].camera_model.parameters.max_angle: "
+                                               r"4.0 not in \(0, pi\]"):
+        nurec_jax.read_scene_metadata(_scene(tmp_path, members))

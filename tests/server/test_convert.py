@@ -69,6 +69,10 @@ def test_camera_spec_without_param_means_the_scene_camera():
      r"ftheta_param.reference_poly"),
     (lambda s: s.opencv_fisheye_param.CopyFrom(sensorsim_pb2.OpenCVFisheyeCameraParam(
         focal_length_x=1, focal_length_y=1, radial_coeffs=[0, 0, 0, 0, 0])), r"radial_coeffs: expected at most 4"),
+    (lambda s: s.opencv_fisheye_param.CopyFrom(sensorsim_pb2.OpenCVFisheyeCameraParam(
+        focal_length_x=1, focal_length_y=1, max_angle=-0.5)), r"opencv_fisheye_param.max_angle: -0.5 not in \(0, pi\]"),
+    (lambda s: s.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(
+        reference_poly=1, pixeldist_to_angle_poly=[0, 1e-3], max_angle=float("nan"))), r"ftheta_param.max_angle"),
 ])
 def test_bad_camera_specs_name_the_field(mutate, message):
     spec = sensorsim_pb2.CameraSpec(resolution_w=640, resolution_h=480)
