@@ -71,9 +71,10 @@ class ActorPoses:
     visible: jax.Array
 
     @staticmethod
-    def empty(dtype=jnp.float32) -> "ActorPoses":
-        p = Pose(jnp.zeros((0, 4), dtype), jnp.zeros((0, 3), dtype))
-        return ActorPoses(PosePair(p, p), jnp.zeros((0,), bool))
+    def hidden(n: int, dtype=jnp.float32) -> "ActorPoses":
+        """`n` actors, none drawn (identity poses)."""
+        ident = Pose(jnp.tile(jnp.array([1.0, 0.0, 0.0, 0.0], dtype), (n, 1)), jnp.zeros((n, 3), dtype))
+        return ActorPoses(PosePair(ident, ident), jnp.zeros((n,), bool))
 
 
 @jax.tree_util.register_dataclass
@@ -137,13 +138,6 @@ def _frame_pairs(actors: ActorPoses, dtype) -> PosePair:
     end = Pose(jnp.concatenate([ident.quat, actors.poses.end.quat.astype(dtype)]),
                jnp.concatenate([ident.trans, actors.poses.end.trans.astype(dtype)]))
     return PosePair(start, end)
-
-
-def _pair_at(pair: PosePair, index: jax.Array, tau: jax.Array) -> Pose:
-    """Pose of frame `index` (any shape) at relative time `tau` (same shape)."""
-    sub = PosePair(Pose(pair.start.quat[index], pair.start.trans[index]),
-                   Pose(pair.end.quat[index], pair.end.trans[index]))
-    return sub.at(tau)
 
 
 @jax.tree_util.register_dataclass
@@ -273,18 +267,18 @@ def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: _
     idx = jnp.broadcast_to(g.frames[:, None], pts.shape[:2])
     opac = jnp.maximum(g.opacities, 1e-30)
     k = jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
+    wm = jnp.array([w0m] + [wi] * 6, pts.dtype)
+    wc = jnp.array([w0c] + [wi] * 6, pts.dtype)
+    big = jnp.asarray(jnp.inf, pts.dtype)
     lo = hi = None
     valid = jnp.zeros(g.opacities.shape, bool)
     for uv, ok in project_points(camera, sensor, frames, idx, pts, shutter, iterations):
-        wm = jnp.array([w0m] + [wi] * 6, uv.dtype)
-        wc = jnp.array([w0c] + [wi] * 6, uv.dtype)
         mean = jnp.sum(wm[None, :, None] * uv, axis=1)
         diff = uv - mean[:, None, :]
         cov = jnp.einsum("k,nki,nkj->nij", wc, diff, diff)
         var = jnp.stack([cov[:, 0, 0], cov[:, 1, 1]], -1) + C.COVARIANCE_DILATION
         half = k[:, None] * jnp.sqrt(jnp.maximum(var, 0.0))
         this_ok = jnp.any(ok, axis=1)
-        big = jnp.asarray(jnp.inf, uv.dtype)
         e_lo = jnp.where(this_ok[:, None], mean - half, big)
         e_hi = jnp.where(this_ok[:, None], mean + half, -big)
         lo = e_lo if lo is None else jnp.minimum(lo, e_lo)
@@ -342,10 +336,10 @@ def bin_gaussians(rect_lo, rect_hi, valid, opacities, depth, tiles_x: int, tiles
     ny = jnp.where(keep, y1 - y0 + 1, 0)
     counts = nx * ny
     offsets = jnp.cumsum(counts)
-    total = offsets[-1] if counts.shape[0] else jnp.int32(0)
+    total = offsets[-1]
     cap = options.pair_capacity
     slot = jnp.arange(cap, dtype=jnp.int32)
-    g = jnp.clip(jnp.searchsorted(offsets, slot, side="right"), 0, max(counts.shape[0] - 1, 0)).astype(jnp.int32)
+    g = jnp.clip(jnp.searchsorted(offsets, slot, side="right"), 0, counts.shape[0] - 1).astype(jnp.int32)
     local = slot - (offsets[g] - counts[g])
     nxg = jnp.maximum(nx[g], 1)
     tile = (y0[g] + local // nxg) * tiles_x + x0[g] + local % nxg
@@ -433,12 +427,17 @@ def render(
 
     Returns:
       RenderOutput; check `num_pairs` / `max_tile_pairs` against the capacities (the Renderer does).
+
+    Raises:
+      ValueError: `actors` does not hold one entry per `gaussians.track_ids`.
     """
     dtype = gaussians.static.means.dtype
-    if actors is None or actors.visible.shape[0] != len(gaussians.track_ids):
-        n = len(gaussians.track_ids)
-        ident = Pose(jnp.tile(jnp.array([1.0, 0, 0, 0], dtype), (n, 1)), jnp.zeros((n, 3), dtype))
-        actors = ActorPoses(PosePair(ident, ident), jnp.zeros((n,), bool))
+    n_tracks = len(gaussians.track_ids)
+    if actors is None:
+        actors = ActorPoses.hidden(n_tracks, dtype)
+    elif actors.visible.shape[0] != n_tracks:
+        raise ValueError(f"actors holds {actors.visible.shape[0]} poses but the scene has {n_tracks} actor tracks "
+                         f"{gaussians.track_ids}")
     shutter = _effective_shutter(camera, options)
     width, height = camera.width, camera.height
     frames = _frame_pairs(actors, dtype)
@@ -469,7 +468,8 @@ def render(
             camera, sg(sensor_pose), sg(frames), jax.tree_util.tree_map(sg, g), shutter,
             options.rolling_shutter_iterations)
         mid = sensor_pose.at(jnp.asarray(0.5, dtype))
-        fmid = _pair_at(frames, g.frames, jnp.full(g.frames.shape, 0.5, dtype))
+        frames_mid = frames.at(jnp.full(frames.start.trans.shape[:1], 0.5, dtype))  # one pose per frame
+        fmid = Pose(frames_mid.quat[g.frames], frames_mid.trans[g.frames])
         p_world = fmid.apply(g.means)
         p_cam = sg(mid.inverse().apply(p_world))
         if camera.wide_angle:

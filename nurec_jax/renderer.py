@@ -17,7 +17,7 @@ import numpy as np
 
 from nurec_jax.cameras import Camera
 from nurec_jax.metadata import SceneMetadata
-from nurec_jax.poses import Pose, PosePair
+from nurec_jax.poses import PosePair
 from nurec_jax.render import ActorPoses, RenderOptions, RenderOutput, render
 from nurec_jax.types import SceneGaussians
 
@@ -49,9 +49,14 @@ class Renderer:
         self.trace_count += 1
         return render(gaussians, camera, sensor_pose, actors, options)
 
-    def options_for(self, key: tuple) -> RenderOptions:
+    @staticmethod
+    def _key(camera: Camera, cache_key: tuple) -> tuple:
+        return (cache_key, camera.width, camera.height)
+
+    def options_for(self, camera: Camera, cache_key: tuple = ()) -> RenderOptions:
+        """The options (capacities found so far) frames of this scene key and camera size render with."""
         with self._lock:
-            caps = self._caps.get(key)
+            caps = self._caps.get(self._key(camera, cache_key))
         if caps is None:
             return self.base_options
         return dataclasses.replace(self.base_options, pair_capacity=caps[0], tile_capacity=caps[1])
@@ -59,10 +64,11 @@ class Renderer:
     def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
                actors: ActorPoses | None = None, *, disable_rolling_shutter: bool = False,
                cache_key: tuple = ()) -> RenderOutput:
-        key = (cache_key, camera.width, camera.height)
-        opts = dataclasses.replace(self.options_for(key), disable_rolling_shutter=disable_rolling_shutter)
+        key = self._key(camera, cache_key)
+        opts = dataclasses.replace(self.options_for(camera, cache_key),
+                                   disable_rolling_shutter=disable_rolling_shutter)
         if actors is None:
-            actors = hidden_actors(gaussians)
+            actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)
         while True:
             out = self._fn(gaussians, camera, sensor_pose, actors, options=opts)
             pairs, longest = int(out.num_pairs), int(out.max_tile_pairs)
@@ -76,13 +82,6 @@ class Renderer:
             with self._lock:
                 self._caps[key] = (new_pairs, new_tile)
             opts = dataclasses.replace(opts, pair_capacity=new_pairs, tile_capacity=new_tile)
-
-
-def hidden_actors(gaussians: SceneGaussians) -> ActorPoses:
-    n = len(gaussians.track_ids)
-    dtype = gaussians.static.means.dtype
-    ident = Pose(jnp.tile(jnp.array([1.0, 0.0, 0.0, 0.0], dtype), (n, 1)), jnp.zeros((n, 3), dtype))
-    return ActorPoses(PosePair(ident, ident), jnp.zeros((n,), bool))
 
 
 def track_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], start_us: int, end_us: int,
@@ -112,8 +111,7 @@ def track_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], start
         ends.append(track.pose_at(end_us))
         vis.append(bool(track.is_present(start_us) or track.is_present(end_us)))
     if not track_ids:
-        p = Pose(jnp.zeros((0, 4), dtype), jnp.zeros((0, 3), dtype))
-        return ActorPoses(PosePair(p, p), jnp.zeros((0,), bool))
+        return ActorPoses.hidden(0, dtype)
     return ActorPoses(PosePair.from_matrices(np.stack(starts).astype(dtype), np.stack(ends).astype(dtype)),
                       jnp.asarray(vis))
 

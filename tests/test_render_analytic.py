@@ -95,6 +95,12 @@ def test_moving_actor_renders_where_its_pose_puts_it():
     assert float(_render(scene, cam, _identity_pose(), hidden, options=_OPTS).alpha.max()) == 0.0
 
 
+def test_actor_poses_must_match_the_scene_tracks():
+    scene = _scene(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), actor=0.15)  # one track
+    with pytest.raises(ValueError, match=r"actors holds 2 poses but the scene has 1 actor tracks"):
+        R.render(scene, _pinhole(), _identity_pose(), R.ActorPoses.hidden(2), _OPTS)
+
+
 def _pole_columns(shutter, motion=0.5, z=5.0):
     cam = _pinhole(shutter)
     ys = np.linspace(-3.5, 3.5, 71)

@@ -45,7 +45,7 @@ def _main(argv):
             cam = cameras.camera_at_resolution(native, w, 0)
             sizer = RR.Renderer()
             first = sizer.render(scene.gaussians, cam, pose, actors, cache_key=("b",))  # finds capacities
-            opts = sizer.options_for((("b",), cam.width, cam.height))
+            opts = sizer.options_for(cam, ("b",))
             fn = jax.jit(R.render, static_argnames=("options",))
             t0 = time.perf_counter()
             compiled = fn.lower(scene.gaussians, cam, pose, actors, options=opts).compile()

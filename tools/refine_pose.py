@@ -94,11 +94,9 @@ def setup(camera_id: str, width: int, frame: int, max_distance: float, seed: int
 def _main(argv):
     del argv
     g, cam, truth, init = setup(_CAMERA.value, _WIDTH.value, _FRAME.value, _MAX_DISTANCE.value, _SEED.value)
-    opts = RR.Renderer().render(g, cam, truth, cache_key=("refine",))  # grows capacities once
     renderer = RR.Renderer()
-    target = renderer.render(g, cam, truth, cache_key=("t",))
-    options = renderer.options_for((("t",), cam.width, cam.height))
-    del opts
+    target = renderer.render(g, cam, truth, cache_key=("t",))  # also finds the capacities the view needs
+    options = renderer.options_for(cam, ("t",))
     t0, r0 = pose_error(init.start, truth.start)
     print(f"{cam.width}x{cam.height} {_CAMERA.value}; initial error {t0:.4f} m, {r0:.3f} deg")
     start = time.perf_counter()
