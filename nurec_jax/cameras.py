@@ -259,9 +259,9 @@ class OpenCVFisheyeCamera:
 Camera = Union[FThetaCamera, OpenCVPinholeCamera, OpenCVFisheyeCamera]
 
 
-def _fit_inverse_poly(coeffs: np.ndarray, x_max: float, degree: int = 5) -> np.ndarray:
+def fit_inverse_poly(coeffs: np.ndarray, x_max: float, degree: int = 5, samples: int = 512) -> np.ndarray:
     """Least-squares polynomial (c0 = 0) for the inverse of a monotone polynomial on [0, x_max]."""
-    x = np.linspace(0.0, x_max, 512)
+    x = np.linspace(0.0, x_max, samples)
     y = np.polynomial.polynomial.polyval(x, coeffs)
     a = np.stack([y ** k for k in range(1, degree + 1)], 1)
     sol = np.linalg.lstsq(a, x, rcond=None)[0]
@@ -283,9 +283,9 @@ def camera_from_intrinsics(intr, dtype=jnp.float32) -> Camera:
             theta = np.polynomial.polynomial.polyval(np.linspace(0, r_max, 256), bw)
             if np.any(np.diff(theta) <= 0):  # fit only over the monotone part
                 r_edge = np.linspace(0, r_max, 256)[np.argmax(np.diff(theta) <= 0)]
-            fw = _fit_inverse_poly(bw, r_edge)
+            fw = fit_inverse_poly(bw, r_edge)
         if reference == "forward" and bw.size == 0:
-            bw = _fit_inverse_poly(fw, min(intr.max_angle, math.pi))
+            bw = fit_inverse_poly(fw, min(intr.max_angle, math.pi))
         pp = np.asarray(intr.principal_point) + 0.5  # pixel-centre convention -> continuous
         return FThetaCamera(arr(pp), arr(bw), arr(fw), arr(intr.linear_cde), arr(intr.max_angle), w, h, shutter,
                             reference, bool(intr.max_angle > math.pi / 2))

@@ -28,6 +28,8 @@ import msgpack
 import numpy as np
 import yaml
 
+from nurec_jax import cameras
+
 SEQ = "clipgt-sample-street-0001"
 T0_US = 1_700_000_000_000_000
 DURATION_S = 12.0
@@ -251,12 +253,9 @@ def _ftheta(width, height, cx, cy, bw, cde, shutter):
     """FTheta parameters with the backward polynomial as reference and a fitted forward one."""
     bw = np.asarray(bw, float)
     r_corner = math.hypot(max(cx, width - cx), max(cy, height - cy))
-    r = np.linspace(0.0, r_corner * 1.02, 400)
-    theta = np.polynomial.polynomial.polyval(r, bw)
+    theta = np.polynomial.polynomial.polyval(np.linspace(0.0, r_corner * 1.02, 400), bw)
     assert np.all(np.diff(theta) > 0), "backward polynomial must be monotonic over the image"
-    # Least-squares forward polynomial r(theta) with c0 = 0.
-    a = np.stack([theta ** k for k in range(1, 6)], 1)
-    fw = np.concatenate([[0.0], np.linalg.lstsq(a, r, rcond=None)[0]])
+    fw = cameras.fit_inverse_poly(bw, r_corner * 1.02, samples=400)  # forward r(theta), c0 = 0
     return {
         "resolution": [width, height],
         "shutter_type": shutter,
