@@ -411,10 +411,8 @@ def describe(scene: Scene | HostScene) -> str:
         lines.append(f"    {l.name:<16} {l.count:>9}  SH degree {l.sh_degree}  [{kind}; colour {l.colour_convention}]")
     if r.skipped_layers:
         lines.append(f"  skipped layers: {', '.join(r.skipped_layers)}")
-    sky = "cubemap %s" % (scene.sky_cubemap.shape[1:3],) if isinstance(scene, HostScene) and scene.sky_cubemap is not None else None
-    if isinstance(scene, Scene) and scene.gaussians.sky.cubemap is not None:
-        sky = "cubemap %s" % (tuple(scene.gaussians.sky.cubemap.shape[1:3]),)
-    lines.append(f"  sky: {sky or 'constant colour'}")
+    cube = scene.sky_cubemap if isinstance(scene, HostScene) else scene.gaussians.sky.cubemap
+    lines.append(f"  sky: {'constant colour' if cube is None else f'cubemap {tuple(cube.shape[1:3])}'}")
     if m.trajectory is not None:
         ts = m.trajectory.timestamps_us
         dist = float(np.sum(np.linalg.norm(np.diff(m.trajectory.T_rig_world[:, :3, 3], axis=0), axis=1)))
