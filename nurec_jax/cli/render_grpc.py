@@ -1,0 +1,263 @@
+"""`render-grpc`: render a scene's recorded ego drive through a running serve-grpc.
+
+    render-grpc --artifact-path=scene.usdz --output-dir=out --camera-id=camera_front_wide_120fov --height=300
+
+Walks the ego trajectory (every `--frame-step`-th recorded frame of each camera), asks the server for
+one image per frame, writes them under `<output-dir>/<camera>/`, plus `timestamps.json`,
+`render_grpc_cli_args.json` and one animation per camera (GIF, or MP4 when ffmpeg is installed).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import numpy as np
+from absl import app, flags
+
+from nurec_jax.cli import _flags
+
+_ARTIFACT = flags.DEFINE_string("artifact_path", None, "The scene .usdz (its id and recorded frames are read).")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where images are written.")
+_HOST = flags.DEFINE_string("host", "localhost", "Server host.")
+_PORT = flags.DEFINE_integer("port", 8080, "Server port.")
+_HEIGHT = flags.DEFINE_integer("height", 300, "Output height (width follows the camera's aspect, NuRec's rule).")
+_CAMERA = flags.DEFINE_list("camera_id", ["camera_front_wide_120fov"], "Camera logical id(s), comma separated.")
+_FORMAT = flags.DEFINE_enum("image_format", "jpeg", ["png", "jpeg"], "Image format.")
+_FRAME_STEP = flags.DEFINE_integer("frame_step", 1, "Render every n-th recorded frame.")
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Render at most this many frames per camera.")
+_DISABLE_RS = flags.DEFINE_boolean("disable_rolling_shutter", False, "Ask for a global shutter.")
+_DEMO_ACTORS = flags.DEFINE_boolean(
+    "demo_actor_transform", False,
+    "Move the scene's controllable actors (2 m to their left, yawed 15 degrees); the server needs "
+    "--enable-editing-actors.")
+_SHUTDOWN = flags.DEFINE_boolean("shutdown_server_on_completion", False, "Call shut_down when done.")
+_RIG_NAME = flags.DEFINE_string("rig_name", None, "Ego-hood rig id (a directory of the server's --egocar-hood-dir).")
+_FRAME_NAMING = flags.DEFINE_enum("frame_naming", "frame-end-timestamp",
+                                  ["frame-end-timestamp", "contiguous-output-index"], "Image file names.")
+_SEQUENTIAL = flags.DEFINE_boolean("sequential", False, "One request at a time.")
+_CONCURRENCY = flags.DEFINE_integer("concurrency", 4, "Requests in flight at once (unless --sequential).")
+_VIDEO = flags.DEFINE_enum("video_format", "gif", ["gif", "mp4", "none"], "Animation of each camera's frames.")
+_FPS = flags.DEFINE_float("video_fps", 10.0, "Animation frame rate.")
+_TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Per-request deadline, seconds.")
+_PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+
+
+def _pose_to_matrix(pose_msg) -> np.ndarray:
+    from nurec_jax import geometry
+    from nurec_jax.server import convert
+
+    return geometry.pose7_xyzw_to_matrix(convert.grpc_pose_to_tquat(pose_msg))
+
+
+def _trajectory(traj_msg) -> tuple[np.ndarray, np.ndarray]:
+    ts = np.asarray([p.timestamp_us for p in traj_msg.poses], np.int64)
+    mats = np.stack([_pose_to_matrix(p.pose) for p in traj_msg.poses]) if len(ts) else np.zeros((0, 4, 4))
+    return ts, mats
+
+
+def _demo_actors(stub, sensorsim_pb2, scene_id, metadata, start_us, end_us):
+    from nurec_jax import geometry
+    from nurec_jax.server import convert
+
+    objs = stub.get_dynamic_objects(sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=scene_id),
+                                    metadata=metadata, timeout=_TIMEOUT.value)
+    out = []
+    yaw = np.deg2rad(15.0)
+    offset = geometry.make_transform(
+        np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]]), np.array([0, 2.0, 0]))
+    for track in objs.dynamic_objects:
+        ts, mats = _trajectory(track.trajectory)
+        if len(ts) == 0 or start_us < ts[0] or end_us > ts[-1] + 1:
+            continue
+        pair = [geometry.interpolate_poses(ts, mats, t) @ offset for t in (start_us, end_us)]
+        out.append(sensorsim_pb2.DynamicObject(track_id=track.id, pose_pair=sensorsim_pb2.PosePair(
+            start_pose=convert.se3_to_grpc_pose(pair[0]), end_pose=convert.se3_to_grpc_pose(pair[1]))))
+    return out
+
+
+def _write_video(paths: list[str], out_path: str, fps: float) -> str | None:
+    from PIL import Image
+
+    if not paths:
+        return None
+    if out_path.endswith(".mp4"):
+        ffmpeg = shutil.which("ffmpeg")
+        if ffmpeg is None:
+            print("render-grpc: ffmpeg not found; writing a GIF instead of MP4", file=sys.stderr)
+            out_path = out_path[:-4] + ".gif"
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                for i, p in enumerate(paths):
+                    Image.open(p).convert("RGB").save(os.path.join(tmp, f"{i:06d}.png"))
+                subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-framerate", str(fps), "-i",
+                                os.path.join(tmp, "%06d.png"), "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
+                                "-pix_fmt", "yuv420p", out_path], check=True)
+            return out_path
+    frames = [Image.open(p).convert("RGB") for p in paths]
+    frames[0].save(out_path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    return out_path
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _ARTIFACT.value or not _OUTPUT.value:
+        raise app.UsageError("--artifact-path and --output-dir are required")
+    if _FRAME_STEP.value < 1:
+        raise app.UsageError("--frame-step must be >= 1")
+    from nurec_jax import geometry
+    from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
+    from nurec_jax.scene import read_scene_metadata
+    from nurec_jax.server import convert
+
+    path = os.path.abspath(_ARTIFACT.value)
+    scene_meta = read_scene_metadata(path)
+    scene_id = scene_meta.scene_id
+    limit = 64 << 20
+    channel = grpc.insecure_channel(f"{_HOST.value}:{_PORT.value}", options=[
+        ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
+    stub = sensorsim_pb2_grpc.SensorsimServiceStub(channel)
+    timeout = _TIMEOUT.value
+    try:
+        version = stub.get_version(common_pb2.Empty(), wait_for_ready=True, timeout=timeout)
+        available = set(stub.get_available_scenes(common_pb2.Empty(), timeout=timeout).scene_ids)
+    except grpc.RpcError as e:
+        print(f"render-grpc: cannot reach the server at {_HOST.value}:{_PORT.value}: {e.code().name} {e.details()}",
+              file=sys.stderr)
+        return 1
+    print(f"server {version.version_id} ({version.git_hash}); scene {scene_id!r}")
+    md = ()
+    if scene_id not in available:  # let the server load our file under its id
+        md = (("x-nre-scene-url", "file://" + path), ("x-nre-scene-id", scene_id))
+    try:
+        cams = stub.get_available_cameras(sensorsim_pb2.AvailableCamerasRequest(scene_id=scene_id), metadata=md,
+                                          timeout=timeout)
+        trajs = stub.get_available_trajectories(sensorsim_pb2.AvailableTrajectoriesRequest(scene_id=scene_id),
+                                                metadata=md, timeout=timeout)
+        masks = stub.get_available_ego_masks(common_pb2.Empty(), timeout=timeout)
+    except grpc.RpcError as e:
+        print(f"render-grpc: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    by_id = {c.logical_id: c for c in cams.available_cameras}
+    unknown = [c for c in _CAMERA.value if c not in by_id]
+    if unknown:
+        print(f"render-grpc: unknown camera(s) {unknown}; the scene has {sorted(by_id)}", file=sys.stderr)
+        return 1
+    if not trajs.available_trajectories:
+        print("render-grpc: the scene has no ego trajectory to walk", file=sys.stderr)
+        return 1
+    rig_ts, rig_mats = _trajectory(trajs.available_trajectories[0].trajectory)
+    hoods = {(m.ego_mask_id.rig_config_id, m.ego_mask_id.camera_logical_id) for m in masks.ego_mask_metadata}
+
+    jobs = []
+    for cam_id in _CAMERA.value:
+        cam = by_id[cam_id]
+        spec = sensorsim_pb2.CameraSpec()
+        spec.CopyFrom(cam.intrinsics)
+        if _DISABLE_RS.value:
+            spec.shutter_type = sensorsim_pb2.GLOBAL
+        rig_to_cam = _pose_to_matrix(cam.rig_to_camera)  # camera -> rig (protocol.md 7.3)
+        cal = scene_meta.cameras.get(cam_id)
+        if cal is not None and len(cal.frame_timestamps_us):
+            windows = [(int(s), int(e)) for s, e in cal.frame_timestamps_us]
+        else:
+            windows = [(int(t), int(t) + 1) for t in rig_ts]
+        windows = windows[::_FRAME_STEP.value][:_MAX_FRAMES.value]
+        for index, (s_us, e_us) in enumerate(windows):
+            s_us, e_us = max(s_us, int(rig_ts[0])), min(e_us, int(rig_ts[-1]) + 1)
+            poses = [geometry.interpolate_poses(rig_ts, rig_mats, t) @ rig_to_cam for t in (s_us, e_us)]
+            req = sensorsim_pb2.RGBRenderRequest(
+                scene_id=scene_id, resolution_h=_HEIGHT.value, resolution_w=1, camera_intrinsics=spec,
+                frame_start_us=s_us, frame_end_us=e_us,
+                sensor_pose=sensorsim_pb2.PosePair(start_pose=convert.se3_to_grpc_pose(poses[0]),
+                                                   end_pose=convert.se3_to_grpc_pose(poses[1])),
+                image_format=sensorsim_pb2.PNG if _FORMAT.value == "png" else sensorsim_pb2.JPEG,
+                image_quality=95.0)
+            if _RIG_NAME.value and (_RIG_NAME.value, cam_id) in hoods:
+                req.insert_ego_mask = True
+                req.ego_mask_id.CopyFrom(sensorsim_pb2.EgoMaskId(camera_logical_id=cam_id,
+                                                                  rig_config_id=_RIG_NAME.value))
+            if _DEMO_ACTORS.value:
+                req.dynamic_objects.extend(_demo_actors(stub, sensorsim_pb2, scene_id, md, s_us, e_us))
+            jobs.append((cam_id, index, s_us, e_us, req))
+
+    ext = "png" if _FORMAT.value == "png" else "jpeg"
+    written: dict[str, list[tuple[int, str, int, int]]] = {c: [] for c in _CAMERA.value}
+
+    def run(job):
+        cam_id, index, s_us, e_us, req = job
+        reply = stub.render_rgb(req, metadata=md, timeout=timeout, wait_for_ready=True)
+        name = f"{e_us}" if _FRAME_NAMING.value == "frame-end-timestamp" else f"{index:06d}"
+        out = os.path.join(_OUTPUT.value, cam_id, f"{name}.{ext}")
+        with open(out, "wb") as f:
+            f.write(reply.image_bytes)
+        return cam_id, index, out, s_us, e_us
+
+    for cam_id in _CAMERA.value:
+        os.makedirs(os.path.join(_OUTPUT.value, cam_id), exist_ok=True)
+    start = time.perf_counter()
+    failures = 0
+    bar = None
+    if _PROGRESS.value:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="frame", desc="render-grpc", file=sys.stderr)
+    workers = 1 if _SEQUENTIAL.value else max(1, _CONCURRENCY.value)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(run, j) for j in jobs]
+        for fut in concurrent.futures.as_completed(futures):
+            try:
+                cam_id, index, out, s_us, e_us = fut.result()
+                written[cam_id].append((index, out, s_us, e_us))
+            except grpc.RpcError as e:
+                failures += 1
+                print(f"render-grpc: {e.code().name}: {e.details()}", file=sys.stderr)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    stamps = {}
+    for cam_id, items in written.items():
+        items.sort()
+        stamps[cam_id] = [{"file": os.path.basename(p), "frame_start_us": s, "frame_end_us": e}
+                          for _, p, s, e in items]
+        if _VIDEO.value != "none" and items:
+            video = _write_video([p for _, p, _, _ in items], os.path.join(_OUTPUT.value, f"{cam_id}.{_VIDEO.value}"),
+                                 _FPS.value)
+            print(f"{video}")
+    with open(os.path.join(_OUTPUT.value, "timestamps.json"), "w") as f:
+        json.dump(stamps, f, indent=1)
+    with open(os.path.join(_OUTPUT.value, "render_grpc_cli_args.json"), "w") as f:
+        json.dump({name: flags.FLAGS[name].value for name in _OWN_FLAGS}, f, indent=1)
+    n = sum(len(v) for v in written.values())
+    print(f"render-grpc: {n} image(s) in {os.path.abspath(_OUTPUT.value)} ({elapsed:.1f} s, {failures} failed)")
+    if _SHUTDOWN.value:
+        try:
+            stub.shut_down(common_pb2.Empty(), timeout=10)
+            print("render-grpc: server shut down")
+        except grpc.RpcError as e:
+            print(f"render-grpc: shut_down failed: {e.code().name} {e.details()}", file=sys.stderr)
+    channel.close()
+    return 1 if failures else 0
+
+
+_OWN_FLAGS = ("artifact_path", "output_dir", "host", "port", "height", "camera_id", "image_format", "frame_step",
+              "max_frames", "disable_rolling_shutter", "demo_actor_transform", "shutdown_server_on_completion",
+              "rig_name", "frame_naming", "sequential", "concurrency", "video_format", "video_fps", "timeout_s")
+
+
+def main():
+    app.run(_main, flags_parser=_flags.parser())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`serve-grpc`: serve NuRec scenes over NuRec's SensorsimService gRPC API.
+
+    serve-grpc --artifact-glob='/data/scenes/**/*.usdz' --port=8080 --max-workers=4 --enable-editing-actors
+
+Flags carry NuRec's names and defaults; dashes or underscores, `--no-x` or `--nox` both work.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from absl import app, flags
+
+from nurec_jax.cli import _flags
+from nurec_jax.server import options as opt
+
+_D = opt.ServerOptions()
+
+_ARTIFACT_GLOB = flags.DEFINE_string("artifact_glob", None, "Recursive glob of NuRec .usdz scenes (must end in .usdz).")
+_HOST = flags.DEFINE_string("host", _D.host, "Interface to bind (0.0.0.0 for all).")
+_PORT = flags.DEFINE_integer("port", _D.port, "gRPC port (0 picks a free one).")
+_HEALTH_PORT = flags.DEFINE_integer("health_port", None, "Also serve gRPC health on this port.")
+_MAX_WORKERS = flags.DEFINE_integer("max_workers", _D.max_workers, "Render worker threads.")
+_TEST_SCENES = flags.DEFINE_boolean("test_scenes_are_valid", _D.test_scenes_are_valid,
+                                    "Load every scene before reporting SERVING; exit if one fails.")
+_CACHE_SIZE = flags.DEFINE_integer("cache_size", _D.cache_size, "Scenes kept loaded on the device (LRU).")
+_DL_DIR = flags.DEFINE_string("download_cache_dir", _D.download_cache_dir, "Where x-nre-scene-url downloads go.")
+_DL_SIZE = flags.DEFINE_integer("download_cache_size", _D.download_cache_size, "Downloaded scenes kept (LRU).")
+_DL_MAX = flags.DEFINE_integer("download_max_bytes", _D.download_max_bytes, "Largest scene download accepted.")
+_ENABLE_NREND = flags.DEFINE_boolean("enable_nrend", _D.enable_nrend,
+                                     "Accepted for NuRec compatibility; nurec-jax has one renderer.")
+_RENDERER = flags.DEFINE_enum("renderer", _D.renderer, list(opt.RENDERERS),
+                              "Accepted for NuRec compatibility; every choice uses the nurec-jax renderer.")
+_RAY_CHUNK = flags.DEFINE_integer("ray_chunk_size", _D.ray_chunk_size, "Most lidar rays per pass.")
+_EDITING = flags.DEFINE_boolean("enable_editing_actors", _D.enable_editing_actors,
+                                "Accept dynamic_objects (actor poses) in render requests.")
+_HOOD_DIR = flags.DEFINE_string("egocar_hood_dir", None, "Ego hood masks: <dir>/<rig_config_id>/<camera>.png.")
+_DIFIX = flags.DEFINE_boolean("enable_difix", _D.enable_difix, "DiFix post-processing (not available yet).")
+_DIFIX_URL = flags.DEFINE_string("difix_url", None, "DiFix model URL.")
+_DIFIX_CACHE = flags.DEFINE_string("difix_cache", _D.difix_cache, "DiFix model cache directory.")
+_DIFIX_FILE = flags.DEFINE_string("difix_model_filename", _D.difix_model_filename, "DiFix model file name.")
+_DIFIX_RES = flags.DEFINE_list("difix_resolution", [str(v) for v in _D.difix_resolution], "DiFix input H W.")
+_TIMING = flags.DEFINE_boolean("enable_timing", _D.enable_timing, "Per-stage timing (not available yet).")
+_TIMING_VERB = flags.DEFINE_enum("timing_verbosity", _D.timing_verbosity, list(opt.TIMING_VERBOSITIES),
+                                 "Timing report detail.")
+_TIMING_LOG = flags.DEFINE_string("timing_logfile", None, "Timing log file.")
+_TIMING_SYNC = flags.DEFINE_boolean("timing_synchronize", _D.timing_synchronize, "Synchronise the device per stage.")
+_PROFILING = flags.DEFINE_enum("profiling_backend", _D.profiling_backend, list(opt.PROFILING_BACKENDS),
+                               "Profiler (not available yet).")
+_METRICS_DIR = flags.DEFINE_string("metrics_output_dir", None, "Render-time metrics output (not available yet).")
+_MAX_BACKENDS = flags.DEFINE_integer("max_backends_per_scene", None,
+                                     "Accepted for compatibility; one shared device copy serves each scene.")
+_HARMONIZER = flags.DEFINE_boolean("enable_harmonizer", _D.enable_harmonizer, "Harmonizer (not available).")
+_MAX_MESSAGE_MB = flags.DEFINE_integer("max_message_mb", _D.max_message_bytes >> 20,
+                                       "gRPC send/receive message limit, MiB.")
+_GRACE = flags.DEFINE_float("shutdown_grace_s", _D.shutdown_grace_s, "How long in-flight calls may finish.")
+
+
+def options_from_flags() -> opt.ServerOptions:
+    try:
+        difix_res = tuple(int(v) for v in _DIFIX_RES.value)
+    except ValueError:
+        raise app.UsageError(f"--difix-resolution takes two integers H W, got {_DIFIX_RES.value}") from None
+    if len(difix_res) != 2:
+        raise app.UsageError(f"--difix-resolution takes two integers H W, got {_DIFIX_RES.value}")
+    return opt.ServerOptions(
+        artifact_glob=_ARTIFACT_GLOB.value, host=_HOST.value, port=_PORT.value, health_port=_HEALTH_PORT.value,
+        test_scenes_are_valid=_TEST_SCENES.value, renderer=_RENDERER.value, enable_difix=_DIFIX.value,
+        difix_url=_DIFIX_URL.value, difix_cache=_DIFIX_CACHE.value, difix_model_filename=_DIFIX_FILE.value,
+        difix_resolution=difix_res, ray_chunk_size=_RAY_CHUNK.value, egocar_hood_dir=_HOOD_DIR.value,
+        download_cache_dir=_DL_DIR.value, download_cache_size=_DL_SIZE.value, max_workers=_MAX_WORKERS.value,
+        enable_editing_actors=_EDITING.value, cache_size=_CACHE_SIZE.value, metrics_output_dir=_METRICS_DIR.value,
+        enable_nrend=_ENABLE_NREND.value, enable_timing=_TIMING.value, timing_verbosity=_TIMING_VERB.value,
+        timing_logfile=_TIMING_LOG.value, timing_synchronize=_TIMING_SYNC.value,
+        profiling_backend=_PROFILING.value, max_backends_per_scene=_MAX_BACKENDS.value,
+        enable_harmonizer=_HARMONIZER.value, max_message_bytes=_MAX_MESSAGE_MB.value << 20,
+        download_max_bytes=_DL_MAX.value, shutdown_grace_s=_GRACE.value)
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from nurec_jax.server.app import Server
+
+    options = options_from_flags()
+    if options.artifact_glob is None:
+        logging.warning("no --artifact-glob: only scenes registered with x-nre-scene-url can be served")
+    try:
+        server = Server(options)
+        port = server.start()
+    except (ValueError, OSError) as e:
+        print(f"serve-grpc: {e}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum, frame):
+        logging.info("received %s: shutting down gracefully", signal.Signals(signum).name)
+        server.request_shutdown()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"serve-grpc: listening on {options.host}:{port} with {len(server.registry.ids())} scene(s)", flush=True)
+    while not server.wait_for_termination(timeout=0.5):
+        pass
+    if server.warmup_error is not None:
+        print(f"serve-grpc: a scene failed to load: {server.warmup_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main():
+    app.run(_main, flags_parser=_flags.parser({"difix_resolution": 2}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The server: `create_server(address, options) -> (Server, port)`.
+
+`Server` runs a grpc.aio server on its own event-loop thread, so the CLI, tests and benchmarks can
+drive it from ordinary synchronous code. It registers SensorsimService, the standard health service
+(for "" and the SensorsimService name) and server reflection. Health is NOT_SERVING until the
+start-up warm-up (`--test-scenes-are-valid`) is done, and flips back to NOT_SERVING on shutdown,
+before in-flight calls are allowed to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nurec_jax._proto import sensorsim_pb2, sensorsim_pb2_grpc
+from nurec_jax.renderer import Renderer
+from nurec_jax.scene import LoadOptions, Scene, load_scene
+from nurec_jax.server.downloads import DownloadCache
+from nurec_jax.server.ego_masks import EgoMasks
+from nurec_jax.server.models import ModelCache
+from nurec_jax.server.options import ServerOptions
+from nurec_jax.server.registry import SceneRegistry, discover_artifacts
+from nurec_jax.server.servicer import SensorsimServicer
+
+_LOGGER = logging.getLogger(__name__)
+
+SERVICE_NAME = sensorsim_pb2.DESCRIPTOR.services_by_name["SensorsimService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """A running (or about to run) nurec-jax gRPC server."""
+
+    def __init__(self, options: ServerOptions, address: str | None = None, loader=None,
+                 load_options: LoadOptions = LoadOptions()):
+        options.validate()
+        self.options = options
+        self.address = address or f"{options.host}:{options.port}"
+        artifacts, broken = ({}, {}) if options.artifact_glob is None else discover_artifacts(
+            options.artifact_glob, load_options)
+        if options.test_scenes_are_valid and broken:
+            raise ValueError("unreadable scene artifacts: " + "; ".join(f"{p}: {e}" for p, e in broken.items()))
+        downloads = DownloadCache(options.download_cache_dir, options.download_cache_size,
+                                  options.download_max_bytes)
+        self.registry = SceneRegistry(artifacts, downloads, load_options, broken)
+
+        def default_loader(scene_id: str) -> Scene:
+            return load_scene(self.registry.entry(scene_id).path, load_options)
+
+        self.models = ModelCache(loader or default_loader, options.cache_size)
+        self.registry.on_unregister = self.models.drop
+        self.renderer = Renderer(max_pair_capacity=options.max_pair_capacity)
+        self.servicer = SensorsimServicer(options, self.registry, self.models, self.renderer,
+                                          EgoMasks(options.egocar_hood_dir))
+        self.servicer.on_shut_down = lambda: self.request_shutdown(delay_s=0.1)
+        self.port: int | None = None
+        self.health_port: int | None = None
+        self.warmup_error: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._started = False
+        self._stopping = threading.Event()
+        self._terminated = threading.Event()
+        self.serving = threading.Event()
+
+    # ----------------------------------------------------------------------------------------
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self) -> int:
+        msg = [("grpc.max_send_message_length", self.options.max_message_bytes),
+               ("grpc.max_receive_message_length", self.options.max_message_bytes)]
+        self._server = grpc.aio.server(options=msg)
+        sensorsim_pb2_grpc.add_SensorsimServiceServicer_to_server(self.servicer, self._server)
+        self.health = health.aio.HealthServicer()
+        await self.health.set("", NOT_SERVING)
+        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        port = self._server.add_insecure_port(self.address)
+        if port == 0:
+            raise OSError(f"could not bind {self.address}")
+        self._health_server = None
+        if self.options.health_port is not None and self.options.health_port != self.options.port:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            host = self.address.rsplit(":", 1)[0]
+            self.health_port = self._health_server.add_insecure_port(f"{host}:{self.options.health_port}")
+            await self._health_server.start()
+        await self._server.start()
+        return port
+
+    def start(self) -> int:
+        """Binds and starts serving; returns the bound port. Warm-up runs in the background."""
+        if self._started:
+            return self.port
+        self._started = True
+        self._thread.start()
+        try:
+            self.port = self._call(self._start(), timeout=60)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+        _LOGGER.info("serving SensorsimService on %s (port %d), %d scene(s)", self.address, self.port,
+                     len(self.registry.ids()))
+        return self.port
+
+    def _warm_up(self) -> None:
+        try:
+            if self.options.test_scenes_are_valid:
+                for sid in self.registry.ids():
+                    if self._stopping.is_set():
+                        return
+                    _LOGGER.info("warm-up: loading scene %r", sid)
+                    with self.models.use(sid):
+                        pass
+        except BaseException as e:  # noqa: BLE001 - reported; the server stops
+            self.warmup_error = e
+            _LOGGER.error("warm-up failed, shutting down: %s", e)
+            self.request_shutdown()
+            return
+        if not self._stopping.is_set():
+            self._call(self.health.set("", SERVING))
+            self._call(self.health.set(SERVICE_NAME, SERVING))
+            self.serving.set()
+            _LOGGER.info("health: SERVING")
+
+    # ----------------------------------------------------------------------------------------
+
+    async def _stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.servicer.shutting_down = True
+        await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+
+    def request_shutdown(self, grace: float | None = None, delay_s: float = 0.0) -> None:
+        """Starts a graceful shutdown from any thread (signal handlers, the shut_down RPC)."""
+        if self._stopping.is_set() or not self._started:
+            return
+        self._stopping.set()
+        grace = self.options.shutdown_grace_s if grace is None else grace
+
+        def run():
+            async def go():
+                if delay_s:
+                    await asyncio.sleep(delay_s)
+                try:
+                    await self._stop(grace)
+                finally:
+                    self.servicer.close()
+                    self._terminated.set()
+                    self._loop.call_soon(self._loop.stop)
+
+            asyncio.ensure_future(go())
+
+        self._loop.call_soon_threadsafe(run)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop; returns when the server has terminated."""
+        self.request_shutdown(grace)
+        self.wait_for_termination()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        if not self._started:
+            return True
+        done = self._terminated.wait(timeout)
+        if done:
+            self._thread.join(timeout=5)
+        return done
+
+
+def create_server(address: str, options: ServerOptions = ServerOptions(), **kwargs) -> tuple[Server, int]:
+    """Builds, binds and starts a server; returns it and the port it bound (use port 0 in tests)."""
+    server = Server(options, address, **kwargs)
+    return server, server.start()

@@ -1,0 +1,95 @@
+"""`ServerOptions`: every serve-grpc setting, with NuRec's names and defaults (protocol.md 11.1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+RENDERERS = ("default", "gsplat", "nrend")
+TIMING_VERBOSITIES = ("NONE", "SUMMARY", "BASIC", "DETAILS")
+PROFILING_BACKENDS = ("NONE", "TRACY", "NVTX")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """serve-grpc settings. The first block mirrors NRE's GrpcServerConfig (same keys in
+    get_server_config); the last block is nurec-jax's own."""
+
+    artifact_glob: str | None = None
+    host: str = "localhost"
+    port: int = 8080
+    health_port: int | None = None
+    test_scenes_are_valid: bool = False
+    renderer: str = "default"
+    enable_difix: bool = False
+    difix_url: str | None = None
+    difix_cache: str = "~/.cache/nre/difix"
+    difix_model_filename: str = "cosmos_3dgut.pt"
+    difix_resolution: tuple[int, int] = (576, 1024)
+    ray_chunk_size: int = 2 ** 62
+    egocar_hood_dir: str | None = None
+    download_cache_dir: str = "~/.cache/nre/downloaded_scenes"
+    download_cache_size: int = 5
+    max_workers: int = 1
+    enable_editing_actors: bool = False
+    cache_size: int = 10
+    metrics_output_dir: str | None = None
+    # Seed / later-NRE flags.
+    enable_nrend: bool = True
+    enable_timing: bool = False
+    timing_verbosity: str = "BASIC"
+    timing_logfile: str | None = None
+    timing_synchronize: bool = False
+    profiling_backend: str = "NONE"
+    max_backends_per_scene: int | None = None
+    enable_harmonizer: bool = False
+    # nurec-jax.
+    max_message_bytes: int = 64 << 20
+    download_max_bytes: int = 32 << 30
+    max_pair_capacity: int = 1 << 26
+    shutdown_grace_s: float = 30.0
+    metadata_threads: int = 4
+
+    def validate(self) -> None:
+        """Raises ValueError naming the flag for values out of range or features not built yet."""
+        if self.artifact_glob is not None and not self.artifact_glob.lower().endswith(".usdz"):
+            raise ValueError(f"--artifact-glob must end in .usdz, got {self.artifact_glob!r}")
+        for name in ("max_workers", "cache_size", "download_cache_size", "metadata_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"--health-port must be in 0..65535, got {self.health_port}")
+        if self.ray_chunk_size < 1:
+            raise ValueError(f"--ray-chunk-size must be >= 1, got {self.ray_chunk_size}")
+        if self.renderer not in RENDERERS:
+            raise ValueError(f"--renderer must be one of {RENDERERS}, got {self.renderer!r}")
+        if self.timing_verbosity not in TIMING_VERBOSITIES:
+            raise ValueError(f"--timing-verbosity must be one of {TIMING_VERBOSITIES}, got {self.timing_verbosity!r}")
+        if self.profiling_backend not in PROFILING_BACKENDS:
+            raise ValueError(f"--profiling-backend must be one of {PROFILING_BACKENDS}, "
+                             f"got {self.profiling_backend!r}")
+        if self.egocar_hood_dir is not None and not os.path.isdir(os.path.expanduser(self.egocar_hood_dir)):
+            raise ValueError(f"--egocar-hood-dir {self.egocar_hood_dir!r} is not a directory")
+        unbuilt = {
+            "--enable-difix": self.enable_difix,
+            "--enable-harmonizer": self.enable_harmonizer,
+            "--enable-timing": self.enable_timing,
+            "--timing-logfile": self.timing_logfile is not None,
+            "--timing-synchronize": self.timing_synchronize,
+            "--profiling-backend": self.profiling_backend != "NONE",
+            "--metrics-output-dir": self.metrics_output_dir is not None,
+        }
+        on = [flag for flag, value in unbuilt.items() if value]
+        if on:
+            raise ValueError(f"{', '.join(on)}: not available in this nurec-jax build yet (post-processing, timing "
+                             f"and metrics output are planned); remove the flag(s)")
+
+    def as_strings(self) -> dict[str, str]:
+        """Every setting as NRE's get_server_config reports it: str(), None -> "null"."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = "null" if v is None else str(v)
+        return out

@@ -1,0 +1,174 @@
+"""Validation of render requests and their conversion into what the renderer takes (pure functions).
+
+Everything here raises the typed errors of `nurec_jax.server.errors` with a message naming the field,
+so the servicer can answer with the right status code before any device work is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from nurec_jax import cameras as camera_lib
+from nurec_jax import geometry
+from nurec_jax.cameras import Camera
+from nurec_jax.metadata import SceneMetadata
+from nurec_jax.poses import PosePair
+from nurec_jax.render import ActorPoses
+from nurec_jax.renderer import track_actor_poses
+from nurec_jax.server import convert, images
+from nurec_jax.server.errors import InvalidArgument, NotFound, OutOfRange
+
+# Largest output accepted: 16384 pixels a side and 64 megapixels (a 4K frame is 8.3 MP).
+MAX_SIDE = 16384
+MAX_PIXELS = 64 << 20
+
+EDITING_DISABLED_MESSAGE = (
+    "Got render request with DynamicObject updates but actor editing is disabled on the server. "
+    "Restart serve-grpc with --enable-editing-actors.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RGBJob:
+    """One validated camera render.
+
+    Attributes:
+      camera: the camera model at the output resolution.
+      sensor_pose: camera -> world at the exposure start and end.
+      start_us, end_us: the exposure interval [start, end).
+      actor_overrides: track id -> (T_start, T_end) object -> world, or None (actors follow their tracks).
+      image_format, image_quality: the encoding.
+      ego_mask: (rig_config_id, camera_logical_id) of the hood to composite, or None.
+    """
+
+    camera: Camera
+    sensor_pose: PosePair
+    start_us: int
+    end_us: int
+    actor_overrides: dict[str, tuple[np.ndarray, np.ndarray]] | None
+    image_format: int
+    image_quality: float
+    ego_mask: tuple[str, str] | None
+
+
+def _pose_matrix(pose_msg, field: str) -> np.ndarray:
+    try:
+        return geometry.pose7_xyzw_to_matrix(convert.grpc_pose_to_tquat(pose_msg, field))
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def pose_pair(msg, field: str, owner) -> tuple[np.ndarray, np.ndarray]:
+    """A PosePair message (required) -> (T_start, T_end) 4x4 float64."""
+    name = field.rsplit(".", 1)[-1]
+    if not owner.HasField(name):
+        raise InvalidArgument(f"{field}: missing")
+    return _pose_matrix(msg.start_pose, f"{field}.start_pose"), _pose_matrix(msg.end_pose, f"{field}.end_pose")
+
+
+def check_interval(metadata: SceneMetadata, start_us: int, end_us: int, prefix: str = "") -> None:
+    """[start, end) must be non-empty and inside [first rig timestamp, last + 1) (protocol.md 7.4).
+
+    A scene without an ego trajectory (a plain Gaussian file) accepts any non-empty interval."""
+    if end_us <= start_us:
+        raise OutOfRange(
+            f"{prefix}frame_end_us ({end_us}) must be greater than {prefix}frame_start_us ({start_us}); "
+            f"the interval is half-open: to render at an instant t use [t, t+1)")
+    if metadata.trajectory is None:
+        return
+    first = int(metadata.trajectory.timestamps_us[0])
+    last = int(metadata.trajectory.timestamps_us[-1])
+    if start_us < first or end_us > last + 1:
+        raise OutOfRange(
+            f"{prefix}[frame_start_us, frame_end_us) = [{start_us}, {end_us}) is outside the time range of scene "
+            f"{metadata.scene_id!r}: [{first}, {last + 1}); to render at an instant t use [t, t+1)")
+
+
+def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix: str = "") -> Camera:
+    """The camera of a request at NuRec's output resolution.
+
+    With a `camera_param` the request's own intrinsics are used (a novel camera may carry any
+    logical_id); without one, `logical_id` must name a camera of the scene."""
+    field = f"{prefix}camera_intrinsics"
+    try:
+        intr = convert.intrinsics_from_camera_spec(spec, field)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    if intr is None:
+        if not spec.logical_id:
+            raise InvalidArgument(f"{field}: neither a camera_param nor a logical_id is set")
+        cal = metadata.cameras.get(spec.logical_id)
+        if cal is None:
+            raise NotFound(f"{field}.logical_id: camera {spec.logical_id!r} is not in scene {metadata.scene_id!r} "
+                           f"(cameras: {', '.join(metadata.cameras) or 'none'}); send full intrinsics for a "
+                           f"novel camera")
+        intr = cal.intrinsics
+    if req_w < 0 or req_h < 0:
+        raise InvalidArgument(f"{prefix}resolution_w/resolution_h: negative")
+    if req_w == 0 and req_h == 0:
+        raise InvalidArgument(f"{prefix}resolution_w/resolution_h: both are 0; ask for a height, a width or both")
+    if req_w > MAX_SIDE or req_h > MAX_SIDE:
+        raise InvalidArgument(f"{prefix}resolution_w/resolution_h: {req_w}x{req_h} exceeds {MAX_SIDE} pixels a side")
+    native_w, native_h = intr.resolution
+    out_w, out_h, _ = camera_lib.output_resolution(native_w, native_h, req_w, req_h)
+    if out_w < 1 or out_h < 1 or out_w > MAX_SIDE or out_h > MAX_SIDE or out_w * out_h > MAX_PIXELS:
+        raise InvalidArgument(
+            f"{prefix}resolution_w/resolution_h: {req_w}x{req_h} gives an output of {out_w}x{out_h} for a "
+            f"{native_w}x{native_h} camera (NuRec keeps the native aspect); it must be 1..{MAX_SIDE} a side "
+            f"and at most {MAX_PIXELS} pixels")
+    return camera_lib.camera_at_resolution(camera_lib.camera_from_intrinsics(intr), req_w, req_h)
+
+
+def actor_overrides(metadata: SceneMetadata, objects, editing_enabled: bool, prefix: str = ""):
+    """`dynamic_objects` -> {track id: (T_start, T_end)} or None when the list is empty (protocol.md 7.6)."""
+    if not objects:
+        return None
+    if not editing_enabled:
+        raise InvalidArgument(EDITING_DISABLED_MESSAGE)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i, obj in enumerate(objects):
+        field = f"{prefix}dynamic_objects[{i}]"
+        tid = obj.track_id.split("@")[0]
+        if tid not in metadata.tracks:
+            raise InvalidArgument(f"{field}.track_id: {obj.track_id!r} is not a track of scene {metadata.scene_id!r}")
+        if tid in out:
+            raise InvalidArgument(f"{field}.track_id: {obj.track_id!r} is listed twice")
+        out[tid] = pose_pair(obj.pose_pair, f"{field}.pose_pair", obj)
+    return out
+
+
+def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, prefix: str = "") -> RGBJob:
+    """Validates an RGBRenderRequest against a scene; raises typed errors naming the field."""
+    try:
+        images.validate_format(request.image_format, request.image_quality, prefix.rstrip("."))
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    camera = request_camera(metadata, request.camera_intrinsics, int(request.resolution_w),
+                            int(request.resolution_h), prefix)
+    start_us, end_us = int(request.frame_start_us), int(request.frame_end_us)
+    check_interval(metadata, start_us, end_us, prefix)
+    t_start, t_end = pose_pair(request.sensor_pose, f"{prefix}sensor_pose", request)
+    overrides = actor_overrides(metadata, request.dynamic_objects, editing_enabled, prefix)
+    ego = None
+    if request.insert_ego_mask:
+        if not request.HasField("ego_mask_id") or not request.ego_mask_id.rig_config_id:
+            raise InvalidArgument(f"{prefix}ego_mask_id: required when insert_ego_mask is set")
+        cam_id = request.ego_mask_id.camera_logical_id or request.camera_intrinsics.logical_id
+        ego = (request.ego_mask_id.rig_config_id, cam_id)
+    pose = PosePair.from_matrices(t_start.astype(np.float32), t_end.astype(np.float32))
+    return RGBJob(camera, pose, start_us, end_us, overrides, int(request.image_format),
+                  float(request.image_quality), ego)
+
+
+def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job: RGBJob) -> ActorPoses:
+    """Actor poses for a job: recorded tracks, or (with overrides) the listed actors at the given poses,
+    unlisted controllable actors removed and non-controllable ones as recorded (protocol.md 7.6)."""
+    poses = track_actor_poses(metadata, track_ids, job.start_us, job.end_us, job.actor_overrides)
+    if job.actor_overrides is None or not track_ids:
+        return poses
+    keep = np.asarray([
+        tid in job.actor_overrides or not (tid in metadata.tracks and metadata.tracks[tid].is_controllable)
+        for tid in track_ids
+    ])
+    return ActorPoses(poses.poses, poses.visible & keep)

@@ -1,0 +1,357 @@
+"""`SensorsimServicer`: NuRec's SensorsimService on a grpc.aio server.
+
+Handlers are thin coroutines: they hand the request to a thread pool (`--max-workers` render
+threads, a few metadata threads), so the event loop keeps answering health, metadata and new
+connections while a scene loads or a render function compiles. Renders share one device and are
+serialised by a lock; a client that cancels or passes its deadline stops its own queued work.
+Every error goes through `errors.status_of`, one mapping for all RPCs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import importlib.metadata
+import logging
+import os
+import subprocess
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
+from nurec_jax.metadata import SceneMetadata
+from nurec_jax.renderer import Renderer
+from nurec_jax.server import convert, images, requests
+from nurec_jax.server import errors as errs
+from nurec_jax.server.ego_masks import EgoMasks
+from nurec_jax.server.models import ModelCache
+from nurec_jax.server.options import ServerOptions
+from nurec_jax.server.registry import SceneRegistry
+
+_LOGGER = logging.getLogger(__name__)
+
+API_VERSION = (0, 0, 1)  # NRE's grpc_api_version; clients compare replicas, not values
+SCENE_URL_KEY = "x-nre-scene-url"
+SCENE_ID_KEY = "x-nre-scene-id"
+_WAIT_MARGIN_S = 0.25  # answer UNAVAILABLE this long before the client's deadline when a scene is loading
+
+
+@functools.lru_cache(maxsize=1)
+def version_id() -> common_pb2.VersionId:
+    """Package version, git hash of the source tree (or "unknown"), API version 0.0.1."""
+    try:
+        version = importlib.metadata.version("nurec-jax")
+    except importlib.metadata.PackageNotFoundError:
+        from nurec_jax import __version__ as version
+    git_hash = "unknown"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isdir(os.path.join(root, ".git")):
+        try:
+            git_hash = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True, timeout=5, check=True).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    major, minor, patch = API_VERSION
+    return common_pb2.VersionId(version_id=version, git_hash=git_hash, grpc_api_version=common_pb2.VersionId.APIVersion(
+        major=major, minor=minor, patch=patch))
+
+
+class _Call:
+    """Per-call cancellation flag and deadline, checked by the worker between stages."""
+
+    def __init__(self, remaining_s: float | None):
+        self.cancelled = threading.Event()
+        self.deadline = None if remaining_s is None else time.monotonic() + remaining_s
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise errs.Cancelled("the client cancelled the call")
+        left = self.remaining()
+        if left is not None and left <= 0:
+            raise errs.DeadlineExceeded("the call's deadline passed before the work started")
+
+
+@dataclasses.dataclass
+class Stats:
+    """Request counters (exposed in get_server_config under `stats.*`)."""
+
+    requests: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    renders: int = 0
+    skipped_cancelled: int = 0
+    latencies_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=2048))
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        with self.lock:
+            self.requests[method] += 1
+            self.status[code.name] += 1
+            if method in ("render_rgb", "batch_render_rgb", "render_aggregated"):
+                self.latencies_s.append(seconds)
+
+
+def _rpc(pool: str):
+    """Runs a synchronous handler body in the named pool with error mapping and cancellation."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        async def handler(self, request, context):
+            return await self._handle(fn, pool, request, context)
+
+        return handler
+
+    return deco
+
+
+class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
+    def __init__(self, options: ServerOptions, registry: SceneRegistry, models: ModelCache, renderer: Renderer,
+                 ego_masks: EgoMasks):
+        self.options = options
+        self.registry = registry
+        self.models = models
+        self.renderer = renderer
+        self.ego_masks = ego_masks
+        self.stats = Stats()
+        self.device_lock = threading.Lock()
+        self.render_pool = concurrent.futures.ThreadPoolExecutor(options.max_workers, thread_name_prefix="render")
+        self.meta_pool = concurrent.futures.ThreadPoolExecutor(options.metadata_threads, thread_name_prefix="meta")
+        self.shutting_down = False
+        self.on_shut_down = None  # set by the app: called after the shut_down reply is sent
+
+    def close(self) -> None:
+        self.render_pool.shutdown(wait=False, cancel_futures=True)
+        self.meta_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ----------------------------------------------------------------------------------------
+    # Plumbing
+
+    async def _handle(self, fn, pool: str, request, context):
+        method = fn.__name__
+        start = time.perf_counter()
+        call = _Call(context.time_remaining())
+        headers = {m.key: m.value for m in (context.invocation_metadata() or ())}
+        executor = self.render_pool if pool == "render" else self.meta_pool
+        loop = asyncio.get_running_loop()
+        try:
+            if pool == "render" and self.shutting_down:
+                raise errs.Unavailable("the server is shutting down")
+            reply = await loop.run_in_executor(executor, self._run, fn, request, call, headers)
+        except asyncio.CancelledError:
+            call.cancelled.set()
+            self.stats.record(method, grpc.StatusCode.CANCELLED, time.perf_counter() - start)
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to a status code
+            code, message = errs.status_of(e)
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                _LOGGER.error("%s failed", method, exc_info=e)
+            else:
+                _LOGGER.info("%s -> %s: %s", method, code.name, message)
+            self.stats.record(method, code, time.perf_counter() - start)
+            await context.abort(code, message)
+        self.stats.record(method, grpc.StatusCode.OK, time.perf_counter() - start)
+        return reply
+
+    def _run(self, fn, request, call: _Call, headers: dict):
+        url, sid = headers.get(SCENE_URL_KEY), headers.get(SCENE_ID_KEY)
+        if url is not None or sid is not None:
+            if url is None:
+                raise errs.InvalidArgument(f"{SCENE_ID_KEY} was sent without {SCENE_URL_KEY}")
+            if sid is None:
+                raise errs.InvalidArgument(f"{SCENE_URL_KEY} was sent without {SCENE_ID_KEY}")
+            self.registry.register(sid, url)
+        return fn(self, request, call)
+
+    def _wait_timeout(self, call: _Call) -> float | None:
+        left = call.remaining()
+        return None if left is None else max(0.0, left - _WAIT_MARGIN_S)
+
+    def _meta(self, scene_id: str, field: str = "scene_id") -> SceneMetadata:
+        if not scene_id:
+            raise errs.InvalidArgument(f"{field}: empty")
+        return self.registry.metadata(scene_id)
+
+    def _render_job(self, scene, job: requests.RGBJob, meta: SceneMetadata, call: _Call) -> bytes:
+        actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
+        with self.device_lock:
+            try:
+                call.check()
+            except errs.RequestError:
+                with self.stats.lock:
+                    self.stats.skipped_cancelled += 1
+                raise
+            out = self.renderer.render(scene.gaussians, job.camera, job.sensor_pose, actors,
+                                       cache_key=(meta.scene_id,))
+            rgb = np.asarray(out.rgb)
+        with self.stats.lock:
+            self.stats.renders += 1
+        if job.ego_mask is not None:
+            rgb = self.ego_masks.composite(rgb, *job.ego_mask)
+        return images.encode(rgb, job.image_format, job.image_quality)
+
+    def _prepare(self, meta: SceneMetadata, request, prefix: str = "") -> requests.RGBJob:
+        job = requests.prepare_rgb(meta, request, editing_enabled=self.options.enable_editing_actors, prefix=prefix)
+        if job.ego_mask is not None and not self.ego_masks.rig_exists(job.ego_mask[0]):
+            raise errs.NotFound(f"{prefix}ego_mask_id.rig_config_id: no ego masks for rig {job.ego_mask[0]!r}")
+        return job
+
+    # ----------------------------------------------------------------------------------------
+    # Rendering
+
+    @_rpc("render")
+    def render_rgb(self, request, call):
+        meta = self._meta(request.scene_id)
+        job = self._prepare(meta, request)
+        call.check()
+        with self.models.use(request.scene_id, self._wait_timeout(call)) as scene:
+            return sensorsim_pb2.RGBRenderReturn(image_bytes=self._render_job(scene, job, meta, call))
+
+    @_rpc("render")
+    def batch_render_rgb(self, request, call):
+        if not request.items:
+            return sensorsim_pb2.BatchRGBRenderReturn()
+        scene_id = request.items[0].request.scene_id
+        for i, item in enumerate(request.items):
+            if item.request.scene_id != scene_id:
+                raise errs.InvalidArgument(f"items[{i}].request.scene_id: {item.request.scene_id!r} differs from "
+                                           f"items[0]'s {scene_id!r}; a batch renders one scene")
+        meta = self._meta(scene_id, "items[0].request.scene_id")
+        results = []
+        with self.models.use(scene_id, self._wait_timeout(call)) as scene:
+            for i, item in enumerate(request.items):
+                call.check()
+                out = sensorsim_pb2.BatchRGBRenderReturnItem(camera_name=item.camera_name)
+                try:
+                    job = self._prepare(meta, item.request, f"items[{i}].request.")
+                    out.result.image_bytes = self._render_job(scene, job, meta, call)
+                    out.success = True
+                except errs.Cancelled:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one bad item never fails the others
+                    out.success = False
+                    out.error_message = errs.batch_error_message(e)
+                    out.ClearField("result")
+                results.append(out)
+        return sensorsim_pb2.BatchRGBRenderReturn(items=results)
+
+    @_rpc("render")
+    def render_aggregated(self, request, call):
+        if request.lidar_requests:
+            raise errs.Unimplemented("render_aggregated: lidar_requests are not supported yet (lidar rendering "
+                                     "is not built in this version); send rgb_requests only")
+        returns = []
+        for i, req in enumerate(request.rgb_requests):
+            call.check()
+            meta = self._meta(req.scene_id, f"rgb_requests[{i}].scene_id")
+            job = self._prepare(meta, req, f"rgb_requests[{i}].")
+            with self.models.use(req.scene_id, self._wait_timeout(call)) as scene:
+                returns.append(sensorsim_pb2.RGBRenderReturn(image_bytes=self._render_job(scene, job, meta, call)))
+        return sensorsim_pb2.AggregatedRenderReturn(rgb_returns=returns)
+
+    @_rpc("render")
+    def render_lidar(self, request, call):
+        self._meta(request.scene_id)
+        raise errs.Unimplemented("render_lidar: lidar rendering is not built in this version of nurec-jax")
+
+    # ----------------------------------------------------------------------------------------
+    # Metadata (from the scene file; nothing is loaded onto the device)
+
+    @_rpc("meta")
+    def get_version(self, request, call):
+        return version_id()
+
+    @_rpc("meta")
+    def get_server_config(self, request, call):
+        config = self.options.as_strings()
+        with self.stats.lock:
+            config["stats.renders"] = str(self.stats.renders)
+            config["stats.requests"] = str(dict(self.stats.requests))
+            config["stats.status"] = str(dict(self.stats.status))
+            lat = np.asarray(self.stats.latencies_s)
+        if lat.size:
+            config["stats.render_latency_p50_s"] = f"{np.percentile(lat, 50):.4f}"
+            config["stats.render_latency_p95_s"] = f"{np.percentile(lat, 95):.4f}"
+        config["stats.compiles"] = str(self.renderer.trace_count)
+        config["stats.scenes_loaded"] = str([s.scene_id for s in self.models.loaded()])
+        return sensorsim_pb2.ServerConfig(server_config=config)
+
+    @_rpc("meta")
+    def get_available_scenes(self, request, call):
+        return common_pb2.AvailableScenesReturn(scene_ids=self.registry.ids())
+
+    @_rpc("meta")
+    def get_loaded_scenes(self, request, call):
+        # One shared device copy per scene serves all requests, so every resident scene is reusable.
+        entries = [sensorsim_pb2.LoadedSceneEntry(scene_id=s.scene_id, loaded_instance_count=1,
+                                                  reusable_instance_count=1) for s in self.models.loaded()]
+        return sensorsim_pb2.LoadedScenesReturn(scenes=entries, loaded_instance_capacity=self.models.capacity)
+
+    @_rpc("meta")
+    def shut_down(self, request, call):
+        _LOGGER.info("shut_down requested by a client")
+        if self.on_shut_down is not None:
+            self.on_shut_down()
+        return common_pb2.Empty()
+
+    @_rpc("meta")
+    def get_available_cameras(self, request, call):
+        meta = self._meta(request.scene_id)
+        return sensorsim_pb2.AvailableCamerasReturn(
+            available_cameras=[convert.available_camera(cal) for cal in meta.cameras.values()])
+
+    @_rpc("meta")
+    def get_available_trajectories(self, request, call):
+        meta = self._meta(request.scene_id)
+        out = sensorsim_pb2.AvailableTrajectoriesReturn()
+        if meta.trajectory is not None:
+            out.available_trajectories.add(trajectory_idx=0, trajectory=convert.trajectory_to_proto(
+                meta.trajectory.timestamps_us, meta.trajectory.T_rig_world))
+        return out
+
+    @_rpc("meta")
+    def get_available_ego_masks(self, request, call):
+        Meta = sensorsim_pb2.AvailableEgoMasksReturn.EgoMaskMetadata
+        return sensorsim_pb2.AvailableEgoMasksReturn(ego_mask_metadata=[
+            Meta(ego_mask_id=sensorsim_pb2.EgoMaskId(camera_logical_id=cam, rig_config_id=rig))
+            for rig, cam in self.ego_masks.available()])
+
+    @_rpc("meta")
+    def get_external_asset_objects(self, request, call):
+        meta = self._meta(request.scene_id)
+        ids = sorted({m.split("/")[1] for m in meta.members
+                      if m.startswith("external_assets/") and m.count("/") == 2
+                      and m.split("/")[2] == f"{m.split('/')[1]}.ply"})
+        return sensorsim_pb2.ExternalAssetObjectsReturn(track_ids=ids)
+
+    @_rpc("meta")
+    def get_dynamic_objects(self, request, call):
+        meta = self._meta(request.scene_id)
+        out = sensorsim_pb2.AvailableDynamicObjectsReturn()
+        for t in meta.tracks.values():
+            if not t.is_controllable:
+                continue
+            out.dynamic_objects.add(
+                id=t.track_id, semantic_class=t.label,
+                trajectory=convert.trajectory_to_proto(t.timestamps_us, t.T_object_world),
+                object_size=common_pb2.AABB(size_x=float(t.dims[0]), size_y=float(t.dims[1]),
+                                            size_z=float(t.dims[2])),
+                asset_id="none")
+        return out
+
+    @_rpc("meta")
+    def edit_assets(self, request, call):
+        self._meta(request.scene_id)
+        raise errs.Unimplemented("edit_assets: asset editing is not built in this version of nurec-jax")
+
+    @_rpc("meta")
+    def restore_model_parameters(self, request, call):
+        self._meta(request.scene_id)
+        raise errs.Unimplemented("restore_model_parameters: asset editing is not built in this version of nurec-jax")
