@@ -55,6 +55,12 @@ _MAX_BACKENDS = flags.DEFINE_integer("max_backends_per_scene", None,
 _HARMONIZER = flags.DEFINE_boolean("enable_harmonizer", _D.enable_harmonizer, "Harmonizer (not available).")
 _MAX_MESSAGE_MB = flags.DEFINE_integer("max_message_mb", _D.max_message_bytes >> 20,
                                        "gRPC send/receive message limit, MiB.")
+_PAIR_CAP = flags.DEFINE_integer("initial_pair_capacity", _D.initial_pair_capacity,
+                                 "First (tile, Gaussian) pair buffer bucket; grows by powers of two as needed.")
+_TILE_CAP = flags.DEFINE_integer("initial_tile_capacity", _D.initial_tile_capacity,
+                                 "First per-tile list bucket; grows by powers of two as needed.")
+_MAX_PAIRS = flags.DEFINE_integer("max_pair_capacity", _D.max_pair_capacity,
+                                  "Largest pair buffer; a frame needing more is RESOURCE_EXHAUSTED.")
 _GRACE = flags.DEFINE_float("shutdown_grace_s", _D.shutdown_grace_s, "How long in-flight calls may finish.")
 
 
@@ -76,7 +82,9 @@ def options_from_flags() -> opt.ServerOptions:
         timing_logfile=_TIMING_LOG.value, timing_synchronize=_TIMING_SYNC.value,
         profiling_backend=_PROFILING.value, max_backends_per_scene=_MAX_BACKENDS.value,
         enable_harmonizer=_HARMONIZER.value, max_message_bytes=_MAX_MESSAGE_MB.value << 20,
-        download_max_bytes=_DL_MAX.value, shutdown_grace_s=_GRACE.value)
+        download_max_bytes=_DL_MAX.value, shutdown_grace_s=_GRACE.value,
+        initial_pair_capacity=_PAIR_CAP.value, initial_tile_capacity=_TILE_CAP.value,
+        max_pair_capacity=_MAX_PAIRS.value)
 
 
 def _main(argv):

@@ -46,6 +46,8 @@ class ServerOptions:
     # nurec-jax.
     max_message_bytes: int = 64 << 20
     download_max_bytes: int = 32 << 30
+    initial_pair_capacity: int = 1 << 16
+    initial_tile_capacity: int = 1 << 10
     max_pair_capacity: int = 1 << 26
     shutdown_grace_s: float = 30.0
     metadata_threads: int = 4
@@ -61,6 +63,12 @@ class ServerOptions:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
             raise ValueError(f"--health-port must be in 0..65535, got {self.health_port}")
+        for name in ("initial_pair_capacity", "initial_tile_capacity", "max_pair_capacity"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be a power of two, got {v}")
+        if self.initial_pair_capacity > self.max_pair_capacity:
+            raise ValueError("--initial-pair-capacity must not exceed --max-pair-capacity")
         if self.ray_chunk_size < 1:
             raise ValueError(f"--ray-chunk-size must be >= 1, got {self.ray_chunk_size}")
         if self.renderer not in RENDERERS:

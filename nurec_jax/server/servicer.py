@@ -138,6 +138,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         method = fn.__name__
         start = time.perf_counter()
         call = _Call(context.time_remaining())
+        # Fires when the RPC ends for any reason (client cancel, deadline, reply sent); queued or
+        # waiting work of a finished call is then skipped.
+        context.add_done_callback(lambda _ctx: call.cancelled.set())
         headers = {m.key: m.value for m in (context.invocation_metadata() or ())}
         executor = self.render_pool if pool == "render" else self.meta_pool
         loop = asyncio.get_running_loop()
