@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # Extras installed into the venv: test tools always; add cuda12/cuda13 for a GPU machine,
 # e.g. `make install EXTRAS=test,cuda13`.
 EXTRAS ?= test
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: install test demo protos sample-scene clean
 
@@ -26,9 +26,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nurec_jax.cli.scene_info
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m nurec_jax.cli.render_frame --output_dir=out/demo \
-	    --cameras=camera_front_wide_120fov,camera_rear_pinhole_70fov --frames=0,60 --width=320
-	@echo "demo images written to out/demo/"
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) tools/run_demo.py --output-dir=out/demo
 
 sample-scene: $(STAMP)
 	$(PY) tools/make_sample_scene.py --output nurec_jax/data/sample_scene.usdz

@@ -363,3 +363,26 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(thin_scene, renderer):
     with pytest.raises(grpc.RpcError):
         hs.Check(health_pb2.HealthCheckRequest(), timeout=2)
     channel.close()
+
+
+def test_client_built_from_the_protos_alone(server):
+    """A separate process that compiles protos/*.proto itself and never imports nurec_jax."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    _, stub, _ = server
+    here = os.path.dirname(os.path.abspath(__file__))
+    protos = os.path.join(os.path.dirname(os.path.dirname(here)), "protos")
+    port = server[0].port
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, os.path.join(here, "standalone_client.py"), protos, str(port), SID],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(here))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["scenes"] == [SID] and CAM in got["cameras"]
+    assert got["image"][:3] == ["PNG", 64, 36] and got["image"][3] > 10
+    assert got["batch"] == [[CAM, True]]
+    assert got["unknown_scene"] == "NOT_FOUND"
+    assert got["nurec_jax_imported"] is False
