@@ -357,6 +357,8 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(thin_scene, renderer):
     stub.shut_down(E, timeout=5)
     time.sleep(0.3)
     assert not srv.wait_for_termination(timeout=0.1)  # the in-flight render holds the shutdown open
+    assert srv.health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert srv.health._server_status[SERVICE_NAME] == health_pb2.HealthCheckResponse.NOT_SERVING
     srv.servicer.device_lock.release()
     assert decode(fut.result().image_bytes).shape == (HEIGHT, 64, 3)
     assert srv.wait_for_termination(timeout=30)
