@@ -64,6 +64,7 @@ class HostLayer:
     track_ids: tuple[str, ...]
     dropped: int
     colour_convention: str
+    lidar_intensity: np.ndarray | None = None  # (N,) the layer's lidar feature (channel 0), if it has one
 
     @property
     def count(self) -> int:
@@ -178,10 +179,12 @@ def valid_gaussians(means, quats, scales, opacities, coeffs) -> np.ndarray:
 
 def activated_layer(name: str, positions, rotations, log_scales, logits, coeffs, degree: int, *,
                     colour_convention: str, rigid: bool = False, cuboid_ids=None,
-                    track_ids: tuple[str, ...] = (), where: str = "") -> HostLayer:
+                    track_ids: tuple[str, ...] = (), where: str = "", lidar_intensity=None) -> HostLayer:
     """Drops invalid Gaussians and applies the activations of pre-activation values
     (normalize, exp, sigmoid), as both `.nurec` payloads and 3DGS PLY files store them."""
     valid = valid_gaussians(positions, rotations, log_scales, logits, coeffs)
+    if lidar_intensity is not None:
+        valid &= np.isfinite(lidar_intensity)
     dropped = int(valid.size - valid.sum())
     if dropped:
         _LOGGER.warning("%s: dropped %d Gaussians with non-finite or degenerate values", where or name, dropped)
@@ -198,6 +201,7 @@ def activated_layer(name: str, positions, rotations, log_scales, logits, coeffs,
         cuboid_ids=None if cuboid_ids is None else cuboid_ids[valid],
         track_ids=track_ids,
         dropped=dropped,
+        lidar_intensity=None if lidar_intensity is None else lidar_intensity[valid].astype(np.float32),
         colour_convention=colour_convention,
     )
 
@@ -283,9 +287,16 @@ def _decode_layer(
                 f"{wl}: gaussian_cuboid_ids range [{cuboid_ids.min()}, {cuboid_ids.max()}] "
                 f"outside its {len(track_ids)} tracks"
             )
+    lidar = None
+    if "lidar_extra_signal" in present:
+        sig = decode_tensor(state, pre + "lidar_extra_signal", where)
+        if sig.size:  # NRE: channel 0 is intensity, no activation (rendering.md 5.1)
+            if sig.shape[0] != n:
+                raise SceneFormatError(f"{wl}: lidar_extra_signal has shape {list(sig.shape)} for {n} Gaussians")
+            lidar = sig.reshape(n, -1)[:, 0].astype(np.float32)
     return activated_layer(name, pos, rot, scl, dens, coeffs, degree,
                            colour_convention="radiance_sph_O0" if o0 else "3dgs", rigid=rigid,
-                           cuboid_ids=cuboid_ids, track_ids=track_ids, where=wl)
+                           cuboid_ids=cuboid_ids, track_ids=track_ids, where=wl, lidar_intensity=lidar)
 
 
 def decode_payload(data: bytes, where: str, max_bytes: int) -> Payload:

@@ -212,8 +212,17 @@ def _merge_same_name(layers: list[HostLayer]) -> list[HostLayer]:
         merged.append(dataclasses.replace(
             parts[0], means=g.means, quats=g.quats, scales=g.scales, opacities=g.opacities, sh=g.sh,
             sh_degree=g.sh_degree, dropped=sum(p.dropped for p in parts),
+            lidar_intensity=_joined_intensity(parts),
         ))
     return merged
+
+
+def _joined_intensity(layers) -> np.ndarray | None:
+    """Concatenated lidar intensities; NaN for layers without one; None when none has one."""
+    if all(l.lidar_intensity is None for l in layers):
+        return None
+    return np.concatenate([np.full(l.count, np.nan, np.float32) if l.lidar_intensity is None
+                           else l.lidar_intensity for l in layers] + [np.zeros(0, np.float32)])
 
 
 def _as_gaussians(layer: HostLayer) -> Gaussians:
@@ -386,6 +395,8 @@ def put_scene(host: HostScene, device: jax.Device | None = None, options: LoadOp
         sky=sky,
         static_layer_names=tuple(l.name for l in host.static_layers),
         track_ids=tuple(track_ids),
+        static_intensity=_joined_intensity(host.static_layers),
+        dynamic_intensity=_joined_intensity(host.rigid_layers),
     )
     tree = jax.device_put(tree, device)
     return Scene(host.metadata, tree, host.report)

@@ -110,6 +110,8 @@ class SceneGaussians:
       sky: the background.
       static_layer_names: names of the static layers, static.
       track_ids: clean track ids (no `@suffix`) of the actor groups, static.
+      static_intensity, dynamic_intensity: (N,) / (M,) lidar intensity per Gaussian from the scene's
+        lidar feature (NaN where a layer has none), or None when no layer has one.
     """
 
     static: Gaussians
@@ -119,6 +121,8 @@ class SceneGaussians:
     sky: Sky
     static_layer_names: tuple[str, ...] = _static(default=())
     track_ids: tuple[str, ...] = _static(default=())
+    static_intensity: jax.Array | None = None
+    dynamic_intensity: jax.Array | None = None
 
     def layer(self, name: str) -> Gaussians:
         """The Gaussians of one static layer (host-side helper; not for use under jit)."""

@@ -48,6 +48,19 @@ _VIDEO = flags.DEFINE_enum("video_format", "gif", ["gif", "mp4", "none"], "Anima
 _FPS = flags.DEFINE_float("video_fps", 10.0, "Animation frame rate.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Per-request deadline, seconds.")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+_LIDAR = flags.DEFINE_boolean("lidar", False, "Also render lidar spins (a .ply and a bird's-eye-view PNG each).")
+_LIDAR_ID = flags.DEFINE_string("lidar_id", None, "Scene lidar whose mount (and spin windows) to use; default: "
+                                "the scene's first lidar.")
+_LIDAR_TYPE = flags.DEFINE_enum("lidar_type", "PANDAR128", ["PANDAR128", "AT128"], "LidarSpec.lidar_type.")
+_LIDAR_FORMAT = flags.DEFINE_enum("lidar_format", "ply", ["ply", "bin"],
+                                  "ply, or bin (N x 4 float32: x, y, z, intensity).")
+_LIDAR_STEP = flags.DEFINE_integer("lidar_frame_step", None, "Every n-th spin (default: --frame-step).")
+_LIDAR_RAYDROP = flags.DEFINE_float("lidar_raydrop_threshold", 0.5, "render_filter.raydrop_threshold.")
+_LIDAR_OPACITY = flags.DEFINE_float("lidar_opacity_threshold", 0.0, "render_filter.opacity_threshold.")
+_LIDAR_DFILTER = flags.DEFINE_boolean("lidar_distance_filter", False, "render_filter.enable_distance_filter.")
+_LIDAR_DFILTER_T = flags.DEFINE_float("lidar_distance_filter_threshold", 0.02,
+                                      "render_filter.distance_filter_threshold.")
+_BEV_COLOR = flags.DEFINE_enum("lidar_bev_color", "height", ["height", "intensity"], "BEV colouring.")
 
 
 def _pose_to_matrix(pose_msg) -> np.ndarray:
@@ -158,6 +171,7 @@ def _main(argv):
     hoods = {(m.ego_mask_id.rig_config_id, m.ego_mask_id.camera_logical_id) for m in masks.ego_mask_metadata}
 
     jobs = []
+    written: dict[str, list[tuple[int, str, int, int]]] = {c: [] for c in _CAMERA.value}
     for cam_id in _CAMERA.value:
         cam = by_id[cam_id]
         spec = sensorsim_pb2.CameraSpec()
@@ -189,17 +203,73 @@ def _main(argv):
                 req.dynamic_objects.extend(_demo_actors(stub, sensorsim_pb2, scene_id, md, s_us, e_us))
             jobs.append((cam_id, index, s_us, e_us, req))
 
+    lidar_jobs = []
+    if _LIDAR.value:
+        lidar_cals = list(scene_meta.lidars.values())
+        if _LIDAR_ID.value is not None:
+            lidar_cals = [c for c in lidar_cals if c.logical_id == _LIDAR_ID.value]
+            if not lidar_cals:
+                print(f"render-grpc: the scene has no lidar {_LIDAR_ID.value!r} "
+                      f"({sorted(scene_meta.lidars) or 'none'})", file=sys.stderr)
+                return 1
+        if lidar_cals:
+            lcal = lidar_cals[0]
+            lidar_id, t_lidar_rig = lcal.logical_id, lcal.T_sensor_rig
+            windows = [(int(a), int(b)) for a, b in lcal.frame_timestamps_us]
+        else:  # no mount in the scene: a roof lidar 1.9 m above the rig origin, one spin per 100 ms
+            lidar_id, t_lidar_rig = "lidar", np.eye(4)
+            t_lidar_rig[2, 3] = 1.9
+            windows = []
+        if not windows:
+            windows = [(int(t), int(t) + 100_000) for t in rig_ts[:-1:1]]
+        windows = windows[::_LIDAR_STEP.value or _FRAME_STEP.value][:_MAX_FRAMES.value]
+        for index, (s_us, e_us) in enumerate(windows):
+            s_us, e_us = max(s_us, int(rig_ts[0])), min(e_us, int(rig_ts[-1]) + 1)
+            poses = [geometry.interpolate_poses(rig_ts, rig_mats, t) @ t_lidar_rig for t in (s_us, e_us)]
+            req = sensorsim_pb2.LidarRenderRequest(
+                scene_id=scene_id, lidar_config=sensorsim_pb2.LidarSpec(
+                    lidar_type=sensorsim_pb2.LidarDeviceType.Value(_LIDAR_TYPE.value)),
+                frame_start_us=s_us, frame_end_us=e_us,
+                sensor_pose=sensorsim_pb2.PosePair(start_pose=convert.se3_to_grpc_pose(poses[0]),
+                                                   end_pose=convert.se3_to_grpc_pose(poses[1])),
+                render_filter=sensorsim_pb2.LidarRenderFilter(
+                    raydrop_threshold=_LIDAR_RAYDROP.value, opacity_threshold=_LIDAR_OPACITY.value,
+                    enable_distance_filter=_LIDAR_DFILTER.value,
+                    distance_filter_threshold=_LIDAR_DFILTER_T.value))
+            if _DEMO_ACTORS.value:
+                req.dynamic_objects.extend(_demo_actors(stub, sensorsim_pb2, scene_id, md, s_us, e_us))
+            lidar_jobs.append((lidar_id, index, s_us, e_us, req))
+        os.makedirs(os.path.join(_OUTPUT.value, lidar_id), exist_ok=True)
+        written[lidar_id] = []
+
     ext = "png" if _FORMAT.value == "png" else "jpeg"
-    written: dict[str, list[tuple[int, str, int, int]]] = {c: [] for c in _CAMERA.value}
 
     def run(job):
         cam_id, index, s_us, e_us, req = job
-        reply = stub.render_rgb(req, metadata=md, timeout=timeout, wait_for_ready=True)
         name = f"{e_us}" if _FRAME_NAMING.value == "frame-end-timestamp" else f"{index:06d}"
+        if isinstance(req, sensorsim_pb2.LidarRenderRequest):
+            from nurec_jax import pointcloud
+
+            reply = stub.render_lidar(req, metadata=md, timeout=timeout, wait_for_ready=True)
+            pts = np.frombuffer(reply.point_xyzs_buffer, "<f4").reshape(-1, 3)
+            inten = np.frombuffer(reply.point_intensities_buffer, "<f4")
+            rings = np.frombuffer(reply.point_ring_ids_buffer, "<u2") if reply.point_ring_ids_buffer else None
+            out = os.path.join(_OUTPUT.value, cam_id, f"{name}.{_LIDAR_FORMAT.value}")
+            if _LIDAR_FORMAT.value == "ply":
+                pointcloud.write_ply(out, pts, inten, rings)
+            else:
+                np.concatenate([pts, inten[:, None]], 1).astype("<f4").tofile(out)
+            pointcloud.write_bev_png(os.path.join(_OUTPUT.value, cam_id, f"{name}_bev.png"), pts,
+                                     inten if _BEV_COLOR.value == "intensity" else None,
+                                     value_range=(0.0, 1.0) if _BEV_COLOR.value == "intensity" else None)
+            return cam_id, index, out, s_us, e_us
+        reply = stub.render_rgb(req, metadata=md, timeout=timeout, wait_for_ready=True)
         out = os.path.join(_OUTPUT.value, cam_id, f"{name}.{ext}")
         with open(out, "wb") as f:
             f.write(reply.image_bytes)
         return cam_id, index, out, s_us, e_us
+
+    jobs.extend(lidar_jobs)
 
     for cam_id in _CAMERA.value:
         os.makedirs(os.path.join(_OUTPUT.value, cam_id), exist_ok=True)
@@ -230,7 +300,7 @@ def _main(argv):
         items.sort()
         stamps[cam_id] = [{"file": os.path.basename(p), "frame_start_us": s, "frame_end_us": e}
                           for _, p, s, e in items]
-        if _VIDEO.value != "none" and items:
+        if _VIDEO.value != "none" and items and cam_id in _CAMERA.value:
             video = _write_video([p for _, p, _, _ in items], os.path.join(_OUTPUT.value, f"{cam_id}.{_VIDEO.value}"),
                                  _FPS.value)
             print(f"{video}")
@@ -239,7 +309,7 @@ def _main(argv):
     with open(os.path.join(_OUTPUT.value, "render_grpc_cli_args.json"), "w") as f:
         json.dump({name: flags.FLAGS[name].value for name in _OWN_FLAGS}, f, indent=1)
     n = sum(len(v) for v in written.values())
-    print(f"render-grpc: {n} image(s) in {os.path.abspath(_OUTPUT.value)} ({elapsed:.1f} s, {failures} failed)")
+    print(f"render-grpc: {n} image(s) / spin(s) in {os.path.abspath(_OUTPUT.value)} ({elapsed:.1f} s, {failures} failed)")
     if _SHUTDOWN.value:
         try:
             stub.shut_down(common_pb2.Empty(), timeout=10)
@@ -252,7 +322,10 @@ def _main(argv):
 
 _OWN_FLAGS = ("artifact_path", "output_dir", "host", "port", "height", "camera_id", "image_format", "frame_step",
               "max_frames", "disable_rolling_shutter", "demo_actor_transform", "shutdown_server_on_completion",
-              "rig_name", "frame_naming", "sequential", "concurrency", "video_format", "video_fps", "timeout_s")
+              "rig_name", "frame_naming", "sequential", "concurrency", "video_format", "video_fps", "timeout_s",
+              "lidar", "lidar_id", "lidar_type", "lidar_format", "lidar_frame_step", "lidar_raydrop_threshold",
+              "lidar_opacity_threshold", "lidar_distance_filter", "lidar_distance_filter_threshold",
+              "lidar_bev_color")
 
 
 def main():

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nurec_jax._proto import sensorsim_pb2, sensorsim_pb2_grpc
+from nurec_jax.lidar import LidarCaster
 from nurec_jax.render import RenderOptions
 from nurec_jax.renderer import Renderer
 from nurec_jax.scene import LoadOptions, Scene, load_scene
@@ -39,7 +40,8 @@ class Server:
     """A running (or about to run) nurec-jax gRPC server."""
 
     def __init__(self, options: ServerOptions, address: str | None = None, loader=None,
-                 load_options: LoadOptions = LoadOptions(), renderer: Renderer | None = None):
+                 load_options: LoadOptions = LoadOptions(), renderer: Renderer | None = None,
+                 lidar_caster: LidarCaster | None = None):
         options.validate()
         self.options = options
         self.address = address or f"{options.host}:{options.port}"
@@ -59,8 +61,9 @@ class Server:
         self.renderer = renderer or Renderer(
             RenderOptions(pair_capacity=options.initial_pair_capacity, tile_capacity=options.initial_tile_capacity),
             max_pair_capacity=options.max_pair_capacity)
+        self.lidar_caster = lidar_caster or LidarCaster(max_pair_capacity=options.max_pair_capacity)
         self.servicer = SensorsimServicer(options, self.registry, self.models, self.renderer,
-                                          EgoMasks(options.egocar_hood_dir))
+                                          EgoMasks(options.egocar_hood_dir), self.lidar_caster)
         self.servicer.on_shut_down = lambda: self.request_shutdown(delay_s=0.1)
         self.port: int | None = None
         self.health_port: int | None = None

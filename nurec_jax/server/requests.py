@@ -161,7 +161,7 @@ def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, pref
                   float(request.image_quality), ego)
 
 
-def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job: RGBJob) -> ActorPoses:
+def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job) -> ActorPoses:
     """Actor poses for a job: recorded tracks, or (with overrides) the listed actors at the given poses,
     unlisted controllable actors removed and non-controllable ones as recorded (protocol.md 7.6)."""
     poses = track_actor_poses(metadata, track_ids, job.start_us, job.end_us, job.actor_overrides)
@@ -172,3 +172,70 @@ def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job: RG
         for tid in track_ids
     ])
     return ActorPoses(poses.poses, poses.visible & keep)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lidar
+
+DEFAULT_OPACITY_THRESHOLD = 0.8  # NRE's artifact default (protocol.md 4.4)
+DEFAULT_DISTANCE_FILTER_THRESHOLD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class LidarJob:
+    model: object  # nurec_jax.lidar_models.LidarModel
+    sensor_pose: PosePair
+    start_us: int
+    end_us: int
+    actor_overrides: dict[str, tuple[np.ndarray, np.ndarray]] | None
+    opacity_threshold: float
+    distance_filter: float | None
+
+
+def lidar_model_for(metadata: SceneMetadata, lidar_type: int, prefix: str = ""):
+    """The lidar a request renders: the scene's own lidar of that device type, or (for the default
+    PANDAR128, what clients that ignore the field send) the scene's first lidar as NRE does, else
+    the device's table (nurec_jax.lidar_models)."""
+    from nurec_jax import lidar_models
+    from nurec_jax._proto import sensorsim_pb2
+
+    try:
+        name = sensorsim_pb2.LidarDeviceType.Name(lidar_type)
+    except ValueError:
+        raise InvalidArgument(f"{prefix}lidar_config.lidar_type: unknown value {lidar_type}") from None
+    cals = list(metadata.lidars.values())
+    chosen = next((c for c in cals if str(c.parameters.get("device", "")).upper() == name), None)
+    if chosen is None and lidar_type == sensorsim_pb2.PANDAR128 and cals:
+        chosen = cals[0]
+    if chosen is not None:
+        try:
+            return lidar_models.from_calibration(chosen)
+        except ValueError:
+            pass  # an unusable calibration: the device table still renders
+    return lidar_models.DEVICES[name]()
+
+
+def prepare_lidar(metadata: SceneMetadata, request, *, editing_enabled: bool, prefix: str = "") -> LidarJob:
+    """Validates a LidarRenderRequest; raises typed errors naming the field."""
+    model = lidar_model_for(metadata, int(request.lidar_config.lidar_type), prefix)
+    start_us, end_us = int(request.frame_start_us), int(request.frame_end_us)
+    check_interval(metadata, start_us, end_us, prefix)
+    t_start, t_end = pose_pair(request.sensor_pose, f"{prefix}sensor_pose", request)
+    overrides = actor_overrides(metadata, request.dynamic_objects, editing_enabled, prefix)
+    f = request.render_filter
+    opacity = DEFAULT_OPACITY_THRESHOLD
+    if f.HasField("opacity_threshold"):
+        opacity = float(f.opacity_threshold)
+        if not 0.0 <= opacity < 1.0:
+            raise InvalidArgument(f"{prefix}render_filter.opacity_threshold: must be in [0, 1), got {opacity}")
+    if f.HasField("raydrop_threshold") and not 0.0 <= f.raydrop_threshold <= 1.0:
+        raise InvalidArgument(f"{prefix}render_filter.raydrop_threshold: must be in [0, 1], "
+                              f"got {f.raydrop_threshold}")
+    dist = None
+    if f.HasField("enable_distance_filter") and f.enable_distance_filter:
+        dist = float(f.distance_filter_threshold) if f.HasField("distance_filter_threshold") \
+            else DEFAULT_DISTANCE_FILTER_THRESHOLD
+        if not 0.0 <= dist <= 1.0:
+            raise InvalidArgument(f"{prefix}render_filter.distance_filter_threshold: must be in [0, 1], got {dist}")
+    pose = PosePair.from_matrices(t_start.astype(np.float32), t_end.astype(np.float32))
+    return LidarJob(model, pose, start_us, end_us, overrides, opacity, dist)

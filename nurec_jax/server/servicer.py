@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
+from nurec_jax.lidar import LidarCaster
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.renderer import Renderer
 from nurec_jax.server import convert, images, requests
@@ -114,8 +115,9 @@ def _rpc(pool: str):
 
 class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def __init__(self, options: ServerOptions, registry: SceneRegistry, models: ModelCache, renderer: Renderer,
-                 ego_masks: EgoMasks):
+                 ego_masks: EgoMasks, lidar_caster: LidarCaster | None = None):
         self.options = options
+        self.lidar_caster = lidar_caster or LidarCaster()
         self.registry = registry
         self.models = models
         self.renderer = renderer
@@ -245,24 +247,49 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                 results.append(out)
         return sensorsim_pb2.BatchRGBRenderReturn(items=results)
 
+    def _cast_lidar(self, scene, job: requests.LidarJob, meta: SceneMetadata, call: _Call):
+        actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
+        with self.device_lock:
+            try:
+                call.check()
+            except errs.RequestError:
+                with self.stats.lock:
+                    self.stats.skipped_cancelled += 1
+                raise
+            spin = self.lidar_caster.cast(scene.gaussians, job.model, job.sensor_pose, actors,
+                                          ray_chunk_size=self.options.ray_chunk_size, cache_key=(meta.scene_id,),
+                                          check=call.check)
+        with self.stats.lock:
+            self.stats.renders += 1
+        points, intensities, rings = spin.returns(job.model, job.opacity_threshold, job.distance_filter)
+        return convert.lidar_return(points, intensities, rings)
+
+    @_rpc("render")
+    def render_lidar(self, request, call):
+        meta = self._meta(request.scene_id)
+        job = requests.prepare_lidar(meta, request, editing_enabled=self.options.enable_editing_actors)
+        call.check()
+        with self.models.use(request.scene_id, self._wait_timeout(call)) as scene:
+            return self._cast_lidar(scene, job, meta, call)
+
     @_rpc("render")
     def render_aggregated(self, request, call):
-        if request.lidar_requests:
-            raise errs.Unimplemented("render_aggregated: lidar_requests are not supported yet (lidar rendering "
-                                     "is not built in this version); send rgb_requests only")
-        returns = []
+        """Every RGB request, then every lidar request, in order (protocol.md 6.10)."""
+        rgb_returns, lidar_returns = [], []
         for i, req in enumerate(request.rgb_requests):
             call.check()
             meta = self._meta(req.scene_id, f"rgb_requests[{i}].scene_id")
             job = self._prepare(meta, req, f"rgb_requests[{i}].")
             with self.models.use(req.scene_id, self._wait_timeout(call)) as scene:
-                returns.append(sensorsim_pb2.RGBRenderReturn(image_bytes=self._render_job(scene, job, meta, call)))
-        return sensorsim_pb2.AggregatedRenderReturn(rgb_returns=returns)
-
-    @_rpc("render")
-    def render_lidar(self, request, call):
-        self._meta(request.scene_id)
-        raise errs.Unimplemented("render_lidar: lidar rendering is not built in this version of nurec-jax")
+                rgb_returns.append(sensorsim_pb2.RGBRenderReturn(image_bytes=self._render_job(scene, job, meta, call)))
+        for i, req in enumerate(request.lidar_requests):
+            call.check()
+            meta = self._meta(req.scene_id, f"lidar_requests[{i}].scene_id")
+            job = requests.prepare_lidar(meta, req, editing_enabled=self.options.enable_editing_actors,
+                                         prefix=f"lidar_requests[{i}].")
+            with self.models.use(req.scene_id, self._wait_timeout(call)) as scene:
+                lidar_returns.append(self._cast_lidar(scene, job, meta, call))
+        return sensorsim_pb2.AggregatedRenderReturn(rgb_returns=rgb_returns, lidar_returns=lidar_returns)
 
     # ----------------------------------------------------------------------------------------
     # Metadata (from the scene file; nothing is loaded onto the device)

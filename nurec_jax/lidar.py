@@ -1,0 +1,367 @@
+"""Lidar ray casting through the Gaussians (plain-jnp reference path).
+
+One ray per (beam, column) of a `LidarModel`, each at its own time inside the spin: the sensor pose
+is interpolated between the request's start and end poses (lerp + slerp), and actors are posed at
+the same time, so a moving lidar shows real motion skew. Rays are grouped into 16x16 "tiles" of the
+range image (beams sorted by elevation x consecutive columns); each Gaussian is binned to the tiles its
+angular extent (3.33 sigma, opacity-aware, widened by the spin's motion) covers, with the azimuth
+wrap-around of a 360-degree lidar handled by a second copy. Each tile's list is sorted by distance and
+composited with the camera renderer's compositor (`rasterize_tiles_ref`: eval3d at the maximum response
+on each ray, the same alpha / transmittance constants, custom VJP).
+
+Per ray: alpha = 1 - T, expected distance d = sum(w t*) / alpha, intensity = sum(w i) / alpha. The
+point is o + d dir (world, at the ray's time), returned in the end-of-spin lidar frame. Differentiable
+with respect to the sensor poses (and Gaussian parameters); binning runs under stop_gradient.
+Spins are processed in passes of whole column tiles, so memory is bounded by `LidarOptions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nurec_jax import constants as C
+from nurec_jax import math as nmath
+from nurec_jax import sh as sh_lib
+from nurec_jax.kernels import rasterize_ref
+from nurec_jax.lidar_models import LidarModel
+from nurec_jax.poses import Pose, PosePair
+from nurec_jax.render import ActorPoses, RenderOptions, _frame_pairs, _merge, bin_gaussians
+from nurec_jax.types import SceneGaussians
+
+TILE = C.TILE_SIZE
+_SQRT_TILE = 16  # rays per tile side (beams x columns)
+
+
+def _static(**kw):
+    return dataclasses.field(metadata=dict(static=True), **kw)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LidarTables:
+    """Device tables of a lidar model, beams sorted by elevation (descending) and padded to 16.
+
+    Attributes:
+      elevations, offsets: (Rp,) per sorted beam; padding beams have elevation -10 rad.
+      ring: (Rp,) int32 original beam (ring) index; -1 for padding.
+      azimuths: (Cp,) column azimuths, padded.
+    """
+
+    elevations: jax.Array
+    offsets: jax.Array
+    ring: jax.Array
+    azimuths: jax.Array
+    rows: int = _static()
+    columns: int = _static()
+    az0: float = _static()
+    step: float = _static()
+    full_circle: bool = _static()
+    max_offset: float = _static()
+    min_range: float = _static()
+    max_range: float = _static()
+
+    @property
+    def rows_padded(self) -> int:
+        return self.elevations.shape[0]
+
+    @property
+    def column_tiles(self) -> int:
+        return -(-self.columns // _SQRT_TILE)
+
+
+def lidar_tables(model: LidarModel, dtype=jnp.float32) -> LidarTables:
+    order = np.argsort(-model.elevations_rad, kind="stable")
+    rp = -(-model.rows // _SQRT_TILE) * _SQRT_TILE
+    cp = -(-model.columns // _SQRT_TILE) * _SQRT_TILE
+    elev = np.full(rp, -10.0)
+    elev[: model.rows] = model.elevations_rad[order]
+    off = np.zeros(rp)
+    off[: model.rows] = model.row_azimuth_offsets_rad[order]
+    ring = np.full(rp, -1, np.int32)
+    ring[: model.rows] = order
+    az = np.zeros(cp)
+    az[: model.columns] = model.column_azimuths_rad
+    return LidarTables(jnp.asarray(elev, dtype), jnp.asarray(off, dtype), jnp.asarray(ring), jnp.asarray(az, dtype),
+                       model.rows, model.columns, float(model.column_azimuths_rad[0]), model.azimuth_step,
+                       model.full_circle, float(np.max(np.abs(model.row_azimuth_offsets_rad))),
+                       model.min_range_m, model.max_range_m)
+
+
+@dataclasses.dataclass(frozen=True)
+class LidarOptions:
+    """Static configuration of the lidar ray caster (part of the jit key).
+
+    Attributes:
+      pair_capacity, tile_capacity: (tile, Gaussian) pair buffer and per-tile list size of one pass.
+      column_tiles: column tiles (16 columns each) per pass; 0 = the whole spin in one pass.
+      chunk, tile_batch: compositor settings (as RenderOptions).
+    """
+
+    pair_capacity: int = 1 << 18
+    tile_capacity: int = 1 << 11
+    column_tiles: int = 0
+    chunk: int = 32
+    tile_batch: int = 8
+
+    def render_options(self) -> RenderOptions:
+        return RenderOptions(pair_capacity=self.pair_capacity, tile_capacity=self.tile_capacity, chunk=self.chunk,
+                             tile_batch=self.tile_batch)
+
+
+def column_tiles_for(tables: LidarTables, ray_chunk_size: int) -> int:
+    """Column tiles per pass so that a pass holds at most `ray_chunk_size` rays (at least one tile)."""
+    per_tile = tables.rows_padded * _SQRT_TILE
+    return int(max(1, min(tables.column_tiles, ray_chunk_size // per_tile)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LidarPass:
+    """One pass (a block of columns) of a spin; arrays are (Rp, n) with beams sorted by elevation."""
+
+    distance: jax.Array  # expected distance along the ray (0 where alpha ~ 0)
+    alpha: jax.Array
+    intensity: jax.Array  # in [0, 1]
+    points: jax.Array  # (Rp, n, 3) in the end-of-spin lidar frame
+    valid: jax.Array  # (Rp, n) the ray exists (not padding)
+    num_pairs: jax.Array
+    max_tile_pairs: jax.Array
+
+
+def gaussian_intensity(gaussians: SceneGaussians) -> jax.Array:
+    """Per-Gaussian lidar intensity: the scene's lidar feature where it has one, else the fallback
+    (the luminance of the Gaussian's view-independent colour), static then dynamic, in [0, 1]."""
+
+    def one(g, stored):
+        rgb = jnp.clip(0.5 + sh_lib.C0 * g.sh[:, 0, :], 0.0, 1.0)
+        fallback = rgb @ jnp.asarray([0.2126, 0.7152, 0.0722], rgb.dtype)
+        if stored is None:
+            return fallback
+        return jnp.clip(jnp.where(jnp.isnan(stored), fallback, stored.astype(rgb.dtype)), 0.0, 1.0)
+
+    return jnp.concatenate([one(gaussians.static, gaussians.static_intensity),
+                            one(gaussians.dynamic, gaussians.dynamic_intensity)])
+
+
+def _angle_between(r0, r1):
+    c = (jnp.trace(r0.T @ r1) - 1.0) * 0.5
+    return jnp.arccos(jnp.clip(c, -1.0, 1.0))
+
+
+def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: PosePair, actors: ActorPoses,
+                 col_tile0: jax.Array, n_col_tiles: int, options: LidarOptions) -> LidarPass:
+    """Casts the rays of column tiles [col_tile0, col_tile0 + n_col_tiles) of one spin."""
+    dtype = gaussians.static.means.dtype
+    sg = jax.lax.stop_gradient
+    rp, nc = tables.rows_padded, n_col_tiles * _SQRT_TILE
+    frames = _frame_pairs(actors, dtype)
+    g = _merge(gaussians, actors)
+    n = g.means.shape[0]
+
+    with jax.named_scope("rays"):
+        col0 = col_tile0 * _SQRT_TILE
+        cols = col0 + jnp.arange(nc)
+        col_ok = cols < tables.columns
+        az = tables.azimuths[jnp.clip(cols, 0, tables.azimuths.shape[0] - 1)]
+        tau = (jnp.clip(cols, 0, tables.columns - 1) / max(tables.columns - 1, 1)).astype(dtype)
+        pose = sensor_pose.at(tau)  # [nc]
+        rot, trans = pose.rotation(), pose.trans
+        elev = tables.elevations[:, None]
+        beta = az[None, :] + tables.offsets[:, None]
+        d_s = jnp.stack([jnp.cos(beta) * jnp.cos(elev), jnp.sin(beta) * jnp.cos(elev),
+                         jnp.broadcast_to(jnp.sin(elev), beta.shape)], -1)  # [Rp, nc, 3]
+        d_w = jnp.einsum("cij,rcj->rci", rot, d_s)
+        o_w = jnp.broadcast_to(trans[None], d_w.shape)
+        valid = (tables.ring[:, None] >= 0) & col_ok[None, :]
+        n_frames = frames.start.quat.shape[0]
+        if n_frames == 1:
+            rays = jnp.concatenate([o_w, d_w], -1)[:, :, None, :]
+        else:
+            inv = frames.at(jnp.broadcast_to(tau[:, None], (nc, n_frames))).inverse()  # [nc, F]
+            ri, ti = inv.rotation(), inv.trans
+            o_f = jnp.einsum("cfij,rcj->rcfi", ri, o_w) + ti[None]
+            d_f = jnp.einsum("cfij,rcj->rcfi", ri, d_w)
+            rays = jnp.concatenate([o_f, d_f], -1)  # [Rp, nc, F, 6]
+        ty, tx = rp // _SQRT_TILE, n_col_tiles
+
+        def tile(x):
+            x = x.reshape((ty, _SQRT_TILE, tx, _SQRT_TILE) + x.shape[2:])
+            x = jnp.moveaxis(x, 2, 1)
+            return x.reshape((ty * tx, _SQRT_TILE * _SQRT_TILE) + x.shape[4:])
+
+        rays_t, valid_t = tile(rays), tile(valid)
+
+    with jax.named_scope("bin"):
+        mid = sg(sensor_pose).at(jnp.asarray(0.5, dtype))
+        fr = sg(frames)
+        f_mid = fr.at(jnp.full(fr.start.trans.shape[:1], 0.5, dtype))
+        f_start, f_end = fr.start, fr.end
+        means = sg(g.means)
+        pick = lambda p: Pose(p.quat[g.frames], p.trans[g.frames])  # noqa: E731
+        p_mid = pick(f_mid).apply(means)
+        actor_motion = jnp.linalg.norm(pick(f_end).apply(means) - pick(f_start).apply(means), axis=-1)
+        sp = sg(sensor_pose)
+        sensor_motion = jnp.linalg.norm(sp.end.trans - sp.start.trans)
+        sensor_turn = _angle_between(sp.start.rotation(), sp.end.rotation())
+        p_s = mid.inverse().apply(p_mid)
+        r = jnp.linalg.norm(p_s, axis=-1)
+        opac = sg(g.opacities)
+        k = jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
+        extent = k * jnp.max(sg(g.scales), -1) + actor_motion + sensor_motion
+        inside = extent >= r * 0.999
+        rho = jnp.where(inside, math.pi, jnp.arcsin(jnp.clip(extent / jnp.maximum(r, 1e-9), 0.0, 1.0))) + sensor_turn
+        beta_g = jnp.arctan2(p_s[:, 1], p_s[:, 0])
+        alpha_g = jnp.arctan2(p_s[:, 2], jnp.linalg.norm(p_s[:, :2], axis=-1))
+        # Beam (row) range: sorted elevations are descending.
+        neg = -tables.elevations
+        row_lo = jnp.searchsorted(neg, -(alpha_g + rho), side="left")
+        row_hi = jnp.searchsorted(neg, -(alpha_g - rho), side="right") - 1
+        # Column range from the azimuth interval.
+        polar = (jnp.abs(alpha_g) + rho) >= (math.pi / 2 - 1e-3)
+        rho_az = jnp.where(polar | inside, math.pi,
+                           jnp.arcsin(jnp.clip(jnp.sin(jnp.minimum(rho, math.pi / 2)) /
+                                               jnp.maximum(jnp.cos(alpha_g), 1e-6), 0.0, 1.0)))
+        rho_az = rho_az + tables.max_offset
+        centre = tables.az0 + 0.5 * tables.step * (tables.columns - 1)
+        beta_c = centre + jnp.mod(beta_g - centre + math.pi, 2 * math.pi) - math.pi
+        u_a = (beta_c - rho_az - tables.az0) / tables.step
+        u_b = (beta_c + rho_az - tables.az0) / tables.step
+        u_lo, u_hi = jnp.minimum(u_a, u_b), jnp.maximum(u_a, u_b)
+        full = rho_az >= math.pi
+        wrap_copy = jnp.zeros_like(full)
+        if tables.full_circle:
+            period = 2 * math.pi / abs(tables.step)
+            shift = jnp.floor(u_lo / period) * period
+            u_lo, u_hi = u_lo - shift, u_hi - shift
+            u_lo = jnp.where(full, 0.0, u_lo)
+            u_hi = jnp.where(full, tables.columns - 1.0, u_hi)
+            wrap_copy = ~full & (u_hi >= period - 1.0)
+        x_lo = jnp.floor(u_lo) - col0
+        x_hi = jnp.ceil(u_hi) - col0
+        y_lo, y_hi = row_lo.astype(dtype), row_hi.astype(dtype)
+        ok = (row_hi >= row_lo) & (r - extent < tables.max_range * 1.05) & (r > 1e-6) & (opac >= C.ALPHA_THRESHOLD)
+        if tables.full_circle:
+            shift_c = 2 * math.pi / abs(tables.step)
+            rect_lo = jnp.concatenate([jnp.stack([x_lo, y_lo], -1), jnp.stack([x_lo - shift_c, y_lo], -1)])
+            rect_hi = jnp.concatenate([jnp.stack([x_hi, y_hi], -1), jnp.stack([x_hi - shift_c, y_hi], -1)])
+            ok2 = jnp.concatenate([ok, ok & wrap_copy])
+            depth = jnp.concatenate([r, r])
+            op2 = jnp.concatenate([opac, opac])
+        else:
+            rect_lo, rect_hi = jnp.stack([x_lo, y_lo], -1), jnp.stack([x_hi, y_hi], -1)
+            ok2, depth, op2 = ok, r, opac
+        binning = bin_gaussians(rect_lo, rect_hi, ok2, op2, depth, tx, ty,
+                                options.render_options(), tile_size=_SQRT_TILE)
+        gids = jnp.where(binning.tile_gids >= n, binning.tile_gids - n, binning.tile_gids)
+
+    with jax.named_scope("rasterize"):
+        inten = gaussian_intensity(gaussians).astype(dtype)
+        colors = jnp.stack([inten, jnp.zeros_like(inten), jnp.zeros_like(inten)], -1)
+        if n == 0:
+            acc = jnp.zeros(valid_t.shape + (3,), dtype)
+            trans_t = jnp.ones(valid_t.shape, dtype)
+            hit = jnp.zeros(valid_t.shape, dtype)
+        else:
+            acc, trans_t, hit = rasterize_ref.rasterize_tiles_ref(
+                gids, binning.tile_counts, rays_t, valid_t, g.means, g.quats, g.scales, g.opacities, colors,
+                g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
+
+    with jax.named_scope("points"):
+        def untile(x):
+            x = x.reshape((ty, tx, _SQRT_TILE, _SQRT_TILE) + x.shape[2:])
+            x = jnp.moveaxis(x, 2, 1)
+            return x.reshape((rp, nc) + x.shape[4:])
+
+        alpha = 1.0 - untile(trans_t)
+        has = alpha > 1e-6
+        safe = jnp.where(has, alpha, 1.0)
+        dist = jnp.where(has, untile(hit) / safe, 0.0)
+        inten_r = jnp.clip(jnp.where(has, untile(acc[..., 0]) / safe, 0.0), 0.0, 1.0)
+        p_w = o_w + dist[..., None] * d_w
+        points = sensor_pose.end.inverse().apply(p_w)
+    return LidarPass(dist, alpha, inten_r, points, valid, binning.num_pairs, binning.max_tile_pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole spins (host loop over passes; the jit boundary belongs to the caller, see LidarCaster).
+
+
+@dataclasses.dataclass(frozen=True)
+class LidarSpin:
+    """One spin, host arrays in beam (ring) order: (R, C) per ray, (R, C, 3) points."""
+
+    distance: np.ndarray
+    alpha: np.ndarray
+    intensity: np.ndarray
+    points: np.ndarray
+
+    def returns(self, model: LidarModel, opacity_threshold: float = 0.8, distance_filter: float | None = None):
+        """(points (N, 3), intensities (N,), ring ids (N,)) of rays that return: alpha above the
+        threshold, distance within the model's range, and (optionally) not an edge: a ray whose range
+        differs from both column neighbours by more than `distance_filter` relative is dropped."""
+        keep = (self.alpha > opacity_threshold) & (self.distance >= model.min_range_m) & \
+               (self.distance <= model.max_range_m)
+        if distance_filter is not None:
+            d = self.distance
+            left = np.roll(d, 1, axis=1)
+            right = np.roll(d, -1, axis=1)
+            rel = np.minimum(np.abs(d - left), np.abs(d - right)) / np.maximum(d, 1e-6)
+            keep &= rel <= distance_filter
+        rows = np.nonzero(keep)[0]
+        return self.points[keep], self.intensity[keep], rows.astype(np.uint16)
+
+
+class LidarCaster:
+    """Casts whole spins with a cached compiled pass function and power-of-two capacity growth."""
+
+    def __init__(self, options: LidarOptions = LidarOptions(), max_pair_capacity: int = 1 << 26):
+        self.options = options
+        self.max_pair_capacity = max_pair_capacity
+        self._fn = jax.jit(self._traced, static_argnames=("n_col_tiles", "options"))
+        self._caps: dict[tuple, tuple[int, int]] = {}
+        self.trace_count = 0
+
+    def _traced(self, gaussians, tables, sensor_pose, actors, col_tile0, n_col_tiles, options):
+        self.trace_count += 1
+        return raycast_pass(gaussians, tables, sensor_pose, actors, col_tile0, n_col_tiles, options)
+
+    def cast(self, gaussians: SceneGaussians, model: LidarModel, sensor_pose: PosePair,
+             actors: ActorPoses | None = None, *, ray_chunk_size: int = 1 << 62, cache_key: tuple = (),
+             check=None) -> LidarSpin:
+        """Casts one spin in passes of `ray_chunk_size` rays at most; `check()` (if given) runs before
+        each pass and may raise to stop early (cancellation)."""
+        dtype = gaussians.static.means.dtype
+        if actors is None:
+            actors = ActorPoses.hidden(len(gaussians.track_ids), dtype)
+        tables = lidar_tables(model, dtype)
+        n_ct = column_tiles_for(tables, ray_chunk_size)
+        key = (cache_key, model.static_key(), n_ct)
+        caps = self._caps.get(key, (self.options.pair_capacity, self.options.tile_capacity))
+        opts = dataclasses.replace(self.options, pair_capacity=caps[0], tile_capacity=caps[1], column_tiles=n_ct)
+        parts = []
+        c0 = 0
+        while c0 < tables.column_tiles:
+            if check is not None:
+                check()
+            out = self._fn(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
+            pairs, longest = int(out.num_pairs), int(out.max_tile_pairs)
+            if pairs > opts.pair_capacity or longest > opts.tile_capacity:
+                new_pairs = max(opts.pair_capacity, 1 << max(0, (pairs - 1).bit_length()))
+                new_tile = max(opts.tile_capacity, 1 << max(0, (longest - 1).bit_length()))
+                if new_pairs > self.max_pair_capacity:
+                    raise MemoryError(f"lidar pass needs {pairs} pairs, above the limit {self.max_pair_capacity}")
+                opts = dataclasses.replace(opts, pair_capacity=new_pairs, tile_capacity=new_tile)
+                self._caps[key] = (new_pairs, new_tile)
+                continue  # redo this pass with the larger buckets
+            parts.append(jax.tree_util.tree_map(np.asarray, (out.distance, out.alpha, out.intensity, out.points)))
+            c0 += n_ct
+        dist, alpha, inten, pts = (np.concatenate(x, axis=1)[:, : model.columns] for x in zip(*parts))
+        order = np.asarray(tables.ring)[: model.rows]  # sorted position -> ring id
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        return LidarSpin(dist[inv], alpha[inv], inten[inv], pts[inv])
