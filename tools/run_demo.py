@@ -1,5 +1,5 @@
-"""`make demo`: serve the bundled sample scene, render a few frames of two cameras through the gRPC
-API with render-grpc, shut the server down and say where the images are.
+"""`make demo`: serve the bundled sample scene, render a few frames of two cameras and two lidar
+spins through the gRPC API with render-grpc, shut the server down and say where the images are.
 
     python tools/run_demo.py [--output-dir out/demo] [--height 180] [--frame-step 30]
 """
@@ -23,6 +23,7 @@ def main() -> int:
     parser.add_argument("--output-dir", default="out/demo")
     parser.add_argument("--height", type=int, default=180)
     parser.add_argument("--frame-step", type=int, default=30)
+    parser.add_argument("--lidar-frame-step", type=int, default=60)
     args = parser.parse_args()
     scene = data.sample_scene_path()
     server = subprocess.Popen(
@@ -51,7 +52,8 @@ def main() -> int:
             sys.executable, "-m", "nurec_jax.cli.render_grpc", f"--artifact-path={scene}",
             f"--output-dir={args.output_dir}", "--host=127.0.0.1", f"--port={port['port']}",
             f"--height={args.height}", f"--camera-id={CAMERAS}", f"--frame-step={args.frame_step}",
-            "--image-format=png", "--shutdown-server-on-completion"])
+            "--image-format=png", "--lidar", f"--lidar-frame-step={args.lidar_frame_step}",
+            "--shutdown-server-on-completion"])
         server.wait(timeout=120)
     finally:
         if server.poll() is None:
@@ -59,7 +61,7 @@ def main() -> int:
             server.wait(timeout=60)
     if rc == 0:
         print(f"demo: images and animations in {os.path.abspath(args.output_dir)}/ "
-              f"(one folder per camera, plus <camera>.gif)")
+              f"(one folder per camera and per lidar: images, <camera>.gif, spins as .ply + _bev.png)")
     return rc
 
 

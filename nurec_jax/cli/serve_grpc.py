@@ -61,6 +61,10 @@ _TILE_CAP = flags.DEFINE_integer("initial_tile_capacity", _D.initial_tile_capaci
                                  "First per-tile list bucket; grows by powers of two as needed.")
 _MAX_PAIRS = flags.DEFINE_integer("max_pair_capacity", _D.max_pair_capacity,
                                   "Largest pair buffer; a frame needing more is RESOURCE_EXHAUSTED.")
+_LIDAR_REPEATED = flags.DEFINE_boolean(
+    "lidar_repeated_fields", _D.lidar_repeated_fields,
+    "Fill LidarRenderReturn's repeated fields as well as its buffers (a full Pandar128 spin is then ~15 MB; "
+    "use --no-lidar-repeated-fields for clients with a 10 MB limit).")
 _GRACE = flags.DEFINE_float("shutdown_grace_s", _D.shutdown_grace_s, "How long in-flight calls may finish.")
 
 
@@ -84,7 +88,7 @@ def options_from_flags() -> opt.ServerOptions:
         enable_harmonizer=_HARMONIZER.value, max_message_bytes=_MAX_MESSAGE_MB.value << 20,
         download_max_bytes=_DL_MAX.value, shutdown_grace_s=_GRACE.value,
         initial_pair_capacity=_PAIR_CAP.value, initial_tile_capacity=_TILE_CAP.value,
-        max_pair_capacity=_MAX_PAIRS.value)
+        max_pair_capacity=_MAX_PAIRS.value, lidar_repeated_fields=_LIDAR_REPEATED.value)
 
 
 def _main(argv):

@@ -170,16 +170,19 @@ def intrinsics_from_camera_spec(spec: sensorsim_pb2.CameraSpec, field: str = "ca
         _max_angle(p.max_angle, math.pi / 2, f))
 
 
-def lidar_return(points: np.ndarray, intensities: np.ndarray, ring_ids: np.ndarray) -> sensorsim_pb2.LidarRenderReturn:
+def lidar_return(points: np.ndarray, intensities: np.ndarray, ring_ids: np.ndarray,
+                 repeated_fields: bool = True) -> sensorsim_pb2.LidarRenderReturn:
     """Points (N, 3) and intensities (N,) in the end-of-spin lidar frame -> LidarRenderReturn: float32
-    little-endian buffers (x, y, z interleaved), `num_points`, the legacy repeated fields, and tier4's
-    uint16 ring-id buffer and repeated ring ids."""
+    little-endian buffers (x, y, z interleaved), `num_points`, tier4's uint16 ring-id buffer and, with
+    `repeated_fields`, the same data in the repeated fields (which roughly doubles the reply)."""
     pts = np.ascontiguousarray(points, dtype="<f4").reshape(-1, 3)
     inten = np.ascontiguousarray(intensities, dtype="<f4").reshape(-1)
     rings = np.ascontiguousarray(ring_ids, dtype="<u2").reshape(-1)
     out = sensorsim_pb2.LidarRenderReturn(num_points=pts.shape[0], point_xyzs_buffer=pts.tobytes(),
                                           point_intensities_buffer=inten.tobytes(),
                                           point_ring_ids_buffer=rings.tobytes())
+    if not repeated_fields:
+        return out
     out.point_xyzs.extend(pts.reshape(-1).tolist())
     out.point_intensities.extend(inten.tolist())
     out.point_ring_ids.extend(rings.astype(np.uint32).tolist())

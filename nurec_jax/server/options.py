@@ -44,6 +44,7 @@ class ServerOptions:
     max_backends_per_scene: int | None = None
     enable_harmonizer: bool = False
     # nurec-jax.
+    lidar_repeated_fields: bool = True
     max_message_bytes: int = 64 << 20
     download_max_bytes: int = 32 << 30
     initial_pair_capacity: int = 1 << 16

@@ -262,7 +262,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         with self.stats.lock:
             self.stats.renders += 1
         points, intensities, rings = spin.returns(job.model, job.opacity_threshold, job.distance_filter)
-        return convert.lidar_return(points, intensities, rings)
+        return convert.lidar_return(points, intensities, rings, self.options.lidar_repeated_fields)
 
     @_rpc("render")
     def render_lidar(self, request, call):

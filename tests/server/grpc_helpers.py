@@ -17,7 +17,9 @@ HEIGHT = 36  # 64x36 for the 1920x1080 cameras: one compile per camera model in 
 
 
 def connect(port: int):
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    limit = 64 << 20  # what AlpaSim uses; a lidar spin with every field filled exceeds gRPC's default 4 MiB
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", limit),
+                                                                  ("grpc.max_send_message_length", limit)])
     return channel, sensorsim_pb2_grpc.SensorsimServiceStub(channel)
 
 

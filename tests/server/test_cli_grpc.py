@@ -74,7 +74,8 @@ def test_render_grpc_against_serve_grpc(thin_scene, tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "nurec_jax.cli.render_grpc", f"--artifact-path={thin_scene}",
              f"--output-dir={out}", f"--port={port}", "--host=127.0.0.1", "--height=24", f"--camera-id={CAM}",
-             "--frame-step=50", "--image-format=png", "--demo-actor-transform", "--shutdown-server-on-completion"],
+             "--frame-step=50", "--image-format=png", "--demo-actor-transform", "--shutdown-server-on-completion",
+             "--lidar", "--lidar-type=AT128", "--lidar-frame-step=200"],
             capture_output=True, text=True, timeout=300, env=_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         _, err = server.communicate(timeout=60)
@@ -93,3 +94,9 @@ def test_render_grpc_against_serve_grpc(thin_scene, tmp_path):
     assert [s["file"] for s in stamps[CAM]] == [f.name for f in files]
     assert json.loads((out / "render_grpc_cli_args.json").read_text())["height"] == 24
     assert "server shut down" in proc.stdout
+    from nurec_jax.pointcloud import read_ply_points
+
+    plys = sorted((out / "lidar_top_360fov").glob("*.ply"))
+    assert len(plys) == 1 and (out / "lidar_top_360fov" / (plys[0].stem + "_bev.png")).exists()
+    cloud = read_ply_points(str(plys[0]))
+    assert len(cloud["x"]) > 10000 and set(cloud) == {"x", "y", "z", "intensity", "ring"}
