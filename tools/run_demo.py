@@ -1,4 +1,4 @@
-"""`make demo`: serve the bundled sample scene, render a few frames of two cameras and two lidar
+"""`make demo`: serve the bundled sample scene, render a few frames of two cameras and a lidar
 spins through the gRPC API with render-grpc, shut the server down and say where the images are.
 
     python tools/run_demo.py [--output-dir out/demo] [--height 180] [--frame-step 30]
@@ -23,7 +23,7 @@ def main() -> int:
     parser.add_argument("--output-dir", default="out/demo")
     parser.add_argument("--height", type=int, default=180)
     parser.add_argument("--frame-step", type=int, default=30)
-    parser.add_argument("--lidar-frame-step", type=int, default=60)
+    parser.add_argument("--lidar-frame-step", type=int, default=120)
     args = parser.parse_args()
     scene = data.sample_scene_path()
     server = subprocess.Popen(
