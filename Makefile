@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # Extras installed into the venv: test tools always; add cuda12/cuda13 for a GPU machine,
 # e.g. `make install EXTRAS=test,cuda13`.
 EXTRAS ?= test
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
 
 .PHONY: install test demo protos sample-scene clean
 

@@ -206,3 +206,32 @@ def test_fallback_intensity_is_colour_luminance():
                            (), None, None)
     np.testing.assert_allclose(np.asarray(lidar.gaussian_intensity(scene)),
                                0.2126 * 0.8 + 0.7152 * 0.4 + 0.0722 * 0.2, rtol=1e-5)
+
+
+def test_moving_actor_is_posed_at_each_rays_time(caster):
+    """A wall that is an actor moving from x = 8 to x = 10 during the spin: each column sees it where it
+    is at that column's time, while a static sensor stays put."""
+    base = make_scene(ground(half=1.0), normal_axis=2)  # a few static Gaussians under the sensor
+    w = wall(0.0)  # cuboid-local: the wall plane through the actor's origin
+    n = len(w)
+    c = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
+    scales = np.full((n, 3), 0.25)
+    scales[:, 0] = 0.02
+    dyn = Gaussians(c(w), c(np.tile([1.0, 0, 0, 0], (n, 1))), c(scales), c(np.full(n, 0.95)), c(np.zeros((n, 1, 3))),
+                    0)
+    scene = SceneGaussians(base.static, base.static_layer, dyn, jnp.zeros(n, jnp.int32), base.sky, ("static",),
+                           ("truck",), static_intensity=base.static_intensity, dynamic_intensity=c(np.full(n, 0.7)))
+    actors = lidar.ActorPoses(PosePair.from_matrices(pose_at(0.0, 8.0)[None], pose_at(0.0, 10.0)[None]),
+                              jnp.ones(1, bool))
+    model = small_model(WALL_BEAMS)
+    spin = caster.cast(scene, model, PosePair.from_matrices(pose_at(1.0)), actors)
+    tau = np.arange(64) / 63.0
+    e, b = np.broadcast_arrays(model.elevations_rad[:, None], model.column_azimuths_rad[None, :])
+    dir_x = np.cos(b) * np.cos(e)
+    hit = (spin.alpha > 0.9) & (dir_x > 0.5) & (np.abs(e) < 0.2)
+    assert hit.sum() > 10
+    x_world = (spin.distance * dir_x)[hit]
+    expected = (8.0 + 2.0 * tau)[None, :].repeat(16, 0)[hit]
+    np.testing.assert_allclose(x_world, expected, atol=0.05)
+    assert np.ptp(x_world) > 0.3  # the columns that see it span a visible part of its motion
+    np.testing.assert_allclose(spin.intensity[hit], 0.7, atol=1e-3)

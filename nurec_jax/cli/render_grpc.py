@@ -60,7 +60,8 @@ _LIDAR_OPACITY = flags.DEFINE_float("lidar_opacity_threshold", 0.0, "render_filt
 _LIDAR_DFILTER = flags.DEFINE_boolean("lidar_distance_filter", False, "render_filter.enable_distance_filter.")
 _LIDAR_DFILTER_T = flags.DEFINE_float("lidar_distance_filter_threshold", 0.02,
                                       "render_filter.distance_filter_threshold.")
-_BEV_COLOR = flags.DEFINE_enum("lidar_bev_color", "height", ["height", "intensity"], "BEV colouring.")
+_BEV_COLOR = flags.DEFINE_enum("lidar_bev_color", "height", ["height", "intensity"],
+                                "BEV colouring: height -2.5 .. +3 m about the sensor, or intensity 0 .. 1.")
 
 
 def _pose_to_matrix(pose_msg) -> np.ndarray:
@@ -261,7 +262,7 @@ def _main(argv):
                 np.concatenate([pts, inten[:, None]], 1).astype("<f4").tofile(out)
             pointcloud.write_bev_png(os.path.join(_OUTPUT.value, cam_id, f"{name}_bev.png"), pts,
                                      inten if _BEV_COLOR.value == "intensity" else None,
-                                     value_range=(0.0, 1.0) if _BEV_COLOR.value == "intensity" else None)
+                                     value_range=(0.0, 1.0) if _BEV_COLOR.value == "intensity" else (-2.5, 3.0))
             return cam_id, index, out, s_us, e_us
         reply = stub.render_rgb(req, metadata=md, timeout=timeout, wait_for_ready=True)
         out = os.path.join(_OUTPUT.value, cam_id, f"{name}.{ext}")
