@@ -95,7 +95,8 @@ class Server:
         if port == 0:
             raise OSError(f"could not bind {self.address}")
         self._health_server = None
-        if self.options.health_port is not None and self.options.health_port != self.options.port:
+        hp = self.options.health_port
+        if hp is not None and (hp != self.options.port or hp == 0):  # 0 and 0: two ephemeral ports
             self._health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             host = self.address.rsplit(":", 1)[0]

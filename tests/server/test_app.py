@@ -329,6 +329,20 @@ def test_warm_up_unavailable_then_serving(thin_scene, renderer):
         srv.stop(1)
 
 
+def test_separate_health_port(thin_scene, renderer):
+    srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0, health_port=0),
+                              renderer=renderer)
+    try:
+        assert srv.serving.wait(30) and srv.health_port not in (None, port)
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.health_port}")
+        hs = health_pb2_grpc.HealthStub(channel)
+        assert hs.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+    finally:
+        srv.stop(1)
+
+
 def test_out_of_memory_is_resource_exhausted(thin_scene, renderer):
     def oom_loader(scene_id):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.00GiB")
