@@ -27,10 +27,9 @@ import numpy as np
 from nurec_jax import constants as C
 from nurec_jax import math as nmath
 from nurec_jax import sh as sh_lib
-from nurec_jax.kernels import rasterize_ref
 from nurec_jax.lidar_models import LidarModel
 from nurec_jax.poses import Pose, PosePair
-from nurec_jax.render import ActorPoses, RenderOptions, _frame_pairs, _merge, bin_gaussians
+from nurec_jax.render import ActorPoses, RenderOptions, _frame_pairs, _merge, bin_gaussians, compositor
 from nurec_jax.types import SceneGaussians
 
 TILE = C.TILE_SIZE
@@ -107,10 +106,11 @@ class LidarOptions:
     column_tiles: int = 0
     chunk: int = 32
     tile_batch: int = 8
+    implementation: str = "auto"
 
     def render_options(self) -> RenderOptions:
         return RenderOptions(pair_capacity=self.pair_capacity, tile_capacity=self.tile_capacity, chunk=self.chunk,
-                             tile_batch=self.tile_batch)
+                             tile_batch=self.tile_batch, implementation=self.implementation)
 
 
 def column_tiles_for(tables: LidarTables, ray_chunk_size: int) -> int:
@@ -267,7 +267,7 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
             trans_t = jnp.ones(valid_t.shape, dtype)
             hit = jnp.zeros(valid_t.shape, dtype)
         else:
-            acc, trans_t, hit = rasterize_ref.rasterize_tiles_ref(
+            acc, trans_t, hit = compositor(options.implementation)(
                 gids, binning.tile_counts, rays_t, valid_t, g.means, g.quats, g.scales, g.opacities, colors,
                 g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
 

@@ -47,6 +47,8 @@ class RenderOptions:
       tile_batch: tiles walked side by side (vectorised) by the reference compositor.
       rolling_shutter_iterations: fixed-point iterations when projecting under a rolling shutter.
       disable_rolling_shutter: render every pixel at the start pose (render-grpc's option).
+      implementation: compositor: "reference" (plain jnp), "pallas" (the Triton kernel; interpret mode
+        off GPU), or "auto" (pallas on GPU, reference elsewhere).
     """
 
     pair_capacity: int = 1 << 18
@@ -55,6 +57,7 @@ class RenderOptions:
     tile_batch: int = 8
     rolling_shutter_iterations: int = C.ROLLING_SHUTTER_ITERATIONS
     disable_rolling_shutter: bool = False
+    implementation: str = "auto"
 
 
 @jax.tree_util.register_dataclass
@@ -409,6 +412,19 @@ def untile(x: jax.Array, width: int, height: int, tile: int = C.TILE_SIZE) -> ja
     return x[:height, :width]
 
 
+def compositor(implementation: str):
+    """The per-tile compositor for an `implementation` name (see RenderOptions)."""
+    if implementation == "auto":
+        implementation = "pallas" if jax.default_backend() == "gpu" else "reference"
+    if implementation == "reference":
+        return rasterize_ref.rasterize_tiles_ref
+    if implementation == "pallas":
+        from nurec_jax.kernels import rasterize_pallas
+
+        return rasterize_pallas.rasterize_tiles_pallas
+    raise ValueError(f"implementation must be 'auto', 'reference' or 'pallas', got {implementation!r}")
+
+
 def render(
     gaussians: SceneGaussians,
     camera: Camera,
@@ -492,7 +508,7 @@ def render(
             n_t, n_p = valid_np.shape
             rgb, trans, hit = jnp.zeros((n_t, n_p, 3), dtype), jnp.ones((n_t, n_p), dtype), jnp.zeros((n_t, n_p), dtype)
         else:
-            rgb, trans, hit = rasterize_ref.rasterize_tiles_ref(
+            rgb, trans, hit = compositor(options.implementation)(
                 binning.tile_gids, binning.tile_counts, rays, jnp.asarray(valid_np), g.means, g.quats, g.scales,
                 g.opacities, colors, g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
 
