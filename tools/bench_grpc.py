@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--clients", default="1,4")
     p.add_argument("--format", choices=["jpeg", "png"], default="jpeg")
     p.add_argument("--max-workers", type=int, default=4)
+    p.add_argument("--compilation-cache-dir", default=None, help="JAX persistent compilation cache (in-process)")
     args = p.parse_args()
     fmt = sensorsim_pb2.JPEG if args.format == "jpeg" else sensorsim_pb2.PNG
     server = None
@@ -54,7 +55,8 @@ def main() -> None:
         from nurec_jax.server.options import ServerOptions
 
         server, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=args.scene, port=0,
-                                                                  max_workers=args.max_workers))
+                                                                  max_workers=args.max_workers,
+                                                                  compilation_cache_dir=args.compilation_cache_dir))
         address = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = sensorsim_pb2_grpc.SensorsimServiceStub(channel)

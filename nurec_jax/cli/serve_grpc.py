@@ -65,6 +65,9 @@ _LIDAR_REPEATED = flags.DEFINE_boolean(
     "lidar_repeated_fields", _D.lidar_repeated_fields,
     "Fill LidarRenderReturn's repeated fields as well as its buffers (a full Pandar128 spin is then ~15 MB; "
     "use --no-lidar-repeated-fields for clients with a 10 MB limit).")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", "~/.cache/nurec-jax/jax-compilation-cache",
+    "JAX's persistent compilation cache, so a restarted server does not compile again; empty: off.")
 _GRACE = flags.DEFINE_float("shutdown_grace_s", _D.shutdown_grace_s, "How long in-flight calls may finish.")
 
 
@@ -88,7 +91,8 @@ def options_from_flags() -> opt.ServerOptions:
         enable_harmonizer=_HARMONIZER.value, max_message_bytes=_MAX_MESSAGE_MB.value << 20,
         download_max_bytes=_DL_MAX.value, shutdown_grace_s=_GRACE.value,
         initial_pair_capacity=_PAIR_CAP.value, initial_tile_capacity=_TILE_CAP.value,
-        max_pair_capacity=_MAX_PAIRS.value, lidar_repeated_fields=_LIDAR_REPEATED.value)
+        max_pair_capacity=_MAX_PAIRS.value, lidar_repeated_fields=_LIDAR_REPEATED.value,
+        compilation_cache_dir=_COMPILE_CACHE.value or None)
 
 
 def _main(argv):

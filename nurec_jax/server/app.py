@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 
 import grpc
+import jax
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -36,6 +38,17 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def enable_compilation_cache(directory: str, min_compile_time_s: float = 1.0) -> str:
+    """Turns on JAX's persistent compilation cache (process-wide), so a restarted server reuses the
+    render functions an earlier process compiled instead of compiling them again."""
+    path = os.path.expanduser(directory)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+    _LOGGER.info("persistent compilation cache: %s", path)
+    return path
+
+
 class Server:
     """A running (or about to run) nurec-jax gRPC server."""
 
@@ -44,6 +57,8 @@ class Server:
                  lidar_caster: LidarCaster | None = None):
         options.validate()
         self.options = options
+        if options.compilation_cache_dir:
+            enable_compilation_cache(options.compilation_cache_dir)
         self.address = address or f"{options.host}:{options.port}"
         artifacts, broken = ({}, {}) if options.artifact_glob is None else discover_artifacts(
             options.artifact_glob, load_options)

@@ -45,6 +45,7 @@ class ServerOptions:
     enable_harmonizer: bool = False
     # nurec-jax.
     lidar_repeated_fields: bool = True
+    compilation_cache_dir: str | None = None  # JAX's persistent compilation cache (None: off)
     max_message_bytes: int = 64 << 20
     download_max_bytes: int = 32 << 30
     initial_pair_capacity: int = 1 << 16

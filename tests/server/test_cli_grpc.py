@@ -25,6 +25,8 @@ def _env():
 
 
 def _start_server(*args):
+    if not any(a.startswith("--compilation-cache-dir") for a in args):
+        args = args + ("--compilation-cache-dir=",)  # tests never write to the user's cache
     proc = subprocess.Popen([sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--host=127.0.0.1", "--port=0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     found = {}
@@ -50,7 +52,8 @@ def test_unbuilt_features_and_bad_flags_are_refused(thin_scene):
                        ("--metrics-output-dir=/tmp/m", "--metrics-output-dir: not available"),
                        ("--cache-size=0", "--cache-size must be >= 1")):
         proc = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", f"--artifact-glob={thin_scene}",
-                               "--port=0", flag], capture_output=True, text=True, timeout=120, env=_env())
+                               "--port=0", "--compilation-cache-dir=", flag], capture_output=True, text=True,
+                              timeout=120, env=_env())
         assert proc.returncode == 2 and text in proc.stderr, (flag, proc.stderr[-2000:])
     proc = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--artifact-glob=/data/*.ply"],
                           capture_output=True, text=True, timeout=120, env=_env())
@@ -67,8 +70,9 @@ def test_sigterm_shuts_down_gracefully(thin_scene):
 
 
 def test_render_grpc_against_serve_grpc(thin_scene, tmp_path):
+    cache = tmp_path / "jax-cache"
     server, port = _start_server(f"--artifact-glob={thin_scene}", "--test-scenes-are-valid",
-                                 "--enable-editing-actors")
+                                 "--enable-editing-actors", f"--compilation-cache-dir={cache}")
     out = tmp_path / "out"
     try:
         proc = subprocess.run(
@@ -94,6 +98,7 @@ def test_render_grpc_against_serve_grpc(thin_scene, tmp_path):
     assert [s["file"] for s in stamps[CAM]] == [f.name for f in files]
     assert json.loads((out / "render_grpc_cli_args.json").read_text())["height"] == 24
     assert "server shut down" in proc.stdout
+    assert any(cache.iterdir())  # the render functions went to the persistent compilation cache
     from nurec_jax.pointcloud import read_ply_points
 
     plys = sorted((out / "lidar_top_360fov").glob("*.ply"))
