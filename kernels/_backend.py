@@ -23,5 +23,3 @@ def compiler_params(num_warps: int = 4, num_stages: int = 1):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())

@@ -119,11 +119,11 @@ def _prepare(tile_gids, rays, pixel_valid, means, quats, scales, opacities, colo
         raise ValueError(f"pixels per tile must be a power of two, got {n_px}")
     cap_p = -(-cap // chunk) * chunk + chunk  # a batch read starting at the last slot stays in bounds
     gids = jnp.pad(tile_gids, ((0, 0), (0, cap_p - cap)), constant_values=-1)
-    fp = _backend.next_pow2(n_frames)
+    fp = nmath.next_pow2(n_frames)
     r = jnp.moveaxis(rays, (1, 2, 3), (3, 2, 1))  # [T, 6, F, P]
     r = jnp.pad(r, ((0, 0), (0, 2), (0, fp - n_frames), (0, 0))).astype(jnp.float32)
     n = means.shape[0]
-    n_p = _backend.next_pow2(max(n, 1))
+    n_p = nmath.next_pow2(max(n, 1))
     pad = lambda x: jnp.pad(x, [(0, n_p - n)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
     mt = nmath.quat_to_matrix(quats) / scales[..., None, :]  # [N, 3, 3], mt[j, i] = R[j, i] / s_i
     rows = jnp.concatenate([means, mt.reshape(n, 9), opacities[:, None], colors, jnp.zeros((n, _ROWS - 16))],

@@ -30,6 +30,7 @@ from nurec_jax import sh as sh_lib
 from nurec_jax.lidar_models import LidarModel
 from nurec_jax.poses import Pose, PosePair
 from nurec_jax.render import ActorPoses, RenderOptions, _frame_pairs, _merge, bin_gaussians, compositor
+from nurec_jax.renderer import grown_capacities
 from nurec_jax.types import SceneGaussians
 
 TILE = C.TILE_SIZE
@@ -351,10 +352,8 @@ class LidarCaster:
             out = self._fn(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
             pairs, longest = int(out.num_pairs), int(out.max_tile_pairs)
             if pairs > opts.pair_capacity or longest > opts.tile_capacity:
-                new_pairs = max(opts.pair_capacity, 1 << max(0, (pairs - 1).bit_length()))
-                new_tile = max(opts.tile_capacity, 1 << max(0, (longest - 1).bit_length()))
-                if new_pairs > self.max_pair_capacity:
-                    raise MemoryError(f"lidar pass needs {pairs} pairs, above the limit {self.max_pair_capacity}")
+                new_pairs, new_tile = grown_capacities(opts.pair_capacity, opts.tile_capacity, pairs, longest,
+                                                       self.max_pair_capacity, "lidar pass")
                 opts = dataclasses.replace(opts, pair_capacity=new_pairs, tile_capacity=new_tile)
                 self._caps[key] = (new_pairs, new_tile)
                 continue  # redo this pass with the larger buckets

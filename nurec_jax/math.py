@@ -114,3 +114,8 @@ def slerp(q0: jax.Array, q1: jax.Array, t: jax.Array) -> jax.Array:
 def rotate(q: jax.Array, v: jax.Array) -> jax.Array:
     """Rotates vectors v (..., 3) by unit quaternions q (..., 4)."""
     return jnp.einsum("...ij,...j->...i", quat_to_matrix(q), v)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1); capacity buckets and Triton block sizes."""
+    return 1 << max(0, int(n - 1).bit_length())

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nurec_jax import math as nmath
 from nurec_jax.cameras import Camera
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.poses import PosePair
@@ -24,8 +25,15 @@ from nurec_jax.types import SceneGaussians
 _LOGGER = logging.getLogger(__name__)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
+def grown_capacities(pair_capacity: int, tile_capacity: int, pairs: int, longest: int, max_pair_capacity: int,
+                     what: str = "frame") -> tuple[int, int]:
+    """The power-of-two buckets that hold `pairs` pairs and a `longest` tile list (never smaller than the
+    current ones). Raises MemoryError when the pair buffer would exceed `max_pair_capacity`."""
+    new_pairs = max(pair_capacity, nmath.next_pow2(pairs))
+    new_tile = max(tile_capacity, nmath.next_pow2(longest))
+    if new_pairs > max_pair_capacity:
+        raise MemoryError(f"{what} needs {pairs} tile/Gaussian pairs, above the limit {max_pair_capacity}")
+    return new_pairs, new_tile
 
 
 class Renderer:
@@ -74,10 +82,8 @@ class Renderer:
             pairs, longest = int(out.num_pairs), int(out.max_tile_pairs)
             if pairs <= opts.pair_capacity and longest <= opts.tile_capacity:
                 return out
-            new_pairs = max(opts.pair_capacity, _next_pow2(pairs))
-            new_tile = max(opts.tile_capacity, _next_pow2(longest))
-            if new_pairs > self.max_pair_capacity:
-                raise MemoryError(f"frame needs {pairs} tile/Gaussian pairs, above the limit {self.max_pair_capacity}")
+            new_pairs, new_tile = grown_capacities(opts.pair_capacity, opts.tile_capacity, pairs, longest,
+                                                   self.max_pair_capacity)
             _LOGGER.info("capacity grown to %d pairs / %d per tile for %s", new_pairs, new_tile, key)
             with self._lock:
                 self._caps[key] = (new_pairs, new_tile)

@@ -77,22 +77,27 @@ def _trajectory(traj_msg) -> tuple[np.ndarray, np.ndarray]:
     return ts, mats
 
 
-def _demo_actors(stub, sensorsim_pb2, scene_id, metadata, start_us, end_us):
+def _demo_tracks(stub, sensorsim_pb2, scene_id, metadata):
+    """The scene's controllable tracks as (id, timestamps, poses), fetched once."""
+    objs = stub.get_dynamic_objects(sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=scene_id),
+                                    metadata=metadata, timeout=_TIMEOUT.value)
+    return [(track.id, *_trajectory(track.trajectory)) for track in objs.dynamic_objects]
+
+
+def _demo_actors(tracks, sensorsim_pb2, start_us, end_us):
+    """Every track present over [start, end), moved 2 m to its left and yawed 15 degrees."""
     from nurec_jax import geometry
     from nurec_jax.server import convert
 
-    objs = stub.get_dynamic_objects(sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=scene_id),
-                                    metadata=metadata, timeout=_TIMEOUT.value)
     out = []
     yaw = np.deg2rad(15.0)
     offset = geometry.make_transform(
         np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]]), np.array([0, 2.0, 0]))
-    for track in objs.dynamic_objects:
-        ts, mats = _trajectory(track.trajectory)
+    for track_id, ts, mats in tracks:
         if len(ts) == 0 or start_us < ts[0] or end_us > ts[-1] + 1:
             continue
         pair = [geometry.interpolate_poses(ts, mats, t) @ offset for t in (start_us, end_us)]
-        out.append(sensorsim_pb2.DynamicObject(track_id=track.id, pose_pair=sensorsim_pb2.PosePair(
+        out.append(sensorsim_pb2.DynamicObject(track_id=track_id, pose_pair=sensorsim_pb2.PosePair(
             start_pose=convert.se3_to_grpc_pose(pair[0]), end_pose=convert.se3_to_grpc_pose(pair[1]))))
     return out
 
@@ -171,6 +176,7 @@ def _main(argv):
     rig_ts, rig_mats = _trajectory(trajs.available_trajectories[0].trajectory)
     hoods = {(m.ego_mask_id.rig_config_id, m.ego_mask_id.camera_logical_id) for m in masks.ego_mask_metadata}
 
+    demo_tracks = _demo_tracks(stub, sensorsim_pb2, scene_id, md) if _DEMO_ACTORS.value else []
     jobs = []
     written: dict[str, list[tuple[int, str, int, int]]] = {c: [] for c in _CAMERA.value}
     for cam_id in _CAMERA.value:
@@ -201,7 +207,7 @@ def _main(argv):
                 req.ego_mask_id.CopyFrom(sensorsim_pb2.EgoMaskId(camera_logical_id=cam_id,
                                                                   rig_config_id=_RIG_NAME.value))
             if _DEMO_ACTORS.value:
-                req.dynamic_objects.extend(_demo_actors(stub, sensorsim_pb2, scene_id, md, s_us, e_us))
+                req.dynamic_objects.extend(_demo_actors(demo_tracks, sensorsim_pb2, s_us, e_us))
             jobs.append((cam_id, index, s_us, e_us, req))
 
     lidar_jobs = []
@@ -222,7 +228,7 @@ def _main(argv):
             t_lidar_rig[2, 3] = 1.9
             windows = []
         if not windows:
-            windows = [(int(t), int(t) + 100_000) for t in rig_ts[:-1:1]]
+            windows = [(int(t), int(t) + 100_000) for t in rig_ts[:-1]]
         windows = windows[::_LIDAR_STEP.value or _FRAME_STEP.value][:_MAX_FRAMES.value]
         for index, (s_us, e_us) in enumerate(windows):
             s_us, e_us = max(s_us, int(rig_ts[0])), min(e_us, int(rig_ts[-1]) + 1)
@@ -238,7 +244,7 @@ def _main(argv):
                     enable_distance_filter=_LIDAR_DFILTER.value,
                     distance_filter_threshold=_LIDAR_DFILTER_T.value))
             if _DEMO_ACTORS.value:
-                req.dynamic_objects.extend(_demo_actors(stub, sensorsim_pb2, scene_id, md, s_us, e_us))
+                req.dynamic_objects.extend(_demo_actors(demo_tracks, sensorsim_pb2, s_us, e_us))
             lidar_jobs.append((lidar_id, index, s_us, e_us, req))
         os.makedirs(os.path.join(_OUTPUT.value, lidar_id), exist_ok=True)
         written[lidar_id] = []

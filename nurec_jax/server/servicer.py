@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -184,8 +185,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             raise errs.InvalidArgument(f"{field}: empty")
         return self.registry.metadata(scene_id)
 
-    def _render_job(self, scene, job: requests.RGBJob, meta: SceneMetadata, call: _Call) -> bytes:
-        actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
+    @contextlib.contextmanager
+    def _on_device(self, call: _Call):
+        """Holds the device for one render; a call cancelled or expired while it waited is skipped."""
         with self.device_lock:
             try:
                 call.check()
@@ -193,11 +195,16 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                 with self.stats.lock:
                     self.stats.skipped_cancelled += 1
                 raise
+            yield
+        with self.stats.lock:
+            self.stats.renders += 1
+
+    def _render_job(self, scene, job: requests.RGBJob, meta: SceneMetadata, call: _Call) -> bytes:
+        actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
+        with self._on_device(call):
             out = self.renderer.render(scene.gaussians, job.camera, job.sensor_pose, actors,
                                        cache_key=(meta.scene_id,))
             rgb = np.asarray(out.rgb)
-        with self.stats.lock:
-            self.stats.renders += 1
         if job.ego_mask is not None:
             rgb = self.ego_masks.composite(rgb, *job.ego_mask)
         return images.encode(rgb, job.image_format, job.image_quality)
@@ -249,18 +256,10 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
 
     def _cast_lidar(self, scene, job: requests.LidarJob, meta: SceneMetadata, call: _Call):
         actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
-        with self.device_lock:
-            try:
-                call.check()
-            except errs.RequestError:
-                with self.stats.lock:
-                    self.stats.skipped_cancelled += 1
-                raise
+        with self._on_device(call):
             spin = self.lidar_caster.cast(scene.gaussians, job.model, job.sensor_pose, actors,
                                           ray_chunk_size=self.options.ray_chunk_size, cache_key=(meta.scene_id,),
                                           check=call.check)
-        with self.stats.lock:
-            self.stats.renders += 1
         points, intensities, rings = spin.returns(job.model, job.opacity_threshold, job.distance_filter)
         return convert.lidar_return(points, intensities, rings, self.options.lidar_repeated_fields)
 
