@@ -97,17 +97,24 @@ def _gather_rays(rays_t, frames_g):
     return rays_t[:, frames_g, :]
 
 
-def _padded(tile_gids, chunk):
-    cap = tile_gids.shape[1]
-    n_chunks = -(-cap // chunk)
-    return jnp.pad(tile_gids, ((0, 0), (0, n_chunks * chunk - cap)), constant_values=-1), n_chunks
+def padded_pairs(pair_gids, chunk):
+    """The pair list with `chunk` trailing -1 slots, so a chunk read at any list position stays in bounds."""
+    return jnp.pad(pair_gids, (0, chunk), constant_values=-1)
+
+
+def tile_chunk(gids, start, count, c, chunk):
+    """Chunk `c` of one tile's list: (gids clamped to >= 0, live mask [chunk], list positions [chunk])."""
+    pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    g = jax.lax.dynamic_slice_in_dim(gids, start + c * chunk, chunk)
+    live = (g >= 0) & (pos < count)
+    return jnp.where(live, g, 0), live, pos
 
 
 # ----------------------------------------------------------------------------------------------
 # Production reference: dynamic-length walks + custom VJP.
 
 
-def _tile_forward(gids, count, rays_t, valid_t, means, quats, scales, opacities, colors, frames, chunk):
+def _tile_forward(start, count, rays_t, valid_t, gids, means, quats, scales, opacities, colors, frames, chunk):
     """One tile. Returns (rgb [P,3], T [P], hit [P], stop_pos [P] (list position, or huge), chunks used)."""
     n_px = rays_t.shape[0]
     dtype = means.dtype
@@ -119,10 +126,9 @@ def _tile_forward(gids, count, rays_t, valid_t, means, quats, scales, opacities,
 
     def body(state):
         c, rgb, hit, trans, done, stop_pos = state
-        g = jax.lax.dynamic_slice_in_dim(gids, c * chunk, chunk)
-        gs = jnp.maximum(g, 0)
+        gs, live, _ = tile_chunk(gids, start, count, c, chunk)
         alpha, t_star = _chunk_alpha(_gather_rays(rays_t, frames[gs]), means[gs], quats[gs], scales[gs],
-                                     jnp.where(g >= 0, opacities[gs], 0.0))
+                                     jnp.where(live, opacities[gs], 0.0))
         alpha = jnp.where(valid_t[:, None], alpha, 0.0)
         was_done = done
         rgb_add, hit_add, trans, done, idx = composite_chunk(alpha, colors[gs][None], t_star, trans, done)
@@ -135,60 +141,56 @@ def _tile_forward(gids, count, rays_t, valid_t, means, quats, scales, opacities,
     return rgb, trans, hit, stop_pos, c
 
 
-def _forward_all(tile_gids, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
-                 chunk, tile_batch):
-    gids, _ = _padded(tile_gids, chunk)
-    fn = functools.partial(_tile_forward, means=means, quats=quats, scales=scales, opacities=opacities,
+def _forward_all(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
+                 frames, chunk, tile_batch):
+    fn = functools.partial(_tile_forward, gids=padded_pairs(pair_gids, chunk), means=means, quats=quats, scales=scales, opacities=opacities,
                            colors=colors, frames=frames, chunk=chunk)
     # Tiles walked side by side run as long as the longest; batching tiles of similar length keeps
     # that waste small.
     order = jnp.argsort(tile_counts)
     inv = jnp.argsort(order)
-    xs = jax.tree_util.tree_map(lambda x: x[order], (gids, tile_counts, rays, pixel_valid))
+    xs = jax.tree_util.tree_map(lambda x: x[order], (tile_start, tile_counts, rays, pixel_valid))
     out = jax.lax.map(lambda x: fn(*x), xs, batch_size=tile_batch)
     return jax.tree_util.tree_map(lambda x: x[inv], out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
-def _rasterize(tile_gids, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
-               chunk, tile_batch):
-    rgb, trans, hit, _, _ = _forward_all(tile_gids, tile_counts, rays, pixel_valid, means, quats, scales,
-                                         opacities, colors, frames, chunk, tile_batch)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12))
+def _rasterize(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
+               frames, chunk, tile_batch):
+    rgb, trans, hit, _, _ = _forward_all(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats,
+                                         scales, opacities, colors, frames, chunk, tile_batch)
     return rgb, trans, hit
 
 
-def _rasterize_fwd(tile_gids, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
-                   chunk, tile_batch):
-    rgb, trans, hit, stop_pos, used = _forward_all(tile_gids, tile_counts, rays, pixel_valid, means, quats,
-                                                   scales, opacities, colors, frames, chunk, tile_batch)
-    res = (tile_gids, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
+def _rasterize_fwd(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
+                   frames, chunk, tile_batch):
+    rgb, trans, hit, stop_pos, used = _forward_all(pair_gids, tile_start, tile_counts, rays, pixel_valid, means,
+                                                   quats, scales, opacities, colors, frames, chunk, tile_batch)
+    res = (pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
            trans, stop_pos, used)
     return (rgb, trans, hit), res
 
 
 def _rasterize_bwd(chunk, tile_batch, res, cot):
-    (tile_gids, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
+    (pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
      trans_final, stop_pos, used) = res
     g_rgb, g_trans, g_hit = cot
-    gids_all, _ = _padded(tile_gids, chunk)
+    gids = padded_pairs(pair_gids, chunk)
     n_frames = rays.shape[2]
     zeros = lambda x: jnp.zeros_like(x)  # noqa: E731
     acc0 = (zeros(means), zeros(quats), zeros(scales), zeros(opacities), zeros(colors))
 
     def tile_step(acc, xs):
-        gids, n_used, rays_t, valid_t, t_final, stop_t, g_c, g_t, g_h = xs
+        start, count, n_used, rays_t, valid_t, t_final, stop_t, g_c, g_t, g_h = xs
         n_px = rays_t.shape[0]
 
         def body(state):
             c, t_after, s_rgb, s_hit, acc, g_rays = state
             c = c - 1
-            g = jax.lax.dynamic_slice_in_dim(gids, c * chunk, chunk)
-            gs = jnp.maximum(g, 0)
-            live = g >= 0
+            gs, live, pos = tile_chunk(gids, start, count, c, chunk)
             params = (means[gs], quats[gs], scales[gs], jnp.where(live, opacities[gs], 0.0))
             ray = _gather_rays(rays_t, frames[gs])
             (alpha, t_star), vjp = jax.vjp(_chunk_alpha, ray, *params)
-            pos = c * chunk + jnp.arange(chunk)
             keep = valid_t[:, None] & (pos[None, :] < stop_t[:, None])
             a = jnp.where(keep, alpha, 0.0)
             one_minus = 1.0 - a
@@ -230,17 +232,18 @@ def _rasterize_bwd(chunk, tile_batch, res, cot):
         _, _, _, _, acc, g_rays = jax.lax.while_loop(lambda s: s[0] > 0, body, init)
         return acc, g_rays
 
-    xs = (gids_all, used, rays, pixel_valid, trans_final, stop_pos, g_rgb, g_trans, g_hit)
+    xs = (tile_start, tile_counts, used, rays, pixel_valid, trans_final, stop_pos, g_rgb, g_trans, g_hit)
     (dm, dq, ds, dop, dcol), d_rays = jax.lax.scan(tile_step, acc0, xs)
-    return (None, None, d_rays, None, dm, dq, ds, dop, dcol, None)
+    return (None, None, None, d_rays, None, dm, dq, ds, dop, dcol, None)
 
 
 _rasterize.defvjp(_rasterize_fwd, _rasterize_bwd)
 
 
 def rasterize_tiles_ref(
-    tile_gids,  # [T, Cap] int32 Gaussian ids per tile in depth order, -1 padded
-    tile_counts,  # [T] int32 number of valid entries per tile
+    pair_gids,  # [M] int32 Gaussian ids sorted by (tile, depth); -1 past the last pair
+    tile_start,  # [T] int32 each tile's first position in pair_gids
+    tile_counts,  # [T] int32 entries of each tile's list to composite
     rays,  # [T, P, F, 6] per-pixel ray (origin, direction) in each frame
     pixel_valid,  # [T, P] bool
     means,  # [N, 3] in each Gaussian's frame
@@ -257,19 +260,22 @@ def rasterize_tiles_ref(
 
     Differentiable (custom VJP) with respect to rays, means, quats, scales, opacities and colors.
     """
-    return _rasterize(tile_gids, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
-                      frames, chunk, tile_batch)
+    return _rasterize(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities,
+                      colors, frames, chunk, tile_batch)
 
 
 # ----------------------------------------------------------------------------------------------
 # Autodiff oracle.
 
 
-def rasterize_tiles_autodiff(tile_gids, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
-                             frames, *, chunk: int = 32, tile_batch: int = 8):
-    """Same result as `rasterize_tiles_ref`, walking the full capacity with a differentiable scan."""
-    del tile_counts, tile_batch
-    gids, n_chunks = _padded(tile_gids, chunk)
+def rasterize_tiles_autodiff(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities,
+                             colors, frames, *, capacity: int, chunk: int = 32):
+    """Same result as `rasterize_tiles_ref` (lists of at most `capacity`), walking every tile's full capacity
+    with a differentiable scan."""
+    n_chunks = -(-capacity // chunk)
+    j = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
+    pos = jnp.clip(tile_start[:, None] + j[None, :], 0, pair_gids.shape[0] - 1)
+    gids = jnp.where(j[None, :] < tile_counts[:, None], pair_gids[pos], -1)
     n_tiles, n_px = rays.shape[:2]
     dtype = means.dtype
 

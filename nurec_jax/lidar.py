@@ -258,7 +258,7 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
             ok2, depth, op2 = ok, r, opac
         binning = bin_gaussians(rect_lo, rect_hi, ok2, op2, depth, tx, ty,
                                 options.render_options(), tile_size=_SQRT_TILE)
-        gids = jnp.where(binning.tile_gids >= n, binning.tile_gids - n, binning.tile_gids)
+        gids = jnp.where(binning.pair_gids >= n, binning.pair_gids - n, binning.pair_gids)
 
     with jax.named_scope("rasterize"):
         inten = gaussian_intensity(gaussians).astype(dtype)
@@ -269,7 +269,7 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
             hit = jnp.zeros(valid_t.shape, dtype)
         else:
             acc, trans_t, hit = compositor(options.implementation)(
-                gids, binning.tile_counts, rays_t, valid_t, g.means, g.quats, g.scales, g.opacities, colors,
+                gids, binning.tile_start, binning.tile_counts, rays_t, valid_t, g.means, g.quats, g.scales, g.opacities, colors,
                 g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
 
     with jax.named_scope("points"):

@@ -306,10 +306,14 @@ def depth_key(depth: jax.Array, depth_bits: int) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Binning:
-    """Result of tile binning: per-tile depth-ordered Gaussian ids."""
+    """Result of tile binning: one list of Gaussian ids sorted by (tile, depth) and each tile's range in it.
 
-    tile_gids: jax.Array  # [T, tile_capacity] int32, -1 padded
-    tile_counts: jax.Array  # [T] int32
+    No [tiles, tile_capacity] table is built: memory is O(pair_capacity), whatever the longest tile.
+    """
+
+    pair_gids: jax.Array  # [pair_capacity] int32, -1 past the last pair
+    tile_start: jax.Array  # [T] int32 first position of each tile in pair_gids
+    tile_counts: jax.Array  # [T] int32 list length, clipped to tile_capacity
     num_pairs: jax.Array  # () int32
     max_tile_pairs: jax.Array  # () int32
 
@@ -319,8 +323,8 @@ def bin_gaussians(rect_lo, rect_hi, valid, opacities, depth, tiles_x: int, tiles
     """Emits (tile, Gaussian) pairs for each Gaussian's pixel rectangle and sorts them by (tile, depth)."""
     n_tiles = tiles_x * tiles_y
     if rect_lo.shape[0] == 0:
-        return Binning(jnp.full((n_tiles, options.tile_capacity), -1, jnp.int32), jnp.zeros(n_tiles, jnp.int32),
-                       jnp.int32(0), jnp.int32(0))
+        return Binning(jnp.full((options.pair_capacity,), -1, jnp.int32), jnp.zeros(n_tiles, jnp.int32),
+                       jnp.zeros(n_tiles, jnp.int32), jnp.int32(0), jnp.int32(0))
     tbits = _tile_bits(n_tiles)
     dbits = 32 - tbits
     lo = jnp.floor(rect_lo / tile_size)
@@ -355,10 +359,8 @@ def bin_gaussians(rect_lo, rect_hi, valid, opacities, depth, tiles_x: int, tiles
     start = jnp.searchsorted(stile, tids, side="left").astype(jnp.int32)
     end = jnp.searchsorted(stile, tids, side="right").astype(jnp.int32)
     tcount = end - start
-    j = jnp.arange(options.tile_capacity, dtype=jnp.int32)
-    pos = start[:, None] + j[None, :]
-    gids = jnp.where(j[None, :] < tcount[:, None], sg[jnp.clip(pos, 0, cap - 1)], -1)
-    return Binning(gids, jnp.minimum(tcount, options.tile_capacity), total.astype(jnp.int32),
+    gids = jnp.where(slot < total, sg, -1)
+    return Binning(gids, start, jnp.minimum(tcount, options.tile_capacity), total.astype(jnp.int32),
                    jnp.max(tcount).astype(jnp.int32))
 
 
@@ -509,7 +511,7 @@ def render(
             rgb, trans, hit = jnp.zeros((n_t, n_p, 3), dtype), jnp.ones((n_t, n_p), dtype), jnp.zeros((n_t, n_p), dtype)
         else:
             rgb, trans, hit = compositor(options.implementation)(
-                binning.tile_gids, binning.tile_counts, rays, jnp.asarray(valid_np), g.means, g.quats, g.scales,
+                binning.pair_gids, binning.tile_start, binning.tile_counts, rays, jnp.asarray(valid_np), g.means, g.quats, g.scales,
                 g.opacities, colors, g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
 
     with jax.named_scope("compose"):

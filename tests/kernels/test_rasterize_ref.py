@@ -9,13 +9,17 @@ from nurec_jax.kernels import rasterize_ref as RR
 
 
 def _inputs(seed, n_tiles=3, n_px=16, n_frames=2, n=40, cap=24, opacity=(0.3, 0.99), empty_tile=True):
+    """Random tiles in the binning's layout: one sorted pair list (-1 padded) and per-tile ranges. Tiles share
+    Gaussians (a Gaussian straddling tiles), tile 0 is empty when `empty_tile`."""
     rng = np.random.default_rng(seed)
-    gids = np.full((n_tiles, cap), -1, np.int32)
-    counts = np.zeros(n_tiles, np.int32)
+    lists = []
     for t in range(n_tiles):
         c = 0 if (empty_tile and t == 0) else int(rng.integers(5, cap + 1))
-        gids[t, :c] = rng.choice(n, c, replace=False)
-        counts[t] = c
+        lists.append(rng.choice(n, c, replace=False).astype(np.int32))
+    counts = np.array([len(x) for x in lists], np.int32)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+    gids = np.full(int(counts.sum()) + 7, -1, np.int32)
+    gids[:counts.sum()] = np.concatenate(lists)
     o = rng.normal(0, 0.2, (n_tiles, n_px, n_frames, 3))
     d = rng.normal(0, 0.3, (n_tiles, n_px, n_frames, 3))
     d[..., 2] += 1
@@ -23,11 +27,15 @@ def _inputs(seed, n_tiles=3, n_px=16, n_frames=2, n=40, cap=24, opacity=(0.3, 0.
     means = np.c_[rng.normal(0, 0.5, (n, 2)), rng.uniform(2, 6, n)]
     means[0] = [0.0, 0.0, -3.0]  # behind every ray origin: t* < 0, never composited
     return dict(
-        tile_gids=jnp.asarray(gids), tile_counts=jnp.asarray(counts), rays=jnp.asarray(np.concatenate([o, d], -1)),
+        pair_gids=jnp.asarray(gids), tile_start=jnp.asarray(starts), tile_counts=jnp.asarray(counts), rays=jnp.asarray(np.concatenate([o, d], -1)),
         pixel_valid=jnp.asarray(rng.uniform(size=(n_tiles, n_px)) > 0.1), means=jnp.asarray(means),
         quats=jnp.asarray(rng.normal(size=(n, 4))), scales=jnp.asarray(rng.uniform(0.2, 0.9, (n, 3))),
         opacities=jnp.asarray(rng.uniform(*opacity, n)), colors=jnp.asarray(rng.uniform(0, 1, (n, 3))),
         frames=jnp.asarray(rng.integers(0, n_frames, n).astype(np.int32)))
+
+
+def _cap(args):
+    return int(np.asarray(args["tile_counts"]).max())
 
 
 _DIFF = ("rays", "means", "quats", "scales", "opacities", "colors")
@@ -40,7 +48,7 @@ def test_custom_vjp_matches_autodiff(case):
                   single_frame=dict(n_frames=1))[case]
         args = _inputs(3, **kw)
         ref = RR.rasterize_tiles_ref(**args, chunk=4, tile_batch=2)
-        auto = RR.rasterize_tiles_autodiff(**args, chunk=4)
+        auto = RR.rasterize_tiles_autodiff(**args, chunk=4, capacity=_cap(args))
         for a, b in zip(ref, auto):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-12)
         trans = np.asarray(ref[1])
@@ -56,7 +64,7 @@ def test_custom_vjp_matches_autodiff(case):
 
         diff = {k: args[k] for k in _DIFF}
         g_ref = jax.grad(lambda d: loss(lambda **a: RR.rasterize_tiles_ref(**a, chunk=4, tile_batch=2), d))(diff)
-        g_auto = jax.grad(lambda d: loss(lambda **a: RR.rasterize_tiles_autodiff(**a, chunk=4), d))(diff)
+        g_auto = jax.grad(lambda d: loss(lambda **a: RR.rasterize_tiles_autodiff(**a, chunk=4, capacity=_cap(args)), d))(diff)
         for k in _DIFF:
             scale = max(1.0, float(jnp.abs(g_auto[k]).max()))
             np.testing.assert_allclose(np.asarray(g_ref[k]), np.asarray(g_auto[k]), atol=1e-10 * scale, err_msg=k)
