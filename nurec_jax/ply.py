@@ -94,6 +94,13 @@ def parse_ply_gaussians(data: bytes, where: str) -> HostLayer:
 
 def write_ply_gaussians(path: str | os.PathLike, means, quats_wxyz, log_scales, opacity_logits, sh_coeffs) -> None:
     """Writes pre-activation Gaussians as a 3DGS `.ply` (sh_coeffs: (N, K, 3), DC first)."""
+    with open(path, "wb") as f:
+        f.write(ply_bytes(means, quats_wxyz, log_scales, opacity_logits, sh_coeffs))
+
+
+def ply_bytes(means, quats_wxyz, log_scales, opacity_logits, sh_coeffs) -> bytes:
+    """The bytes of a 3DGS `.ply` holding pre-activation Gaussians (sh_coeffs: (N, K, 3), DC first)."""
+    sh_coeffs = np.asarray(sh_coeffs)
     n, k, _ = sh_coeffs.shape
     fields = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
     fields += [f"f_rest_{i}" for i in range(3 * (k - 1))]
@@ -105,6 +112,4 @@ def write_ply_gaussians(path: str | os.PathLike, means, quats_wxyz, log_scales, 
     ).astype("<f4")
     header = "ply\nformat binary_little_endian 1.0\nelement vertex %d\n" % n
     header += "".join(f"property float {f}\n" for f in fields) + "end_header\n"
-    with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(np.ascontiguousarray(cols).tobytes())
+    return header.encode("ascii") + np.ascontiguousarray(cols).tobytes()

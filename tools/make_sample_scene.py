@@ -4,7 +4,8 @@ Writes a NuRec `.usdz` laid out as scene_format.md section 8 describes: USD laye
 usd-core (`default.usda`, `volume.usda`, `rig_trajectories.usda`), a gzip+msgpack `volume.nurec`
 with layers `background`, `road` and `dynamic_rigids`, a sky cubemap, `metadata.yaml`,
 `rig_trajectories.json` (4 cameras, a lidar, a 12 s ego trajectory, non-zero `world_to_nre`) and
-`sequence_tracks.json` (parked and moving cars, out-of-order `@`-suffixed layer track ids).
+`sequence_tracks.json` (parked and moving cars, out-of-order `@`-suffixed layer track ids), and an
+asset bank (`external_assets/`: an orange sedan and a box truck) for actor editing.
 
 The street runs along world +x: asphalt with lane markings, raised sidewalks, building façades
 with windows, parked cars and moving cars. The ego drives down the right lane at 10 m/s.
@@ -209,6 +210,53 @@ def build_car(rng, color):
             b.plane([x - 0.33, y, -half[2]], [0.66, 0, 0], [0, 0, 0.62], 5, 5, 0.13,
                     lambda p, a, c: np.full((len(p), 3), 0.05), intensity=0.2, normal_axis=1)
     return b.arrays()
+
+
+TRUCK_DIMS = np.array([7.6, 2.45, 3.3])
+ASSETS = (
+    # id, label, dims, builder
+    ("sedan_orange", "automobile", CAR_DIMS, lambda rng: build_car(rng, np.array([0.95, 0.45, 0.05]))),
+    ("box_truck", "heavy_truck", TRUCK_DIMS, lambda rng: build_truck(rng)),
+)
+
+
+def build_truck(rng):
+    """A box truck in its cuboid-local frame: white cargo box behind a blue cab with a windscreen."""
+    b = _Builder(rng)
+    half = TRUCK_DIMS / 2
+    floor = -half[2] + 0.55
+    box_front = half[0] - 2.1
+
+    def white(p, a, c):
+        return np.array([0.90, 0.90, 0.88]) + _noise(rng, len(p), 0.015)
+
+    def cab(p, a, c):
+        out = np.array([0.10, 0.25, 0.60]) + _noise(rng, len(p), 0.02)
+        glass = (p[:, 2] > floor + 1.15) & (p[:, 0] > box_front + 0.9)
+        return np.where(glass[:, None], np.array([0.08, 0.10, 0.14]), out)
+
+    b.box([-half[0], -half[1], floor], [box_front - 0.1, half[1], half[2]], 0.2, white, intensity=0.7)
+    b.box([box_front, -half[1] + 0.05, floor], [half[0], half[1] - 0.05, floor + 2.0], 0.15, cab, intensity=0.55)
+    for x in (-half[0] + 1.2, -half[0] + 2.4, half[0] - 1.0):
+        for y in (-half[1] - 0.01, half[1] + 0.01):
+            b.plane([x - 0.5, y, -half[2]], [1.0, 0, 0], [0, 0, 0.95], 6, 6, 0.15,
+                    lambda p, a, c: np.full((len(p), 3), 0.05), intensity=0.2, normal_axis=1)
+    return b.arrays()
+
+
+def asset_members(seed):
+    """The asset bank: `external_assets/<id>/<id>.ply` (3DGS PLY, cuboid-local) and its metadata.yaml."""
+    from nurec_jax.ply import ply_bytes
+
+    rng = np.random.default_rng(seed + 1)  # own stream: the scene's other members do not change
+    members, entries = [], []
+    for asset_id, label, dims, build in ASSETS:
+        pts, q, log_s, logit, rgb, _ = build(rng)
+        dc = (np.clip(rgb, 0, 1) - 0.5) / 0.28209479177387814  # 3DGS degree-0 SH: rgb = 0.5 + C0 * dc
+        members.append((f"external_assets/{asset_id}/{asset_id}.ply", ply_bytes(pts, q, log_s, logit, dc[:, None, :])))
+        entries.append({"track_id": asset_id, "label_class": label, "cuboids_dims": [float(d) for d in dims]})
+    members.append(("external_assets/metadata.yaml", yaml.safe_dump({"assets": entries}, sort_keys=False).encode()))
+    return members
 
 
 def ego_pose(t_s):
@@ -743,6 +791,7 @@ def build_members(seed: int = 20261126):
                            "num-poses": int(DURATION_S * 10) + 1},
         }).encode()),
     ]
+    members += asset_members(seed)
     return members, counts
 
 

@@ -25,6 +25,12 @@ _HEALTH_PORT = flags.DEFINE_integer("health_port", None, "Also serve gRPC health
 _MAX_WORKERS = flags.DEFINE_integer("max_workers", _D.max_workers, "Render worker threads.")
 _TEST_SCENES = flags.DEFINE_boolean("test_scenes_are_valid", _D.test_scenes_are_valid,
                                     "Load every scene before reporting SERVING; exit if one fails.")
+_WARMUP = flags.DEFINE_boolean("warmup_compiles", _D.warmup_compiles,
+                               "With --test-scenes-are-valid: after SERVING, render every camera of every scene once "
+                               "in the background so first requests find compiled functions.")
+_WARMUP_H = flags.DEFINE_integer("warmup_height", _D.warmup_height,
+                                 "Output height of the warm-up renders (the resolution clients will request; width "
+                                 "keeps each camera's aspect); 0: native.")
 _CACHE_SIZE = flags.DEFINE_integer("cache_size", _D.cache_size, "Scenes kept loaded on the device (LRU).")
 _DL_DIR = flags.DEFINE_string("download_cache_dir", _D.download_cache_dir, "Where x-nre-scene-url downloads go.")
 _DL_SIZE = flags.DEFINE_integer("download_cache_size", _D.download_cache_size, "Downloaded scenes kept (LRU).")
@@ -92,7 +98,8 @@ def options_from_flags() -> opt.ServerOptions:
         download_max_bytes=_DL_MAX.value, shutdown_grace_s=_GRACE.value,
         initial_pair_capacity=_PAIR_CAP.value, initial_tile_capacity=_TILE_CAP.value,
         max_pair_capacity=_MAX_PAIRS.value, lidar_repeated_fields=_LIDAR_REPEATED.value,
-        compilation_cache_dir=_COMPILE_CACHE.value or None)
+        compilation_cache_dir=_COMPILE_CACHE.value or None, warmup_compiles=_WARMUP.value,
+        warmup_height=_WARMUP_H.value)
 
 
 def _main(argv):

@@ -29,6 +29,7 @@ from nurec_jax.server.ego_masks import EgoMasks
 from nurec_jax.server.models import ModelCache
 from nurec_jax.server.options import ServerOptions
 from nurec_jax.server.registry import SceneRegistry, discover_artifacts
+from nurec_jax.server import warmup
 from nurec_jax.server.servicer import SensorsimServicer
 
 _LOGGER = logging.getLogger(__name__)
@@ -72,7 +73,6 @@ class Server:
             return load_scene(self.registry.entry(scene_id).path, load_options)
 
         self.models = ModelCache(loader or default_loader, options.cache_size)
-        self.registry.on_unregister = self.models.drop
         self.renderer = renderer or Renderer(
             RenderOptions(pair_capacity=options.initial_pair_capacity, tile_capacity=options.initial_tile_capacity),
             max_pair_capacity=options.max_pair_capacity)
@@ -80,6 +80,13 @@ class Server:
         self.servicer = SensorsimServicer(options, self.registry, self.models, self.renderer,
                                           EgoMasks(options.egocar_hood_dir), self.lidar_caster)
         self.servicer.on_shut_down = lambda: self.request_shutdown(delay_s=0.1)
+        self.models.on_drop = self.servicer.editor.forget_view
+
+        def unregistered(scene_id: str) -> None:
+            self.models.drop(scene_id)
+            self.servicer.editor.restore(scene_id)
+
+        self.registry.on_unregister = unregistered
         self.port: int | None = None
         self.health_port: int | None = None
         self.warmup_error: BaseException | None = None
@@ -155,6 +162,10 @@ class Server:
             self._call(self.health.set(SERVICE_NAME, SERVING))
             self.serving.set()
             _LOGGER.info("health: SERVING")
+            if self.options.test_scenes_are_valid and self.options.warmup_compiles:
+                warmup.warm_up(self.registry.ids(), self.registry, self.models, self.renderer,
+                               self.servicer.device_lock, self._stopping, self.servicer.warmup,
+                               self.options.warmup_height)
 
     # ----------------------------------------------------------------------------------------
 

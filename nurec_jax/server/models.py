@@ -52,6 +52,7 @@ class ModelCache:
         self._slots: collections.OrderedDict[str, _Slot] = collections.OrderedDict()
         self.evictions = 0
         self.loads = 0
+        self.on_drop: Callable[[str], None] | None = None  # called with each scene id evicted or dropped
 
     def loaded(self) -> list[LoadedScene]:
         with self._lock:
@@ -62,14 +63,22 @@ class ModelCache:
             s = self._slots.get(scene_id)
             return s is not None and s.scene is not None
 
+    def peek(self, scene_id: str) -> Scene | None:
+        """The loaded scene, or None when it is not (fully) loaded; never loads."""
+        with self._lock:
+            s = self._slots.get(scene_id)
+            return None if s is None else s.scene
+
     def drop(self, scene_id: str) -> None:
         """Forgets a scene (e.g. its file was unregistered); in-flight users keep their reference."""
         with self._lock:
             self._slots.pop(scene_id, None)
+        if self.on_drop is not None:
+            self.on_drop(scene_id)
 
     def _evict_idle(self, keep: str, need_room: bool) -> int:
         """Evicts least-recently-used idle scenes; with need_room only until there is room for one more."""
-        n = 0
+        evicted = []
         with self._lock:
             for sid in list(self._slots):
                 if need_room and len(self._slots) <= self.capacity:
@@ -78,7 +87,11 @@ class ModelCache:
                 if sid == keep or s.users or s.scene is None:
                     continue
                 del self._slots[sid]
-                n += 1
+                evicted.append(sid)
+        n = len(evicted)
+        if self.on_drop is not None:
+            for sid in evicted:
+                self.on_drop(sid)
         if n:
             self.evictions += n
             gc.collect()

@@ -46,6 +46,8 @@ class ServerOptions:
     # nurec-jax.
     lidar_repeated_fields: bool = True
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache (None: off)
+    warmup_compiles: bool = True  # with test_scenes_are_valid: render every camera once after SERVING
+    warmup_height: int = 0  # output height of warm-up renders (width keeps the aspect); 0: native
     max_message_bytes: int = 64 << 20
     download_max_bytes: int = 32 << 30
     initial_pair_capacity: int = 1 << 16
@@ -71,6 +73,8 @@ class ServerOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be a power of two, got {v}")
         if self.initial_pair_capacity > self.max_pair_capacity:
             raise ValueError("--initial-pair-capacity must not exceed --max-pair-capacity")
+        if self.warmup_height < 0:
+            raise ValueError(f"--warmup-height must be >= 0, got {self.warmup_height}")
         if self.ray_chunk_size < 1:
             raise ValueError(f"--ray-chunk-size must be >= 1, got {self.ray_chunk_size}")
         if self.renderer not in RENDERERS:

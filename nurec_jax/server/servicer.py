@@ -29,12 +29,15 @@ from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
 from nurec_jax.lidar import LidarCaster
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.renderer import Renderer
-from nurec_jax.server import convert, images, requests
+from nurec_jax import assets
+from nurec_jax.server import convert, editing, images, requests
 from nurec_jax.server import errors as errs
+from nurec_jax.server.editing import EditError, SceneEditor
 from nurec_jax.server.ego_masks import EgoMasks
 from nurec_jax.server.models import ModelCache
 from nurec_jax.server.options import ServerOptions
 from nurec_jax.server.registry import SceneRegistry
+from nurec_jax.server.warmup import WarmupStatus
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -123,7 +126,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         self.models = models
         self.renderer = renderer
         self.ego_masks = ego_masks
+        self.editor = SceneEditor(registry)
         self.stats = Stats()
+        self.warmup = WarmupStatus()
         self.device_lock = threading.Lock()
         self.render_pool = concurrent.futures.ThreadPoolExecutor(options.max_workers, thread_name_prefix="render")
         self.meta_pool = concurrent.futures.ThreadPoolExecutor(options.metadata_threads, thread_name_prefix="meta")
@@ -181,9 +186,16 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         return None if left is None else max(0.0, left - _WAIT_MARGIN_S)
 
     def _meta(self, scene_id: str, field: str = "scene_id") -> SceneMetadata:
+        """The scene's metadata, with its actor edits."""
         if not scene_id:
             raise errs.InvalidArgument(f"{field}: empty")
-        return self.registry.metadata(scene_id)
+        return self.editor.metadata(scene_id)
+
+    @contextlib.contextmanager
+    def _scene(self, scene_id: str, call: _Call):
+        """The loaded scene, as edited (waits for a load until shortly before the call's deadline)."""
+        with self.models.use(scene_id, self._wait_timeout(call)) as scene:
+            yield self.editor.view(scene_id, scene)
 
     @contextlib.contextmanager
     def _on_device(self, call: _Call):
@@ -223,7 +235,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         meta = self._meta(request.scene_id)
         job = self._prepare(meta, request)
         call.check()
-        with self.models.use(request.scene_id, self._wait_timeout(call)) as scene:
+        with self._scene(request.scene_id, call) as scene:
             return sensorsim_pb2.RGBRenderReturn(image_bytes=self._render_job(scene, job, meta, call))
 
     @_rpc("render")
@@ -237,7 +249,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                                            f"items[0]'s {scene_id!r}; a batch renders one scene")
         meta = self._meta(scene_id, "items[0].request.scene_id")
         results = []
-        with self.models.use(scene_id, self._wait_timeout(call)) as scene:
+        with self._scene(scene_id, call) as scene:
             for i, item in enumerate(request.items):
                 call.check()
                 out = sensorsim_pb2.BatchRGBRenderReturnItem(camera_name=item.camera_name)
@@ -268,7 +280,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         meta = self._meta(request.scene_id)
         job = requests.prepare_lidar(meta, request, editing_enabled=self.options.enable_editing_actors)
         call.check()
-        with self.models.use(request.scene_id, self._wait_timeout(call)) as scene:
+        with self._scene(request.scene_id, call) as scene:
             return self._cast_lidar(scene, job, meta, call)
 
     @_rpc("render")
@@ -279,14 +291,14 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             call.check()
             meta = self._meta(req.scene_id, f"rgb_requests[{i}].scene_id")
             job = self._prepare(meta, req, f"rgb_requests[{i}].")
-            with self.models.use(req.scene_id, self._wait_timeout(call)) as scene:
+            with self._scene(req.scene_id, call) as scene:
                 rgb_returns.append(sensorsim_pb2.RGBRenderReturn(image_bytes=self._render_job(scene, job, meta, call)))
         for i, req in enumerate(request.lidar_requests):
             call.check()
             meta = self._meta(req.scene_id, f"lidar_requests[{i}].scene_id")
             job = requests.prepare_lidar(meta, req, editing_enabled=self.options.enable_editing_actors,
                                          prefix=f"lidar_requests[{i}].")
-            with self.models.use(req.scene_id, self._wait_timeout(call)) as scene:
+            with self._scene(req.scene_id, call) as scene:
                 lidar_returns.append(self._cast_lidar(scene, job, meta, call))
         return sensorsim_pb2.AggregatedRenderReturn(rgb_returns=rgb_returns, lidar_returns=lidar_returns)
 
@@ -310,6 +322,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             config["stats.render_latency_p95_s"] = f"{np.percentile(lat, 95):.4f}"
         config["stats.compiles"] = str(self.renderer.trace_count)
         config["stats.scenes_loaded"] = str([s.scene_id for s in self.models.loaded()])
+        config.update(self.warmup.as_strings())
         return sensorsim_pb2.ServerConfig(server_config=config)
 
     @_rpc("meta")
@@ -355,14 +368,12 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     @_rpc("meta")
     def get_external_asset_objects(self, request, call):
         meta = self._meta(request.scene_id)
-        ids = sorted({m.split("/")[1] for m in meta.members
-                      if m.startswith("external_assets/") and m.count("/") == 2
-                      and m.split("/")[2] == f"{m.split('/')[1]}.ply"})
-        return sensorsim_pb2.ExternalAssetObjectsReturn(track_ids=ids)
+        return sensorsim_pb2.ExternalAssetObjectsReturn(track_ids=assets.bank_ids(meta.members))
 
     @_rpc("meta")
     def get_dynamic_objects(self, request, call):
         meta = self._meta(request.scene_id)
+        edits = self.editor.edits(request.scene_id)
         out = sensorsim_pb2.AvailableDynamicObjectsReturn()
         for t in meta.tracks.values():
             if not t.is_controllable:
@@ -372,15 +383,24 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                 trajectory=convert.trajectory_to_proto(t.timestamps_us, t.T_object_world),
                 object_size=common_pb2.AABB(size_x=float(t.dims[0]), size_y=float(t.dims[1]),
                                             size_z=float(t.dims[2])),
-                asset_id="none")
+                asset_id=edits.asset_of(t.track_id) or "none")
         return out
 
-    @_rpc("meta")
+    @_rpc("render")
     def edit_assets(self, request, call):
+        # Edit failures come back in-band (NRE's contract); an unknown scene is NOT_FOUND like everywhere.
         self._meta(request.scene_id)
-        raise errs.Unimplemented("edit_assets: asset editing is not built in this version of nurec-jax")
+        loaded = self.models.peek(request.scene_id)
+        try:
+            edits = self.editor.edit(request, loaded)
+        except EditError as e:
+            _LOGGER.info("edit_assets %s failed: %s", request.scene_id, e)
+            return sensorsim_pb2.EditAssetsResponse(success=False, message=f"Failed to edit assets: {e}")
+        _LOGGER.info("edit_assets %s: %s", request.scene_id, editing.describe(edits))
+        return sensorsim_pb2.EditAssetsResponse(success=True, message="Success")
 
     @_rpc("meta")
     def restore_model_parameters(self, request, call):
         self._meta(request.scene_id)
-        raise errs.Unimplemented("restore_model_parameters: asset editing is not built in this version of nurec-jax")
+        self.editor.restore(request.scene_id)
+        return common_pb2.Empty()

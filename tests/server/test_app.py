@@ -86,7 +86,7 @@ def test_metadata_rpcs_answer_from_the_file(server, thin_scene):
     assert [o.id for o in objs] == controllable and all(o.asset_id == "none" for o in objs)
     assert objs[0].object_size.size_x > 0 and len(objs[0].trajectory.poses) > 1
     assert list(stub.get_external_asset_objects(
-        sensorsim_pb2.ExternalAssetObjectsRequest(scene_id=SID)).track_ids) == []
+        sensorsim_pb2.ExternalAssetObjectsRequest(scene_id=SID)).track_ids) == ["box_truck", "sedan_orange"]
     masks = stub.get_available_ego_masks(E).ego_mask_metadata
     assert [(m.ego_mask_id.rig_config_id, m.ego_mask_id.camera_logical_id) for m in masks] == [("rig_a", CAM)]
     config = stub.get_server_config(E).server_config
@@ -303,7 +303,7 @@ def test_scene_registered_by_request_metadata(server, thin_scene, tmp_path):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "Invalid scene ID" in details
 
 
-def test_warm_up_unavailable_then_serving(thin_scene, renderer):
+def test_warm_up_unavailable_then_serving_then_compiles(thin_scene, renderer):
     gate = threading.Event()
 
     def slow_loader(scene_id):
@@ -311,18 +311,32 @@ def test_warm_up_unavailable_then_serving(thin_scene, renderer):
         return load_scene(thin_scene)
 
     srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0,
-                                                           test_scenes_are_valid=True),
+                                                           test_scenes_are_valid=True, warmup_height=HEIGHT),
                               loader=slow_loader, renderer=renderer)
     channel, stub = connect(port)
     try:
         hs = health_pb2_grpc.HealthStub(channel)
         assert hs.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert stub.get_version(E, timeout=5).version_id  # metadata answers while warming up
-        code, details = _code(stub.render_rgb, rgb_request(thin_scene, SID), timeout=1.0)
+        code, details = _code(stub.render_rgb, rgb_request(thin_scene, SID), timeout=4.0)
         assert code == grpc.StatusCode.UNAVAILABLE and "still loading" in details
         gate.set()
         assert srv.serving.wait(30)
         assert hs.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        # The compile warm-up runs after SERVING: metadata answers meanwhile, and once it is done every
+        # camera at the warm-up height renders without compiling.
+        assert stub.get_version(E, timeout=5).version_id
+        for _ in range(600):
+            cfg = stub.get_server_config(E).server_config
+            if cfg["warmup.state"] != "running" or "warmup.rendered" not in cfg:
+                break
+            time.sleep(0.5)
+        n_cams = len(read_scene_metadata(thin_scene).cameras)
+        assert cfg["warmup.state"] == "done" and cfg["warmup.rendered"] == f"{n_cams}/{n_cams}", dict(cfg)
+        before = renderer.trace_count
+        for cam in read_scene_metadata(thin_scene).cameras:
+            decode(stub.render_rgb(rgb_request(thin_scene, SID, camera=cam), timeout=120).image_bytes)
+        assert renderer.trace_count == before
     finally:
         gate.set()
         channel.close()

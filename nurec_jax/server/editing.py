@@ -1,0 +1,204 @@
+"""Server-side actor editing (edit_assets / restore_model_parameters, protocol.md 6.12).
+
+Unlike NRE, whose edits live in the one backend instance that served the call (and silently vanish
+with several backends or after an eviction), edits here belong to the scene as the server holds it:
+`SceneEditor` keeps each scene's accumulated `ActorEdits` next to the registry, every RPC sees the
+edited metadata, and every render gets the edited scene view, rebuilt from the unedited cached scene
+when that is reloaded. An edit is validated and its scene view built before anything is committed, so
+a failed edit changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from nurec_jax import assets as assets_lib
+from nurec_jax import geometry
+from nurec_jax.edits import ActorEdits, Placement, apply_edits, edited_metadata
+from nurec_jax.errors import SceneFormatError
+from nurec_jax.metadata import SceneMetadata, Track
+from nurec_jax.scene import Scene
+from nurec_jax.server import convert
+
+
+class EditError(ValueError):
+    """An edit request that cannot be applied (reported in-band: success=false)."""
+
+
+def _size(msg, owner, field: str) -> np.ndarray | None:
+    """An AABB field -> (3,) dims, or None when absent or all zero."""
+    if not owner.HasField(field.rsplit(".", 1)[-1]):
+        return None
+    d = np.array([msg.size_x, msg.size_y, msg.size_z], np.float64)
+    if np.all(d == 0):
+        return None
+    if not np.all(np.isfinite(d)) or np.any(d <= 0):
+        raise EditError(f"{field}: sizes must be positive and finite, got {d.tolist()}")
+    return d
+
+
+def _trajectory(msg, field: str) -> tuple[np.ndarray, np.ndarray]:
+    if not msg.poses:
+        raise EditError(f"{field}: a new track needs at least one pose")
+    ts = np.array([p.timestamp_us for p in msg.poses], np.int64)
+    if np.any(np.diff(ts) <= 0):
+        raise EditError(f"{field}: timestamps must strictly increase")
+    mats = []
+    for i, p in enumerate(msg.poses):
+        try:
+            mats.append(geometry.pose7_xyzw_to_matrix(convert.grpc_pose_to_tquat(p.pose, f"{field}.poses[{i}].pose")))
+        except ValueError as e:
+            raise EditError(str(e)) from None
+    return ts, np.stack(mats)
+
+
+class SceneEditor:
+    """Per-scene edits and the edited views of loaded scenes."""
+
+    def __init__(self, registry, max_asset_bytes: int = 1 << 30):
+        self.registry = registry
+        self.max_asset_bytes = max_asset_bytes
+        self._lock = threading.Lock()
+        self._edit_lock = threading.Lock()  # one edit at a time: each builds on the one before
+        self._edits: dict[str, ActorEdits] = {}
+        self._views: dict[str, tuple[int, Scene]] = {}  # scene id -> (id of the unedited scene, view)
+        self._assets: dict[tuple[str, str], assets_lib.Asset] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # Views used by every RPC
+
+    def edits(self, scene_id: str) -> ActorEdits:
+        with self._lock:
+            return self._edits.get(scene_id, ActorEdits())
+
+    def metadata(self, scene_id: str) -> SceneMetadata:
+        """The scene's metadata with its edits (raises the registry's NotFound for unknown ids)."""
+        return edited_metadata(self.registry.metadata(scene_id), self.edits(scene_id))
+
+    def view(self, scene_id: str, scene: Scene) -> Scene:
+        """The edited view of an unedited cached `scene` (the scene itself when there are no edits)."""
+        with self._lock:
+            edits = self._edits.get(scene_id)
+            cached = self._views.get(scene_id)
+        if edits is None:
+            return scene
+        if cached is not None and cached[0] == id(scene.gaussians):
+            return cached[1]
+        view = apply_edits(scene, edits)
+        with self._lock:
+            if self._edits.get(scene_id) is edits:
+                self._views[scene_id] = (id(scene.gaussians), view)
+        return view
+
+    def forget_view(self, scene_id: str) -> None:
+        """Drops a cached view (its scene left the model cache: free the device memory it holds)."""
+        with self._lock:
+            self._views.pop(scene_id, None)
+
+    # ------------------------------------------------------------------------------------------
+    # Edits
+
+    def _asset(self, scene_id: str, asset_id: str, field: str) -> assets_lib.Asset:
+        path = self.registry.entry(scene_id).path
+        key = (path, asset_id)
+        with self._lock:
+            if key in self._assets:
+                return self._assets[key]
+        try:
+            asset = assets_lib.load_bank_asset(path, asset_id, self.max_asset_bytes)
+        except KeyError:
+            if not asset_id.lower().endswith(".ply"):
+                bank = assets_lib.bank_ids(self.registry.metadata(scene_id).members)
+                raise EditError(f"{field}: no asset {asset_id!r} in the scene's asset bank {bank} "
+                                f"(and not a .ply path)") from None
+            try:
+                asset = assets_lib.load_ply_asset(os.path.expanduser(asset_id), self.max_asset_bytes)
+            except (OSError, ValueError, SceneFormatError) as e:
+                raise EditError(f"{field}: {e}") from None
+        except SceneFormatError as e:
+            raise EditError(f"{field}: {e}") from None
+        with self._lock:
+            self._assets[key] = asset
+        return asset
+
+    def _placement(self, scene_id: str, asset_id: str, size, owner, field: str) -> Placement:
+        if not asset_id or asset_id == "none":
+            raise EditError(f"{field}: an asset id (asset bank id or .ply path) is required")
+        asset = self._asset(scene_id, asset_id, field)
+        dims = _size(size, owner, f"{field.rsplit('.', 1)[0]}.object_size")
+        if dims is None:
+            if not asset.dims_listed and asset_id.lower().endswith(".ply"):
+                raise EditError(f"{field.rsplit('.', 1)[0]}.object_size: required for a .ply path")
+            dims = asset.dims
+        return Placement(asset, dims)
+
+    def parse(self, request) -> ActorEdits:
+        """Validates an EditAssetsRequest against the scene as currently edited."""
+        sid = request.scene_id
+        meta = self.metadata(sid)
+        replaced: dict = {}
+        for i, r in enumerate(request.replace):
+            f = f"replace[{i}]"
+            if r.original_id not in meta.tracks:
+                raise EditError(f"{f}.original_id: no track {r.original_id!r} in scene {sid!r}")
+            if r.original_id in replaced:
+                raise EditError(f"{f}.original_id: track {r.original_id!r} is replaced twice in one request")
+            replaced[r.original_id] = self._placement(sid, r.replacement_id, r.object_size, r,
+                                                      f"{f}.replacement_id")
+        inserted: dict = {}
+        for i, t in enumerate(request.insert):
+            f = f"insert[{i}]"
+            if not t.id:
+                raise EditError(f"{f}.id: empty")
+            if "@" in t.id:
+                raise EditError(f"{f}.id: {t.id!r} must not contain '@'")
+            if t.id in meta.tracks or t.id in inserted:
+                raise EditError(f"{f}.id: track {t.id!r} already exists")
+            ts, mats = _trajectory(t.trajectory, f"{f}.trajectory")
+            p = self._placement(sid, t.asset_id, t.object_size, t, f"{f}.asset_id")
+            label = t.semantic_class or p.asset.label or "automobile"
+            inserted[t.id] = (Track(t.id, label, "DYNAMIC|CONTROLLABLE", ts, mats, np.asarray(p.dims)), p)
+        if not replaced and not inserted:
+            raise EditError("the request has no replace or insert actions")
+        return ActorEdits(replaced, inserted)
+
+    def edit(self, request, loaded: Scene | None) -> ActorEdits:
+        """Applies an edit request; `loaded` is the unedited cached scene, if loaded (its view is built
+        before committing). Raises EditError (nothing changed) when the edit is invalid."""
+        sid = request.scene_id
+        with self._edit_lock:
+            new = self.edits(sid).merged(self.parse(request))
+            view = None
+            if loaded is not None:
+                try:
+                    view = apply_edits(loaded, new)
+                except (ValueError, SceneFormatError) as e:
+                    raise EditError(str(e)) from None
+            with self._lock:
+                self._edits[sid] = new
+                if view is not None:
+                    self._views[sid] = (id(loaded.gaussians), view)
+                else:
+                    self._views.pop(sid, None)
+        return new
+
+    def restore(self, scene_id: str) -> None:
+        """Undoes every edit of the scene."""
+        with self._edit_lock, self._lock:
+            self._edits.pop(scene_id, None)
+            self._views.pop(scene_id, None)
+
+    def edited_scene_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._edits)
+
+
+def describe(edits: ActorEdits) -> str:
+    parts = [f"replaced {tid} with {p.asset.asset_id} ({'x'.join(f'{d:.2f}' for d in p.dims)} m)"
+             for tid, p in edits.replaced.items()]
+    parts += [f"inserted {tid} ({p.asset.asset_id})" for tid, (_, p) in edits.inserted.items()]
+    return "; ".join(parts)
+
