@@ -9,7 +9,13 @@ kernels run in interpret mode.
 from __future__ import annotations
 
 import jax
+import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 from jax.experimental.pallas import triton as plt  # noqa: F401  (re-exported for the kernels)
+
+# Pallas registers the trace-context option `pallas_fuser_disable_nested_fuse` when its fuser module is
+# first imported, which otherwise happens inside the first pallas_call trace: every function jitted before
+# that point would then miss the jit cache once (one extra compile of the first render). Importing it here,
+# when nurec_jax.render is imported, keeps the trace context fixed from the start.
 
 
 def resolve_interpret(interpret: bool | None = None) -> bool:

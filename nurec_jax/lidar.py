@@ -30,7 +30,7 @@ from nurec_jax import sh as sh_lib
 from nurec_jax.lidar_models import LidarModel
 from nurec_jax.poses import Pose, PosePair
 from nurec_jax.render import ActorPoses, RenderOptions, _frame_pairs, _merge, bin_gaussians, compositor
-from nurec_jax.renderer import grown_capacities
+from nurec_jax.renderer import grown_capacity
 from nurec_jax.types import SceneGaussians
 
 TILE = C.TILE_SIZE
@@ -97,20 +97,19 @@ class LidarOptions:
     """Static configuration of the lidar ray caster (part of the jit key).
 
     Attributes:
-      pair_capacity, tile_capacity: (tile, Gaussian) pair buffer and per-tile list size of one pass.
+      pair_capacity: (tile, Gaussian) pair buffer of one pass.
       column_tiles: column tiles (16 columns each) per pass; 0 = the whole spin in one pass.
       chunk, tile_batch: compositor settings (as RenderOptions).
     """
 
     pair_capacity: int = 1 << 18
-    tile_capacity: int = 1 << 11
     column_tiles: int = 0
     chunk: int = 32
     tile_batch: int = 8
     implementation: str = "auto"
 
     def render_options(self) -> RenderOptions:
-        return RenderOptions(pair_capacity=self.pair_capacity, tile_capacity=self.tile_capacity, chunk=self.chunk,
+        return RenderOptions(pair_capacity=self.pair_capacity, chunk=self.chunk,
                              tile_batch=self.tile_batch, implementation=self.implementation)
 
 
@@ -342,21 +341,20 @@ class LidarCaster:
         tables = lidar_tables(model, dtype)
         n_ct = column_tiles_for(tables, ray_chunk_size)
         key = (cache_key, model.static_key(), n_ct)
-        caps = self._caps.get(key, (self.options.pair_capacity, self.options.tile_capacity))
-        opts = dataclasses.replace(self.options, pair_capacity=caps[0], tile_capacity=caps[1], column_tiles=n_ct)
+        opts = dataclasses.replace(self.options, pair_capacity=self._caps.get(key, self.options.pair_capacity),
+                                   column_tiles=n_ct)
         parts = []
         c0 = 0
         while c0 < tables.column_tiles:
             if check is not None:
                 check()
             out = self._fn(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
-            pairs, longest = int(out.num_pairs), int(out.max_tile_pairs)
-            if pairs > opts.pair_capacity or longest > opts.tile_capacity:
-                new_pairs, new_tile = grown_capacities(opts.pair_capacity, opts.tile_capacity, pairs, longest,
-                                                       self.max_pair_capacity, "lidar pass")
-                opts = dataclasses.replace(opts, pair_capacity=new_pairs, tile_capacity=new_tile)
-                self._caps[key] = (new_pairs, new_tile)
-                continue  # redo this pass with the larger buckets
+            pairs = int(out.num_pairs)
+            if pairs > opts.pair_capacity:
+                new_pairs = grown_capacity(opts.pair_capacity, pairs, self.max_pair_capacity, "lidar pass")
+                opts = dataclasses.replace(opts, pair_capacity=new_pairs)
+                self._caps[key] = new_pairs
+                continue  # redo this pass with the larger bucket
             parts.append(jax.tree_util.tree_map(np.asarray, (out.distance, out.alpha, out.intensity, out.points)))
             c0 += n_ct
         dist, alpha, inten, pts = (np.concatenate(x, axis=1)[:, : model.columns] for x in zip(*parts))

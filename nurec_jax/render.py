@@ -30,7 +30,7 @@ from nurec_jax import math as nmath
 from nurec_jax import sh as sh_lib
 from nurec_jax import sky as sky_lib
 from nurec_jax.cameras import Camera
-from nurec_jax.kernels import rasterize_ref
+from nurec_jax.kernels import rasterize_pallas, rasterize_ref
 from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import Pose, PosePair
 from nurec_jax.types import Gaussians, SceneGaussians, Sky
@@ -41,8 +41,8 @@ class RenderOptions:
     """Static render configuration (part of the jit cache key).
 
     Attributes:
-      pair_capacity: size of the (tile, Gaussian) pair buffer.
-      tile_capacity: most Gaussians one tile may hold.
+      pair_capacity: size of the (tile, Gaussian) pair buffer (the only capacity: tiles are ranges of the
+        sorted pair list, so a long tile list costs no extra memory and never forces a recompile).
       chunk: Gaussians composited per step.
       tile_batch: tiles walked side by side (vectorised) by the reference compositor.
       rolling_shutter_iterations: fixed-point iterations when projecting under a rolling shutter.
@@ -52,7 +52,6 @@ class RenderOptions:
     """
 
     pair_capacity: int = 1 << 18
-    tile_capacity: int = 1 << 11
     chunk: int = 32
     tile_batch: int = 8
     rolling_shutter_iterations: int = C.ROLLING_SHUTTER_ITERATIONS
@@ -91,7 +90,7 @@ class RenderOutput:
       hit_distance: (H, W) sum of w_i t*_i (not divided by alpha), metres along the ray.
       depth: (H, W) expected ray distance hit_distance / alpha (0 where alpha ~ 0).
       num_pairs: () int32 (tile, Gaussian) pairs needed; > pair_capacity means overflow.
-      max_tile_pairs: () int32 largest per-tile list; > tile_capacity means overflow.
+      max_tile_pairs: () int32 longest per-tile list (a diagnostic: the work of the slowest tile).
     """
 
     rgb: jax.Array
@@ -308,12 +307,12 @@ def depth_key(depth: jax.Array, depth_bits: int) -> jax.Array:
 class Binning:
     """Result of tile binning: one list of Gaussian ids sorted by (tile, depth) and each tile's range in it.
 
-    No [tiles, tile_capacity] table is built: memory is O(pair_capacity), whatever the longest tile.
+    No [tiles, longest list] table is built: memory is O(pair_capacity), whatever the longest tile.
     """
 
     pair_gids: jax.Array  # [pair_capacity] int32, -1 past the last pair
     tile_start: jax.Array  # [T] int32 first position of each tile in pair_gids
-    tile_counts: jax.Array  # [T] int32 list length, clipped to tile_capacity
+    tile_counts: jax.Array  # [T] int32 list length
     num_pairs: jax.Array  # () int32
     max_tile_pairs: jax.Array  # () int32
 
@@ -360,7 +359,7 @@ def bin_gaussians(rect_lo, rect_hi, valid, opacities, depth, tiles_x: int, tiles
     end = jnp.searchsorted(stile, tids, side="right").astype(jnp.int32)
     tcount = end - start
     gids = jnp.where(slot < total, sg, -1)
-    return Binning(gids, start, jnp.minimum(tcount, options.tile_capacity), total.astype(jnp.int32),
+    return Binning(gids, start, tcount, total.astype(jnp.int32),
                    jnp.max(tcount).astype(jnp.int32))
 
 
@@ -421,8 +420,6 @@ def compositor(implementation: str):
     if implementation == "reference":
         return rasterize_ref.rasterize_tiles_ref
     if implementation == "pallas":
-        from nurec_jax.kernels import rasterize_pallas
-
         return rasterize_pallas.rasterize_tiles_pallas
     raise ValueError(f"implementation must be 'auto', 'reference' or 'pallas', got {implementation!r}")
 

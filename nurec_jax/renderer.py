@@ -25,31 +25,28 @@ from nurec_jax.types import SceneGaussians
 _LOGGER = logging.getLogger(__name__)
 
 
-def grown_capacities(pair_capacity: int, tile_capacity: int, pairs: int, longest: int, max_pair_capacity: int,
-                     what: str = "frame") -> tuple[int, int]:
-    """The power-of-two buckets that hold `pairs` pairs and a `longest` tile list (never smaller than the
-    current ones). Raises MemoryError when the pair buffer would exceed `max_pair_capacity`."""
+def grown_capacity(pair_capacity: int, pairs: int, max_pair_capacity: int, what: str = "frame") -> int:
+    """The power-of-two pair bucket that holds `pairs` (never smaller than the current one). Raises
+    MemoryError when it would exceed `max_pair_capacity`."""
     new_pairs = max(pair_capacity, nmath.next_pow2(pairs))
-    new_tile = max(tile_capacity, nmath.next_pow2(longest))
     if new_pairs > max_pair_capacity:
         raise MemoryError(f"{what} needs {pairs} tile/Gaussian pairs, above the limit {max_pair_capacity}")
-    return new_pairs, new_tile
+    return new_pairs
 
 
 class Renderer:
     """Renders frames with cached compiled functions and overflow-safe capacities.
 
-    Capacities come from power-of-two buckets: a frame that needs more pairs (or a longer tile list)
-    than the current bucket is re-rendered with the next sufficient bucket, which is then kept for
+    Capacities come from power-of-two buckets: a frame that needs more pairs than the current bucket is re-rendered with the next sufficient bucket, which is then kept for
     that (scene, resolution) so later frames start there. Nothing is ever silently clipped.
     """
 
-    def __init__(self, base_options: RenderOptions = RenderOptions(pair_capacity=1 << 16, tile_capacity=1 << 10),
+    def __init__(self, base_options: RenderOptions = RenderOptions(pair_capacity=1 << 16),
                  max_pair_capacity: int = 1 << 26):
         self.base_options = base_options
         self.max_pair_capacity = max_pair_capacity
         self._fn = jax.jit(self._traced, static_argnames=("options",))
-        self._caps: dict[tuple, tuple[int, int]] = {}
+        self._caps: dict[tuple, int] = {}
         self._lock = threading.Lock()
         self.trace_count = 0  # how many times a render function was traced (compiled)
 
@@ -67,7 +64,7 @@ class Renderer:
             caps = self._caps.get(self._key(camera, cache_key))
         if caps is None:
             return self.base_options
-        return dataclasses.replace(self.base_options, pair_capacity=caps[0], tile_capacity=caps[1])
+        return dataclasses.replace(self.base_options, pair_capacity=caps)
 
     def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
                actors: ActorPoses | None = None, *, disable_rolling_shutter: bool = False,
@@ -79,15 +76,14 @@ class Renderer:
             actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)
         while True:
             out = self._fn(gaussians, camera, sensor_pose, actors, options=opts)
-            pairs, longest = int(out.num_pairs), int(out.max_tile_pairs)
-            if pairs <= opts.pair_capacity and longest <= opts.tile_capacity:
+            pairs = int(out.num_pairs)
+            if pairs <= opts.pair_capacity:
                 return out
-            new_pairs, new_tile = grown_capacities(opts.pair_capacity, opts.tile_capacity, pairs, longest,
-                                                   self.max_pair_capacity)
-            _LOGGER.info("capacity grown to %d pairs / %d per tile for %s", new_pairs, new_tile, key)
+            new_pairs = grown_capacity(opts.pair_capacity, pairs, self.max_pair_capacity)
+            _LOGGER.info("capacity grown to %d pairs for %s", new_pairs, key)
             with self._lock:
-                self._caps[key] = (new_pairs, new_tile)
-            opts = dataclasses.replace(opts, pair_capacity=new_pairs, tile_capacity=new_tile)
+                self._caps[key] = new_pairs
+            opts = dataclasses.replace(opts, pair_capacity=new_pairs)
 
 
 def track_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], start_us: int, end_us: int,

@@ -57,7 +57,7 @@ def pose_at(height=0.0, x=0.0, dtype=np.float32):
 
 @pytest.fixture(scope="module")
 def caster():
-    return lidar.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 16, tile_capacity=1 << 12))
+    return lidar.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 16))
 
 
 def test_ground_plane_ranges_per_beam(caster):
@@ -131,8 +131,7 @@ def test_depth_agrees_with_the_camera_renderer(caster):
     cam = cameras.camera_from_intrinsics(intr)
     c2w = np.eye(4, dtype=np.float32)
     c2w[:3, :3] = np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], np.float32)
-    out = render(scene, cam, PosePair.from_matrices(c2w), None, RenderOptions(pair_capacity=1 << 16,
-                                                                             tile_capacity=1 << 12))
+    out = render(scene, cam, PosePair.from_matrices(c2w), None, RenderOptions(pair_capacity=1 << 16))
     depth = np.asarray(out.depth)
     e, b = np.broadcast_arrays(model.elevations_rad[:, None], model.column_azimuths_rad[None, :])
     d_w = np.stack([np.cos(b) * np.cos(e), np.sin(b) * np.cos(e), np.sin(e)], -1)
@@ -163,7 +162,7 @@ def test_range_gradient_matches_finite_differences():
         scene = make_scene(wall(8.0, ripple=0.5), normal_axis=0, dtype=np.float64)
         tables = lidar.lidar_tables(model, jnp.float64)
         base = PosePair.from_matrices(pose_at(0.1, 0.0, np.float64), pose_at(0.1, 0.3, np.float64))
-        opts = lidar.LidarOptions(pair_capacity=1 << 15, tile_capacity=1 << 12)
+        opts = lidar.LidarOptions(pair_capacity=1 << 15)
         actors = lidar.ActorPoses.hidden(0, jnp.float64)
         mask = np.asarray(lidar.raycast_pass(scene, tables, base, actors, jnp.int32(0), 2, opts).alpha) > 0.9
         assert mask.sum() > 50

@@ -13,7 +13,7 @@ from nurec_jax import render as R
 from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import PosePair
 
-_OPTS = R.RenderOptions(pair_capacity=1 << 13, tile_capacity=1 << 8, chunk=8, tile_batch=4)
+_OPTS = R.RenderOptions(pair_capacity=1 << 13, chunk=8, tile_batch=4)
 _render = jax.jit(R.render, static_argnames=("options",))
 
 # Tolerance, and why: the renderer is float32 against a float64 brute force (~1e-5), and it selects
@@ -32,7 +32,7 @@ def _compare(model, shutter, motion=0.6, seed=0, implementation="reference"):
     start, end = fx.camera_poses(motion)
     out = _render(fx.to_scene(host), cam, PosePair.from_matrices(start.astype(np.float32), end.astype(np.float32)),
                   fx.actor_poses(host), options=dataclasses.replace(_OPTS, implementation=implementation))
-    assert int(out.num_pairs) <= _OPTS.pair_capacity and int(out.max_tile_pairs) <= _OPTS.tile_capacity
+    assert int(out.num_pairs) <= _OPTS.pair_capacity
     means, quats, scales, opac, shc, frames = fx.brute_inputs(host)
     rgb, alpha, hit = bruteforce.render(cam, start, end, means, quats, scales, opac, shc, host["degree"], frames,
                                         host["actor_T"], fx.BACKGROUND, wide=cam.wide_angle)

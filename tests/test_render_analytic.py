@@ -10,7 +10,7 @@ from nurec_jax.metadata import FThetaIntrinsics, OpenCVPinholeIntrinsics, Polyno
 from nurec_jax.poses import PosePair
 from nurec_jax.types import Gaussians, SceneGaussians, Sky
 
-_OPTS = R.RenderOptions(pair_capacity=1 << 12, tile_capacity=1 << 8, chunk=8, tile_batch=4)
+_OPTS = R.RenderOptions(pair_capacity=1 << 12, chunk=8, tile_batch=4)
 _render = jax.jit(R.render, static_argnames=("options",))
 BG = (0.0, 0.0, 0.0)
 
@@ -130,13 +130,12 @@ def test_renderer_grows_capacity_and_caches_compiles():
     n = 300
     means = np.stack([rng.uniform(-2, 2, n), rng.uniform(-2, 2, n), rng.uniform(3, 8, n)], -1)
     scene = _scene(means, rng.uniform(0.05, 0.5, (n, 3)), rng.uniform(0.2, 0.9, n))
-    small = R.RenderOptions(pair_capacity=64, tile_capacity=16, chunk=8, tile_batch=4)
+    small = R.RenderOptions(pair_capacity=64, chunk=8, tile_batch=4)
     direct = _render(scene, cam, _identity_pose(), None, options=small)
     assert int(direct.num_pairs) > 64  # overflow is reported, never hidden
     renderer = RR.Renderer(small)
     out = renderer.render(scene, cam, _identity_pose(), cache_key=("t",))
-    big = _render(scene, cam, _identity_pose(), None, options=R.RenderOptions(pair_capacity=1 << 14,
-                                                                              tile_capacity=1 << 10, chunk=8,
+    big = _render(scene, cam, _identity_pose(), None, options=R.RenderOptions(pair_capacity=1 << 14, chunk=8,
                                                                               tile_batch=4))
     np.testing.assert_allclose(np.asarray(out.rgb), np.asarray(big.rgb), atol=1e-6)
     traces = renderer.trace_count

@@ -11,7 +11,7 @@ from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import PosePair
 from nurec_jax.types import Gaussians, SceneGaussians
 
-_OPTS = R.RenderOptions(pair_capacity=1 << 10, tile_capacity=1 << 7, chunk=4, tile_batch=2)
+_OPTS = R.RenderOptions(pair_capacity=1 << 10, chunk=4, tile_batch=2)
 
 
 def _setup(model, shutter, seed=0):

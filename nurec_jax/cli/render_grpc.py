@@ -39,6 +39,10 @@ _DEMO_ACTORS = flags.DEFINE_boolean(
     "Move the scene's controllable actors (2 m to their left, yawed 15 degrees); the server needs "
     "--enable-editing-actors.")
 _SHUTDOWN = flags.DEFINE_boolean("shutdown_server_on_completion", False, "Call shut_down when done.")
+_EDIT_ASSETS = flags.DEFINE_string(
+    "edit_assets", None, "Actor edits applied before rendering and undone (restore_model_parameters) after: an "
+    "EditAssetsRequest as JSON (inline, or a path to a .json file), e.g. "
+    '\'{"replace": [{"original_id": "3", "replacement_id": "box_truck"}]}\' (scene_id is filled in).')
 _RIG_NAME = flags.DEFINE_string("rig_name", None, "Ego-hood rig id (a directory of the server's --egocar-hood-dir).")
 _FRAME_NAMING = flags.DEFINE_enum("frame_naming", "frame-end-timestamp",
                                   ["frame-end-timestamp", "contiguous-output-index"], "Image file names.")
@@ -176,6 +180,21 @@ def _main(argv):
     rig_ts, rig_mats = _trajectory(trajs.available_trajectories[0].trajectory)
     hoods = {(m.ego_mask_id.rig_config_id, m.ego_mask_id.camera_logical_id) for m in masks.ego_mask_metadata}
 
+    edit = None
+    if _EDIT_ASSETS.value:
+        try:
+            edit = _edit_request(_EDIT_ASSETS.value, scene_id)
+            reply = stub.edit_assets(edit, metadata=md, timeout=timeout)
+        except (ValueError, OSError) as e:
+            print(f"render-grpc: --edit-assets: {e}", file=sys.stderr)
+            return 1
+        except grpc.RpcError as e:
+            print(f"render-grpc: edit_assets: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        if not reply.success:
+            print(f"render-grpc: edit_assets: {reply.message}", file=sys.stderr)
+            return 1
+        print(f"edit_assets: {reply.message} ({len(edit.replace)} replaced, {len(edit.insert)} inserted)")
     demo_tracks = _demo_tracks(stub, sensorsim_pb2, scene_id, md) if _DEMO_ACTORS.value else []
     jobs = []
     written: dict[str, list[tuple[int, str, int, int]]] = {c: [] for c in _CAMERA.value}
@@ -317,6 +336,14 @@ def _main(argv):
         json.dump({name: flags.FLAGS[name].value for name in _OWN_FLAGS}, f, indent=1)
     n = sum(len(v) for v in written.values())
     print(f"render-grpc: {n} image(s) / spin(s) in {os.path.abspath(_OUTPUT.value)} ({elapsed:.1f} s, {failures} failed)")
+    if edit is not None:
+        try:
+            stub.restore_model_parameters(sensorsim_pb2.RestoreModelParametersRequest(scene_id=scene_id),
+                                          metadata=md, timeout=timeout)
+            print("restore_model_parameters: edits undone")
+        except grpc.RpcError as e:
+            print(f"render-grpc: restore_model_parameters failed: {e.code().name} {e.details()}", file=sys.stderr)
+            failures += 1
     if _SHUTDOWN.value:
         try:
             stub.shut_down(common_pb2.Empty(), timeout=10)
@@ -327,7 +354,25 @@ def _main(argv):
     return 1 if failures else 0
 
 
-_OWN_FLAGS = ("artifact_path", "output_dir", "host", "port", "height", "camera_id", "image_format", "frame_step",
+def _edit_request(value: str, scene_id: str):
+    """--edit-assets (inline JSON or a .json path) -> EditAssetsRequest for `scene_id`."""
+    from google.protobuf import json_format
+
+    from nurec_jax._proto import sensorsim_pb2
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        with open(os.path.expanduser(value)) as f:
+            text = f.read()
+    try:
+        req = json_format.Parse(text, sensorsim_pb2.EditAssetsRequest())
+    except json_format.ParseError as e:
+        raise ValueError(f"not an EditAssetsRequest: {e}") from None
+    req.scene_id = scene_id
+    return req
+
+
+_OWN_FLAGS = ("artifact_path", "edit_assets", "output_dir", "host", "port", "height", "camera_id", "image_format", "frame_step",
               "max_frames", "disable_rolling_shutter", "demo_actor_transform", "shutdown_server_on_completion",
               "rig_name", "frame_naming", "sequential", "concurrency", "video_format", "video_fps", "timeout_s",
               "lidar", "lidar_id", "lidar_type", "lidar_format", "lidar_frame_step", "lidar_raydrop_threshold",

@@ -43,28 +43,36 @@ _RAY_CHUNK = flags.DEFINE_integer("ray_chunk_size", _D.ray_chunk_size, "Most lid
 _EDITING = flags.DEFINE_boolean("enable_editing_actors", _D.enable_editing_actors,
                                 "Accept dynamic_objects (actor poses) in render requests.")
 _HOOD_DIR = flags.DEFINE_string("egocar_hood_dir", None, "Ego hood masks: <dir>/<rig_config_id>/<camera>.png.")
-_DIFIX = flags.DEFINE_boolean("enable_difix", _D.enable_difix, "DiFix post-processing (not available yet).")
+_DIFIX = flags.DEFINE_boolean("enable_difix", _D.enable_difix, "Post-process every camera image with the model at "
+                              "<--difix-cache>/<--difix-model-filename> (a nurec-jax post-processing model: "
+                              "tools/make_postprocess_model.py; NVIDIA's DiFix checkpoint cannot be used).")
 _DIFIX_URL = flags.DEFINE_string("difix_url", None, "DiFix model URL.")
 _DIFIX_CACHE = flags.DEFINE_string("difix_cache", _D.difix_cache, "DiFix model cache directory.")
 _DIFIX_FILE = flags.DEFINE_string("difix_model_filename", _D.difix_model_filename, "DiFix model file name.")
 _DIFIX_RES = flags.DEFINE_list("difix_resolution", [str(v) for v in _D.difix_resolution], "DiFix input H W.")
-_TIMING = flags.DEFINE_boolean("enable_timing", _D.enable_timing, "Per-stage timing (not available yet).")
+_TIMING = flags.DEFINE_boolean("enable_timing", _D.enable_timing, "Per-request stage timing (decode, setup, render, "
+                               "post-process, ego mask, encode), logged at --timing-verbosity.")
 _TIMING_VERB = flags.DEFINE_enum("timing_verbosity", _D.timing_verbosity, list(opt.TIMING_VERBOSITIES),
                                  "Timing report detail.")
 _TIMING_LOG = flags.DEFINE_string("timing_logfile", None, "Timing log file.")
 _TIMING_SYNC = flags.DEFINE_boolean("timing_synchronize", _D.timing_synchronize, "Synchronise the device per stage.")
 _PROFILING = flags.DEFINE_enum("profiling_backend", _D.profiling_backend, list(opt.PROFILING_BACKENDS),
-                               "Profiler (not available yet).")
-_METRICS_DIR = flags.DEFINE_string("metrics_output_dir", None, "Render-time metrics output (not available yet).")
+                               "Profiler: JAX (a jax.profiler trace in --profiling-trace-dir with one "
+                               "range per request stage), NVTX (ranges for Nsight Systems; needs the nvtx package) "
+                               "or NONE. TRACY (NRE's C++ profiler) is refused.")
+_METRICS_DIR = flags.DEFINE_string("metrics_output_dir", None, "Write render-time metrics (metrics.yaml, "
+                                    "the first 3 renders skipped) into this directory.")
 _MAX_BACKENDS = flags.DEFINE_integer("max_backends_per_scene", None,
                                      "Accepted for compatibility; one shared device copy serves each scene.")
+_TRACE_DIR = flags.DEFINE_string("profiling_trace_dir", _D.profiling_trace_dir,
+                                 "Where --profiling-backend JAX writes its trace (open with TensorBoard/Perfetto).")
+_METRICS_PORT = flags.DEFINE_integer("metrics_port", None, "Serve GET /metrics (Prometheus text) and /healthz "
+                                     "over HTTP on this port (0 picks one).")
 _HARMONIZER = flags.DEFINE_boolean("enable_harmonizer", _D.enable_harmonizer, "Harmonizer (not available).")
 _MAX_MESSAGE_MB = flags.DEFINE_integer("max_message_mb", _D.max_message_bytes >> 20,
                                        "gRPC send/receive message limit, MiB.")
 _PAIR_CAP = flags.DEFINE_integer("initial_pair_capacity", _D.initial_pair_capacity,
                                  "First (tile, Gaussian) pair buffer bucket; grows by powers of two as needed.")
-_TILE_CAP = flags.DEFINE_integer("initial_tile_capacity", _D.initial_tile_capacity,
-                                 "First per-tile list bucket; grows by powers of two as needed.")
 _MAX_PAIRS = flags.DEFINE_integer("max_pair_capacity", _D.max_pair_capacity,
                                   "Largest pair buffer; a frame needing more is RESOURCE_EXHAUSTED.")
 _LIDAR_REPEATED = flags.DEFINE_boolean(
@@ -96,10 +104,10 @@ def options_from_flags() -> opt.ServerOptions:
         profiling_backend=_PROFILING.value, max_backends_per_scene=_MAX_BACKENDS.value,
         enable_harmonizer=_HARMONIZER.value, max_message_bytes=_MAX_MESSAGE_MB.value << 20,
         download_max_bytes=_DL_MAX.value, shutdown_grace_s=_GRACE.value,
-        initial_pair_capacity=_PAIR_CAP.value, initial_tile_capacity=_TILE_CAP.value,
+        initial_pair_capacity=_PAIR_CAP.value,
         max_pair_capacity=_MAX_PAIRS.value, lidar_repeated_fields=_LIDAR_REPEATED.value,
         compilation_cache_dir=_COMPILE_CACHE.value or None, warmup_compiles=_WARMUP.value,
-        warmup_height=_WARMUP_H.value)
+        warmup_height=_WARMUP_H.value, profiling_trace_dir=_TRACE_DIR.value, metrics_port=_METRICS_PORT.value)
 
 
 def _main(argv):

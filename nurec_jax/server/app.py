@@ -29,7 +29,7 @@ from nurec_jax.server.ego_masks import EgoMasks
 from nurec_jax.server.models import ModelCache
 from nurec_jax.server.options import ServerOptions
 from nurec_jax.server.registry import SceneRegistry, discover_artifacts
-from nurec_jax.server import warmup
+from nurec_jax.server import metrics_http, postprocess, timing, warmup
 from nurec_jax.server.servicer import SensorsimServicer
 
 _LOGGER = logging.getLogger(__name__)
@@ -74,11 +74,28 @@ class Server:
 
         self.models = ModelCache(loader or default_loader, options.cache_size)
         self.renderer = renderer or Renderer(
-            RenderOptions(pair_capacity=options.initial_pair_capacity, tile_capacity=options.initial_tile_capacity),
+            RenderOptions(pair_capacity=options.initial_pair_capacity),
             max_pair_capacity=options.max_pair_capacity)
         self.lidar_caster = lidar_caster or LidarCaster(max_pair_capacity=options.max_pair_capacity)
+        # Operations: timing log / metrics.yaml, profiler, post-processing model. Each raises ValueError naming
+        # its flag (a missing nvtx package, Tracy, an unusable path, no post-processing model), so a
+        # misconfigured server refuses to start instead of failing requests.
+        self.timing_log = timing.TimingLog(options.timing_verbosity if options.enable_timing else "NONE",
+                                           options.timing_logfile if options.enable_timing else None,
+                                           options.metrics_output_dir)
+        self.profiler = timing.Profiler(options.profiling_backend, os.path.expanduser(options.profiling_trace_dir))
+        postprocessor = None
+        if options.enable_difix:
+            postprocessor = postprocess.load_postprocessor(options.difix_cache, options.difix_model_filename,
+                                                           options.difix_url, options.difix_resolution)
+            _LOGGER.info("post-processing (--enable-difix): %s", postprocessor.describe())
         self.servicer = SensorsimServicer(options, self.registry, self.models, self.renderer,
-                                          EgoMasks(options.egocar_hood_dir), self.lidar_caster)
+                                          EgoMasks(options.egocar_hood_dir), self.lidar_caster,
+                                          timing_log=self.timing_log, profiler=self.profiler,
+                                          postprocessor=postprocessor)
+        self.metrics_server = None if options.metrics_port is None else metrics_http.MetricsServer(
+            options.host, options.metrics_port, self.servicer.snapshot)
+        self.metrics_port: int | None = None
         self.servicer.on_shut_down = lambda: self.request_shutdown(delay_s=0.1)
         self.models.on_drop = self.servicer.editor.forget_view
 
@@ -138,6 +155,10 @@ class Server:
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
+        self.profiler.start()
+        if self.metrics_server is not None:
+            self.metrics_port = self.metrics_server.start()
+            _LOGGER.info("metrics: http://%s:%d/metrics", self.options.host, self.metrics_port)
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         _LOGGER.info("serving SensorsimService on %s (port %d), %d scene(s)", self.address, self.port,
                      len(self.registry.ids()))
@@ -191,12 +212,23 @@ class Server:
                     await self._stop(grace)
                 finally:
                     self.servicer.close()
+                    self._close_operations()
                     self._terminated.set()
                     self._loop.call_soon(self._loop.stop)
 
             asyncio.ensure_future(go())
 
         self._loop.call_soon_threadsafe(run)
+
+    def _close_operations(self) -> None:
+        for close in (self.timing_log.close, self.profiler.stop,
+                      self.metrics_server.stop if self.metrics_server is not None else None):
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - shutdown goes on
+                _LOGGER.error("shutdown: %s failed: %s", close, e)
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop; returns when the server has terminated."""

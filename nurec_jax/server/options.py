@@ -7,7 +7,7 @@ import os
 
 RENDERERS = ("default", "gsplat", "nrend")
 TIMING_VERBOSITIES = ("NONE", "SUMMARY", "BASIC", "DETAILS")
-PROFILING_BACKENDS = ("NONE", "TRACY", "NVTX")
+PROFILING_BACKENDS = ("NONE", "TRACY", "NVTX", "JAX")  # TRACY (NRE's C++ profiler) is refused at start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +48,11 @@ class ServerOptions:
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache (None: off)
     warmup_compiles: bool = True  # with test_scenes_are_valid: render every camera once after SERVING
     warmup_height: int = 0  # output height of warm-up renders (width keeps the aspect); 0: native
+    profiling_trace_dir: str = "~/.cache/nurec-jax/profiles"  # where --profiling-backend JAX writes its trace
+    metrics_port: int | None = None  # serve GET /metrics (Prometheus text) on this HTTP port
     max_message_bytes: int = 64 << 20
     download_max_bytes: int = 32 << 30
     initial_pair_capacity: int = 1 << 16
-    initial_tile_capacity: int = 1 << 10
     max_pair_capacity: int = 1 << 26
     shutdown_grace_s: float = 30.0
     metadata_threads: int = 4
@@ -67,7 +68,7 @@ class ServerOptions:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
             raise ValueError(f"--health-port must be in 0..65535, got {self.health_port}")
-        for name in ("initial_pair_capacity", "initial_tile_capacity", "max_pair_capacity"):
+        for name in ("initial_pair_capacity", "max_pair_capacity"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be a power of two, got {v}")
@@ -86,19 +87,11 @@ class ServerOptions:
                              f"got {self.profiling_backend!r}")
         if self.egocar_hood_dir is not None and not os.path.isdir(os.path.expanduser(self.egocar_hood_dir)):
             raise ValueError(f"--egocar-hood-dir {self.egocar_hood_dir!r} is not a directory")
-        unbuilt = {
-            "--enable-difix": self.enable_difix,
-            "--enable-harmonizer": self.enable_harmonizer,
-            "--enable-timing": self.enable_timing,
-            "--timing-logfile": self.timing_logfile is not None,
-            "--timing-synchronize": self.timing_synchronize,
-            "--profiling-backend": self.profiling_backend != "NONE",
-            "--metrics-output-dir": self.metrics_output_dir is not None,
-        }
-        on = [flag for flag, value in unbuilt.items() if value]
-        if on:
-            raise ValueError(f"{', '.join(on)}: not available in this nurec-jax build yet (post-processing, timing "
-                             f"and metrics output are planned); remove the flag(s)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        if self.enable_harmonizer:
+            raise ValueError("--enable-harmonizer: NRE's harmonizer network is not available in nurec-jax; use "
+                             "--enable-difix with a nurec-jax post-processing model instead (BUILD_NOTES.md)")
 
     def as_strings(self) -> dict[str, str]:
         """Every setting as NRE's get_server_config reports it: str(), None -> "null"."""

@@ -30,7 +30,7 @@ from nurec_jax.lidar import LidarCaster
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.renderer import Renderer
 from nurec_jax import assets
-from nurec_jax.server import convert, editing, images, requests
+from nurec_jax.server import convert, editing, images, metrics_http, requests, timing
 from nurec_jax.server import errors as errs
 from nurec_jax.server.editing import EditError, SceneEditor
 from nurec_jax.server.ego_masks import EgoMasks
@@ -70,9 +70,10 @@ def version_id() -> common_pb2.VersionId:
 class _Call:
     """Per-call cancellation flag and deadline, checked by the worker between stages."""
 
-    def __init__(self, remaining_s: float | None):
+    def __init__(self, remaining_s: float | None, timer: timing.StageTimer | None = None):
         self.cancelled = threading.Event()
         self.deadline = None if remaining_s is None else time.monotonic() + remaining_s
+        self.timer = timer or timing.StageTimer(enabled=False)
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -119,8 +120,14 @@ def _rpc(pool: str):
 
 class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def __init__(self, options: ServerOptions, registry: SceneRegistry, models: ModelCache, renderer: Renderer,
-                 ego_masks: EgoMasks, lidar_caster: LidarCaster | None = None):
+                 ego_masks: EgoMasks, lidar_caster: LidarCaster | None = None,
+                 timing_log: timing.TimingLog | None = None, profiler: timing.Profiler | None = None,
+                 postprocessor=None):
         self.options = options
+        self.timing_log = timing_log or timing.TimingLog("NONE")
+        self.profiler = profiler
+        self.postprocessor = postprocessor  # the --enable-difix post-pass (postprocess.PostProcessor) or None
+        self.compile_cache = metrics_http.compile_cache_counters()
         self.lidar_caster = lidar_caster or LidarCaster()
         self.registry = registry
         self.models = models
@@ -145,7 +152,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     async def _handle(self, fn, pool: str, request, context):
         method = fn.__name__
         start = time.perf_counter()
-        call = _Call(context.time_remaining())
+        timed = pool == "render" and (self.options.enable_timing or self.options.metrics_output_dir is not None)
+        call = _Call(context.time_remaining(), timing.StageTimer(
+            enabled=timed, synchronize=self.options.timing_synchronize, profiler=self.profiler))
         # Fires when the RPC ends for any reason (client cancel, deadline, reply sent); queued or
         # waiting work of a finished call is then skipped.
         context.add_done_callback(lambda _ctx: call.cancelled.set())
@@ -169,6 +178,8 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             self.stats.record(method, code, time.perf_counter() - start)
             await context.abort(code, message)
         self.stats.record(method, grpc.StatusCode.OK, time.perf_counter() - start)
+        if timed:
+            self.timing_log.add(method, getattr(request, "scene_id", ""), call.timer.record(), call.timer.total_ms())
         return reply
 
     def _run(self, fn, request, call: _Call, headers: dict):
@@ -212,14 +223,23 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             self.stats.renders += 1
 
     def _render_job(self, scene, job: requests.RGBJob, meta: SceneMetadata, call: _Call) -> bytes:
-        actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
+        """Render -> optional post-pass (--enable-difix) -> ego hood -> encode (protocol.md 6.7)."""
+        timer = call.timer
+        with timer.stage("setup"):
+            actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
         with self._on_device(call):
-            out = self.renderer.render(scene.gaussians, job.camera, job.sensor_pose, actors,
-                                       cache_key=(meta.scene_id,))
-            rgb = np.asarray(out.rgb)
+            with timer.stage("render") as st:
+                out = st.wait(self.renderer.render(scene.gaussians, job.camera, job.sensor_pose, actors,
+                                                   cache_key=(meta.scene_id,)))
+                rgb = np.asarray(out.rgb)
+            if self.postprocessor is not None:
+                with timer.stage("postprocess"):
+                    rgb = self.postprocessor(rgb)
         if job.ego_mask is not None:
-            rgb = self.ego_masks.composite(rgb, *job.ego_mask)
-        return images.encode(rgb, job.image_format, job.image_quality)
+            with timer.stage("ego_mask"):
+                rgb = self.ego_masks.composite(rgb, *job.ego_mask)
+        with timer.stage("encode"):
+            return images.encode(rgb, job.image_format, job.image_quality)
 
     def _prepare(self, meta: SceneMetadata, request, prefix: str = "") -> requests.RGBJob:
         job = requests.prepare_rgb(meta, request, editing_enabled=self.options.enable_editing_actors, prefix=prefix)
@@ -232,8 +252,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
 
     @_rpc("render")
     def render_rgb(self, request, call):
-        meta = self._meta(request.scene_id)
-        job = self._prepare(meta, request)
+        with call.timer.stage("decode_request"):
+            meta = self._meta(request.scene_id)
+            job = self._prepare(meta, request)
         call.check()
         with self._scene(request.scene_id, call) as scene:
             return sensorsim_pb2.RGBRenderReturn(image_bytes=self._render_job(scene, job, meta, call))
@@ -267,18 +288,22 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         return sensorsim_pb2.BatchRGBRenderReturn(items=results)
 
     def _cast_lidar(self, scene, job: requests.LidarJob, meta: SceneMetadata, call: _Call):
-        actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
-        with self._on_device(call):
+        timer = call.timer
+        with timer.stage("setup"):
+            actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
+        with self._on_device(call), timer.stage("render"):
             spin = self.lidar_caster.cast(scene.gaussians, job.model, job.sensor_pose, actors,
                                           ray_chunk_size=self.options.ray_chunk_size, cache_key=(meta.scene_id,),
                                           check=call.check)
-        points, intensities, rings = spin.returns(job.model, job.opacity_threshold, job.distance_filter)
-        return convert.lidar_return(points, intensities, rings, self.options.lidar_repeated_fields)
+        with timer.stage("encode"):
+            points, intensities, rings = spin.returns(job.model, job.opacity_threshold, job.distance_filter)
+            return convert.lidar_return(points, intensities, rings, self.options.lidar_repeated_fields)
 
     @_rpc("render")
     def render_lidar(self, request, call):
-        meta = self._meta(request.scene_id)
-        job = requests.prepare_lidar(meta, request, editing_enabled=self.options.enable_editing_actors)
+        with call.timer.stage("decode_request"):
+            meta = self._meta(request.scene_id)
+            job = requests.prepare_lidar(meta, request, editing_enabled=self.options.enable_editing_actors)
         call.check()
         with self._scene(request.scene_id, call) as scene:
             return self._cast_lidar(scene, job, meta, call)
@@ -309,19 +334,37 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def get_version(self, request, call):
         return version_id()
 
+    def snapshot(self) -> dict:
+        """Server health counters (the /metrics endpoint's and get_server_config's `stats.*` source)."""
+        with self.stats.lock:
+            snap = dict(requests=dict(self.stats.requests), status=dict(self.stats.status),
+                        latency_s=list(self.stats.latencies_s), renders=self.stats.renders,
+                        skipped_cancelled=self.stats.skipped_cancelled)
+        cache = self.compile_cache.snapshot()
+        snap.update(scenes_loaded=[s.scene_id for s in self.models.loaded()],
+                    compiles=self.renderer.trace_count + self.lidar_caster.trace_count,
+                    compile_cache=dict(hits=cache["hits"], misses=cache["misses"]), warmup_state=self.warmup.state,
+                    edited_scenes=self.editor.edited_scene_ids())
+        return snap
+
     @_rpc("meta")
     def get_server_config(self, request, call):
+        """Every setting (NRE keys) plus `stats.*` health counters and `warmup.*` (BUILD_NOTES.md)."""
         config = self.options.as_strings()
-        with self.stats.lock:
-            config["stats.renders"] = str(self.stats.renders)
-            config["stats.requests"] = str(dict(self.stats.requests))
-            config["stats.status"] = str(dict(self.stats.status))
-            lat = np.asarray(self.stats.latencies_s)
+        snap = self.snapshot()
+        for key in ("renders", "requests", "status", "skipped_cancelled", "scenes_loaded", "compiles",
+                    "edited_scenes"):
+            config[f"stats.{key}"] = str(snap[key])
+        config["stats.compile_cache_hits"] = str(snap["compile_cache"]["hits"])
+        config["stats.compile_cache_misses"] = str(snap["compile_cache"]["misses"])
+        lat = np.asarray(snap["latency_s"])
         if lat.size:
             config["stats.render_latency_p50_s"] = f"{np.percentile(lat, 50):.4f}"
             config["stats.render_latency_p95_s"] = f"{np.percentile(lat, 95):.4f}"
-        config["stats.compiles"] = str(self.renderer.trace_count)
-        config["stats.scenes_loaded"] = str([s.scene_id for s in self.models.loaded()])
+        if self.options.enable_timing:
+            for method, stages in self.timing_log.summary().items():
+                for stage, st in stages.items():
+                    config[f"timing.{method}.{stage}.p50_ms"] = f"{st['p50_ms']:.3f}"
         config.update(self.warmup.as_strings())
         return sensorsim_pb2.ServerConfig(server_config=config)
 

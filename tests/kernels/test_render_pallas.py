@@ -18,7 +18,7 @@ from nurec_jax import render as R
 from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import PosePair
 
-_OPTS = R.RenderOptions(pair_capacity=1 << 13, tile_capacity=1 << 8, chunk=8, tile_batch=4)
+_OPTS = R.RenderOptions(pair_capacity=1 << 13, chunk=8, tile_batch=4)
 
 
 def _both(fn):
@@ -72,7 +72,7 @@ def test_lidar_spin_matches_reference():
     model = tl.small_model(tl.WALL_BEAMS, columns=32)
     scene = tl.make_scene(tl.wall(8.0, ripple=0.4), normal_axis=0)
     pose = PosePair.from_matrices(tl.pose_at(0.2, 0.0), tl.pose_at(0.2, 0.5))
-    spins = [lidar.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 14, tile_capacity=1 << 10,
+    spins = [lidar.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 14,
                                                   implementation=impl)).cast(scene, model, pose)
              for impl in ("reference", "pallas")]
     ref, pal = spins

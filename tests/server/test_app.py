@@ -34,7 +34,7 @@ E = common_pb2.Empty()
 
 @pytest.fixture(scope="module")
 def renderer():
-    return Renderer(RenderOptions(pair_capacity=1 << 16, tile_capacity=1 << 12))
+    return Renderer(RenderOptions(pair_capacity=1 << 16))
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +165,10 @@ def test_error_codes_and_the_server_keeps_serving(server, thin_scene):
         grpc.StatusCode.INVALID_ARGUMENT
     code, details = _code(stub.render_lidar, sensorsim_pb2.LidarRenderRequest(scene_id=SID))
     assert code == grpc.StatusCode.OUT_OF_RANGE and "frame_end_us" in details
-    assert _code(stub.edit_assets, sensorsim_pb2.EditAssetsRequest(scene_id=SID))[0] == grpc.StatusCode.UNIMPLEMENTED
-    assert _code(stub.restore_model_parameters, sensorsim_pb2.RestoreModelParametersRequest(scene_id=SID))[0] == \
-        grpc.StatusCode.UNIMPLEMENTED
+    reply = stub.edit_assets(sensorsim_pb2.EditAssetsRequest(scene_id=SID))  # edit failures are in-band
+    assert not reply.success and "no replace or insert" in reply.message
+    assert _code(stub.restore_model_parameters, sensorsim_pb2.RestoreModelParametersRequest(scene_id="nope"))[0] == \
+        grpc.StatusCode.NOT_FOUND
     code, details = _code(stub.get_version, E, metadata=(("x-nre-scene-url", "file:///x.usdz"),))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "x-nre-scene-id" in details
     # Still serving.

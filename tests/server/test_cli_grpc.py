@@ -47,14 +47,15 @@ def _start_server(*args):
     return proc, found["port"]
 
 
-def test_unbuilt_features_and_bad_flags_are_refused(thin_scene):
-    for flag, text in (("--enable-difix", "--enable-difix: not available"),
-                       ("--metrics-output-dir=/tmp/m", "--metrics-output-dir: not available"),
-                       ("--cache-size=0", "--cache-size must be >= 1")):
+def test_unavailable_features_and_bad_flags_are_refused(thin_scene, tmp_path):
+    for flags, text in (((f"--enable-difix", f"--difix-cache={tmp_path}"), "no post-processing model found"),
+                        (("--profiling-backend=TRACY",), "Tracy"),
+                        (("--enable-harmonizer",), "--enable-harmonizer"),
+                        (("--cache-size=0",), "--cache-size must be >= 1")):
         proc = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", f"--artifact-glob={thin_scene}",
-                               "--port=0", "--compilation-cache-dir=", flag], capture_output=True, text=True,
+                               "--port=0", "--compilation-cache-dir=", *flags], capture_output=True, text=True,
                               timeout=120, env=_env())
-        assert proc.returncode == 2 and text in proc.stderr, (flag, proc.stderr[-2000:])
+        assert proc.returncode == 2 and text in proc.stderr, (flags, proc.stderr[-2000:])
     proc = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--artifact-glob=/data/*.ply"],
                           capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode == 2 and "must end in .usdz" in proc.stderr
@@ -71,7 +72,7 @@ def test_sigterm_shuts_down_gracefully(thin_scene):
 
 def test_render_grpc_against_serve_grpc(thin_scene, tmp_path):
     cache = tmp_path / "jax-cache"
-    server, port = _start_server(f"--artifact-glob={thin_scene}", "--test-scenes-are-valid",
+    server, port = _start_server(f"--artifact-glob={thin_scene}", "--test-scenes-are-valid", "--no-warmup-compiles",
                                  "--enable-editing-actors", f"--compilation-cache-dir={cache}")
     out = tmp_path / "out"
     try:

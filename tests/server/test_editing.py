@@ -27,7 +27,7 @@ HEIGHT = 54
 
 @pytest.fixture(scope="module")
 def server(thin_scene):
-    renderer = Renderer(RenderOptions(pair_capacity=1 << 16, tile_capacity=1 << 12))
+    renderer = Renderer(RenderOptions(pair_capacity=1 << 16))
     srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0), renderer=renderer)
     assert srv.serving.wait(30)
     channel, stub = connect(port)
