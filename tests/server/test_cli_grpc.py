@@ -75,14 +75,19 @@ def test_render_grpc_against_serve_grpc(thin_scene, tmp_path):
     server, port = _start_server(f"--artifact-glob={thin_scene}", "--test-scenes-are-valid", "--no-warmup-compiles",
                                  "--enable-editing-actors", f"--compilation-cache-dir={cache}")
     out = tmp_path / "out"
+    base = [sys.executable, "-m", "nurec_jax.cli.render_grpc", f"--artifact-path={thin_scene}",
+            f"--output-dir={out}", f"--port={port}", "--host=127.0.0.1", "--height=24", f"--camera-id={CAM}"]
     try:
+        bad = subprocess.run(base + ['--edit-assets={"replace": [{"original_id": "99", "replacement_id": "box_truck"}]}'],
+                             capture_output=True, text=True, timeout=300, env=_env())
+        assert bad.returncode == 1 and "Failed to edit assets: replace[0].original_id" in bad.stderr, bad.stderr[-2000:]
+        edit = '{"replace": [{"original_id": "3", "replacement_id": "sedan_orange"}]}'
         proc = subprocess.run(
-            [sys.executable, "-m", "nurec_jax.cli.render_grpc", f"--artifact-path={thin_scene}",
-             f"--output-dir={out}", f"--port={port}", "--host=127.0.0.1", "--height=24", f"--camera-id={CAM}",
-             "--frame-step=50", "--image-format=png", "--demo-actor-transform", "--shutdown-server-on-completion",
-             "--lidar", "--lidar-type=AT128", "--lidar-frame-step=200"],
+            base + ["--frame-step=50", "--image-format=png", "--demo-actor-transform", "--shutdown-server-on-completion",
+                    "--lidar", "--lidar-type=AT128", "--lidar-frame-step=200", f"--edit-assets={edit}"],
             capture_output=True, text=True, timeout=300, env=_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "edit_assets: Success (1 replaced" in proc.stdout and "edits undone" in proc.stdout
         _, err = server.communicate(timeout=60)
         assert server.returncode == 0, err[-2000:]
     finally:
