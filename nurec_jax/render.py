@@ -424,42 +424,44 @@ def compositor(implementation: str):
     raise ValueError(f"implementation must be 'auto', 'reference' or 'pallas', got {implementation!r}")
 
 
-def render(
-    gaussians: SceneGaussians,
-    camera: Camera,
-    sensor_pose: PosePair,
-    actors: ActorPoses | None = None,
-    options: RenderOptions = RenderOptions(),
-) -> RenderOutput:
-    """Renders one camera frame.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FramePrep:
+    """Everything one frame needs before binning: rays, the merged Gaussians, their colours and tile
+    rectangles (the output of the "projection" stage)."""
 
-    Args:
-      gaussians: the scene (static layers in world, actors cuboid-local).
-      camera: camera model at the output resolution.
-      sensor_pose: camera -> world poses at the start and end of the exposure.
-      actors: object -> world poses of each track (`gaussians.track_ids` order); None hides all actors.
-      options: static configuration.
+    rays: jax.Array  # [T, P, F, 6] per-pixel ray in every frame
+    direction: jax.Array  # [T, P, 3] world ray directions (for the sky)
+    gaussians: _Merged
+    colors: jax.Array  # [N, 3]
+    rect_lo: jax.Array  # [N, 2] pixel rectangle of each Gaussian (no gradient)
+    rect_hi: jax.Array
+    ok: jax.Array  # [N] bool: projected, in front, opaque enough
+    depth: jax.Array  # [N] sort key distance
 
-    Returns:
-      RenderOutput; check `num_pairs` / `max_tile_pairs` against the capacities (the Renderer does).
 
-    Raises:
-      ValueError: `actors` does not hold one entry per `gaussians.track_ids`.
-    """
-    dtype = gaussians.static.means.dtype
+def _checked_actors(gaussians: SceneGaussians, actors: ActorPoses | None) -> ActorPoses:
     n_tracks = len(gaussians.track_ids)
     if actors is None:
-        actors = ActorPoses.hidden(n_tracks, dtype)
-    elif actors.visible.shape[0] != n_tracks:
+        return ActorPoses.hidden(n_tracks, gaussians.static.means.dtype)
+    if actors.visible.shape[0] != n_tracks:
         raise ValueError(f"actors holds {actors.visible.shape[0]} poses but the scene has {n_tracks} actor tracks "
                          f"{gaussians.track_ids}")
+    return actors
+
+
+def prepare_frame(gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair, actors: ActorPoses | None,
+                  options: RenderOptions = RenderOptions()) -> FramePrep:
+    """Stage 1 ("projection"): rays, unscented-transform footprints, culling, depth keys, SH colours."""
+    actors = _checked_actors(gaussians, actors)
+    dtype = gaussians.static.means.dtype
     shutter = _effective_shutter(camera, options)
     width, height = camera.width, camera.height
     frames = _frame_pairs(actors, dtype)
     g = _merge(gaussians, actors)
 
     with jax.named_scope("rays"):
-        uv_np, valid_np, tiles_x, tiles_y = pixel_grid(width, height)
+        uv_np, _, _, _ = pixel_grid(width, height)
         uv = jnp.asarray(uv_np, dtype)
         levels = _shutter_levels(width, height, shutter)
         level = _level_of(shutter_tau(uv, width, height, shutter), levels)  # [T, P]
@@ -493,27 +495,42 @@ def render(
             depth = p_cam[:, 2]
         ok = ok & (depth >= C.NEAR_CLIP) & (g.opacities >= C.ALPHA_THRESHOLD)
 
-    with jax.named_scope("bin"):
-        binning = bin_gaussians(rect_lo, rect_hi, ok, sg(g.opacities), depth, tiles_x, tiles_y, options)
-
     with jax.named_scope("shade"):
         # SH toward the mid-exposure camera centre, in each Gaussian's own frame.
         centre_local = fmid.inverse().apply(jnp.broadcast_to(mid.trans, g.means.shape))
         view = nmath.safe_normalize(g.means - centre_local)
         colors = sh_lib.sh_to_rgb(g.sh, view, g.sh_degree, jnp)
+    return FramePrep(rays, direction, g, colors, rect_lo, rect_hi, ok, depth)
 
+
+def bin_frame(prep: FramePrep, camera: Camera, options: RenderOptions = RenderOptions()) -> Binning:
+    """Stage 2 ("binning"): (tile, Gaussian) pairs, one sort, per-tile ranges."""
+    _, _, tiles_x, tiles_y = pixel_grid(camera.width, camera.height)
+    sg = jax.lax.stop_gradient
+    with jax.named_scope("bin"):
+        return bin_gaussians(prep.rect_lo, prep.rect_hi, prep.ok, sg(prep.gaussians.opacities), prep.depth,
+                             tiles_x, tiles_y, options)
+
+
+def composite_frame(prep: FramePrep, binning: Binning, camera: Camera, options: RenderOptions = RenderOptions()):
+    """Stage 3 ("compositing"): per-tile eval3d + front-to-back compositing -> (rgb, T, hit) per tile pixel."""
+    _, valid_np, _, _ = pixel_grid(camera.width, camera.height)
+    g = prep.gaussians
+    dtype = g.means.dtype
     with jax.named_scope("rasterize"):
         if g.means.shape[0] == 0:  # nothing but sky
             n_t, n_p = valid_np.shape
-            rgb, trans, hit = jnp.zeros((n_t, n_p, 3), dtype), jnp.ones((n_t, n_p), dtype), jnp.zeros((n_t, n_p), dtype)
-        else:
-            rgb, trans, hit = compositor(options.implementation)(
-                binning.pair_gids, binning.tile_start, binning.tile_counts, rays, jnp.asarray(valid_np), g.means, g.quats, g.scales,
-                g.opacities, colors, g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
+            return jnp.zeros((n_t, n_p, 3), dtype), jnp.ones((n_t, n_p), dtype), jnp.zeros((n_t, n_p), dtype)
+        return compositor(options.implementation)(
+            binning.pair_gids, binning.tile_start, binning.tile_counts, prep.rays, jnp.asarray(valid_np), g.means,
+            g.quats, g.scales, g.opacities, prep.colors, g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
 
+
+def compose_frame(sky: Sky, camera: Camera, prep: FramePrep, binning: Binning, rgb, trans, hit) -> RenderOutput:
+    """Stage 4 ("compose"): sky behind, alpha and depth, tiles -> image."""
+    width, height = camera.width, camera.height
     with jax.named_scope("compose"):
-        bg = sky_color(gaussians.sky, direction)
-        rgb = rgb + trans[..., None] * bg
+        rgb = rgb + trans[..., None] * sky_color(sky, prep.direction)
         alpha = 1.0 - trans
         depth_px = jnp.where(alpha > 1e-6, hit / jnp.where(alpha > 1e-6, alpha, 1.0), 0.0)
     return RenderOutput(
@@ -524,3 +541,31 @@ def render(
         num_pairs=binning.num_pairs,
         max_tile_pairs=binning.max_tile_pairs,
     )
+
+
+def render(
+    gaussians: SceneGaussians,
+    camera: Camera,
+    sensor_pose: PosePair,
+    actors: ActorPoses | None = None,
+    options: RenderOptions = RenderOptions(),
+) -> RenderOutput:
+    """Renders one camera frame: `prepare_frame`, `bin_frame`, `composite_frame`, `compose_frame`.
+
+    Args:
+      gaussians: the scene (static layers in world, actors cuboid-local).
+      camera: camera model at the output resolution.
+      sensor_pose: camera -> world poses at the start and end of the exposure.
+      actors: object -> world poses of each track (`gaussians.track_ids` order); None hides all actors.
+      options: static configuration.
+
+    Returns:
+      RenderOutput; check `num_pairs` against `options.pair_capacity` (the Renderer does).
+
+    Raises:
+      ValueError: `actors` does not hold one entry per `gaussians.track_ids`.
+    """
+    prep = prepare_frame(gaussians, camera, sensor_pose, actors, options)
+    binning = bin_frame(prep, camera, options)
+    rgb, trans, hit = composite_frame(prep, binning, camera, options)
+    return compose_frame(gaussians.sky, camera, prep, binning, rgb, trans, hit)

@@ -19,7 +19,8 @@ from nurec_jax import math as nmath
 from nurec_jax.cameras import Camera
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.poses import PosePair
-from nurec_jax.render import ActorPoses, RenderOptions, RenderOutput, render
+from nurec_jax.render import (ActorPoses, RenderOptions, RenderOutput, bin_frame, compose_frame, composite_frame,
+                              prepare_frame, render)
 from nurec_jax.types import SceneGaussians
 
 _LOGGER = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ class Renderer:
         self.base_options = base_options
         self.max_pair_capacity = max_pair_capacity
         self._fn = jax.jit(self._traced, static_argnames=("options",))
+        # The staged path (timed per stage): the four stages of `render`, compiled separately.
+        self._stages = {name: jax.jit(self._counted(fn), static_argnames=("options",) if name != "compose" else ())
+                        for name, fn in (("projection", prepare_frame), ("binning", bin_frame),
+                                         ("compositing", composite_frame), ("compose", compose_frame))}
         self._caps: dict[tuple, int] = {}
         self._lock = threading.Lock()
         self.trace_count = 0  # how many times a render function was traced (compiled)
@@ -53,6 +58,26 @@ class Renderer:
     def _traced(self, gaussians, camera, sensor_pose, actors, options):
         self.trace_count += 1
         return render(gaussians, camera, sensor_pose, actors, options)
+
+    def _counted(self, fn):
+        def traced(*args, **kwargs):
+            self.trace_count += 1
+            return fn(*args, **kwargs)
+
+        return traced
+
+    def _render_staged(self, gaussians, camera, sensor_pose, actors, options, timer) -> RenderOutput:
+        """`render` as four separately compiled stages, each timed (and waited for when the timer
+        synchronizes): projection, binning, compositing, compose. Same result; for profiling."""
+        f = self._stages
+        with timer.stage("projection") as st:
+            prep = st.wait(f["projection"](gaussians, camera, sensor_pose, actors, options=options))
+        with timer.stage("binning") as st:
+            binning = st.wait(f["binning"](prep, camera, options=options))
+        with timer.stage("compositing") as st:
+            rgb, trans, hit = st.wait(f["compositing"](prep, binning, camera, options=options))
+        with timer.stage("compose") as st:
+            return st.wait(f["compose"](gaussians.sky, camera, prep, binning, rgb, trans, hit))
 
     @staticmethod
     def _key(camera: Camera, cache_key: tuple) -> tuple:
@@ -68,14 +93,19 @@ class Renderer:
 
     def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
                actors: ActorPoses | None = None, *, disable_rolling_shutter: bool = False,
-               cache_key: tuple = ()) -> RenderOutput:
+               cache_key: tuple = (), timer=None) -> RenderOutput:
+        """Renders a frame, growing the pair bucket on overflow. With a `timer`
+        (`nurec_jax.server.timing.StageTimer`) the frame runs as four separately compiled, timed stages."""
         key = self._key(camera, cache_key)
         opts = dataclasses.replace(self.options_for(camera, cache_key),
                                    disable_rolling_shutter=disable_rolling_shutter)
         if actors is None:
             actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)
         while True:
-            out = self._fn(gaussians, camera, sensor_pose, actors, options=opts)
+            if timer is None:
+                out = self._fn(gaussians, camera, sensor_pose, actors, options=opts)
+            else:
+                out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer)
             pairs = int(out.num_pairs)
             if pairs <= opts.pair_capacity:
                 return out

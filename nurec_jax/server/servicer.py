@@ -128,6 +128,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         self.profiler = profiler
         self.postprocessor = postprocessor  # the --enable-difix post-pass (postprocess.PostProcessor) or None
         self.compile_cache = metrics_http.compile_cache_counters()
+        # DETAILS timing splits camera renders into separately compiled projection / binning / compositing /
+        # compose stages (extra compiles; for profiling, not production serving).
+        self._staged_timing = options.enable_timing and options.timing_verbosity == "DETAILS"
         self.lidar_caster = lidar_caster or LidarCaster()
         self.registry = registry
         self.models = models
@@ -230,7 +233,8 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         with self._on_device(call):
             with timer.stage("render") as st:
                 out = st.wait(self.renderer.render(scene.gaussians, job.camera, job.sensor_pose, actors,
-                                                   cache_key=(meta.scene_id,)))
+                                                   cache_key=(meta.scene_id,),
+                                                   timer=timer if self._staged_timing else None))
                 rgb = np.asarray(out.rgb)
             if self.postprocessor is not None:
                 with timer.stage("postprocess"):

@@ -34,7 +34,7 @@ def test_timing_metrics_profiler_and_postprocessing(thin_scene, tmp_path):
     model.save(str(tmp_path / "difix" / "grade.msgpack"))
     renderer = Renderer(RenderOptions(pair_capacity=1 << 16))
     opts = ServerOptions(
-        artifact_glob=thin_scene, port=0, enable_timing=True, timing_verbosity="DETAILS",
+        artifact_glob=thin_scene, port=0, enable_timing=True, timing_verbosity="BASIC",
         timing_logfile=str(tmp_path / "timing" / "log.jsonl"), timing_synchronize=True,
         metrics_output_dir=str(tmp_path / "metrics"), metrics_port=0, profiling_backend="JAX",
         profiling_trace_dir=str(tmp_path / "trace"), enable_difix=True, difix_cache=str(tmp_path / "difix"),
