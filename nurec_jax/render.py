@@ -10,6 +10,9 @@ Pipeline for one frame (rendering.md section 9):
   4. Per tile: eval3d + front-to-back compositing (`nurec_jax.kernels.rasterize_ref`).
   5. Sky / background behind.
 
+`render` is the composition of the stage functions `prepare_frame` (1, 2 and colours), `bin_frame` (3),
+`composite_frame` (4) and `compose_frame` (5), which the Renderer can also compile and time one by one.
+
 Gradients flow to the sensor poses (through the rays and the SH view direction) and to the Gaussian
 parameters (through eval3d and the colours); tiling and sorting are not differentiated.
 Library functions are pure and never jit themselves; `nurec_jax.renderer.Renderer` owns the jit
