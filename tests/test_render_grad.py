@@ -35,7 +35,9 @@ def _setup(model, shutter, seed=0):
 
 
 def _directional_check(f, x, rng, n_dirs=3, eps=1e-6, rtol=2e-4):
-    g = jax.grad(f)(x)
+    # Compiled once each: eager evaluation of a render dispatches (and compiles) its loops op by op.
+    g = jax.jit(jax.grad(f))(x)
+    f = jax.jit(f)
     leaves_x, tree = jax.tree_util.tree_flatten(x)
     leaves_g = tree.flatten_up_to(g)
     assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves_g)
@@ -91,7 +93,7 @@ def test_gradients_are_nan_free_float32(model):
         o = R.render(scene, cam, PosePair(pose.start.perturb(d), pose.end.perturb(d)), fx.actor_poses(host), _OPTS)
         return jnp.sum(o.rgb) + jnp.sum(o.depth)
 
-    gs, gd = jax.grad(loss, argnums=(0, 1), allow_int=True)(scene, jnp.zeros(6))
+    gs, gd = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True))(scene, jnp.zeros(6))
     for leaf in jax.tree_util.tree_leaves((gs, gd)):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert np.all(np.isfinite(np.asarray(leaf)))

@@ -47,8 +47,10 @@ def test_custom_vjp_matches_autodiff(case):
         kw = dict(regular={}, saturated=dict(opacity=(0.9, 0.99), n=60, cap=40),
                   single_frame=dict(n_frames=1))[case]
         args = _inputs(3, **kw)
-        ref = RR.rasterize_tiles_ref(**args, chunk=4, tile_batch=2)
-        auto = RR.rasterize_tiles_autodiff(**args, chunk=4, capacity=_cap(args))
+        cap = _cap(args)
+        ref_fn = jax.jit(lambda a: RR.rasterize_tiles_ref(**a, chunk=4, tile_batch=2))
+        auto_fn = jax.jit(lambda a: RR.rasterize_tiles_autodiff(**a, chunk=4, capacity=cap))
+        ref, auto = ref_fn(args), auto_fn(args)
         for a, b in zip(ref, auto):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-12)
         trans = np.asarray(ref[1])
@@ -59,12 +61,11 @@ def test_custom_vjp_matches_autodiff(case):
         cot = [jnp.asarray(rng.normal(size=x.shape)) for x in ref]
 
         def loss(fn, diff):
-            out = fn(**{**args, **diff})
-            return sum(jnp.sum(o * c) for o, c in zip(out, cot))
+            return sum(jnp.sum(o * c) for o, c in zip(fn({**args, **diff}), cot))
 
         diff = {k: args[k] for k in _DIFF}
-        g_ref = jax.grad(lambda d: loss(lambda **a: RR.rasterize_tiles_ref(**a, chunk=4, tile_batch=2), d))(diff)
-        g_auto = jax.grad(lambda d: loss(lambda **a: RR.rasterize_tiles_autodiff(**a, chunk=4, capacity=_cap(args)), d))(diff)
+        g_ref = jax.jit(jax.grad(lambda d: loss(ref_fn, d)))(diff)
+        g_auto = jax.jit(jax.grad(lambda d: loss(auto_fn, d)))(diff)
         for k in _DIFF:
             scale = max(1.0, float(jnp.abs(g_auto[k]).max()))
             np.testing.assert_allclose(np.asarray(g_ref[k]), np.asarray(g_auto[k]), atol=1e-10 * scale, err_msg=k)
