@@ -12,11 +12,12 @@ import collections
 import logging
 import os
 import re
-import tempfile
 import threading
 import urllib.parse
 import urllib.request
 import zipfile
+
+from nurec_jax.fileio import atomic_file
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -103,33 +104,27 @@ class DownloadCache:
             return path, evicted
 
     def _download(self, url: str, path: str) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                req = urllib.request.Request(url, headers={"User-Agent": "nurec-jax"})
-                try:
-                    resp = urllib.request.urlopen(req, timeout=self.timeout_s)  # noqa: S310 (scheme checked)
-                except Exception as e:  # HTTPError, URLError, timeouts
-                    raise DownloadError(f"request failed: {e}") from None
-                with resp:
-                    length = resp.headers.get("Content-Length")
-                    if length is not None and int(length) > self.max_bytes:
-                        raise DownloadError(f"scene is {int(length)} bytes, above the limit of {self.max_bytes}")
-                    total = 0
-                    while True:
-                        chunk = resp.read(_CHUNK)
-                        if not chunk:
-                            break
-                        total += len(chunk)
-                        if total > self.max_bytes:
-                            raise DownloadError(f"scene exceeds the download limit of {self.max_bytes} bytes")
-                        out.write(chunk)
-                    if length is not None and total != int(length):
-                        raise DownloadError(f"connection closed after {total} of {length} bytes")
-            if not zipfile.is_zipfile(tmp):
+        with atomic_file(path, "w+b") as out:
+            req = urllib.request.Request(url, headers={"User-Agent": "nurec-jax"})
+            try:
+                resp = urllib.request.urlopen(req, timeout=self.timeout_s)  # noqa: S310 (scheme checked)
+            except Exception as e:  # HTTPError, URLError, timeouts
+                raise DownloadError(f"request failed: {e}") from None
+            with resp:
+                length = resp.headers.get("Content-Length")
+                if length is not None and int(length) > self.max_bytes:
+                    raise DownloadError(f"scene is {int(length)} bytes, above the limit of {self.max_bytes}")
+                total = 0
+                while True:
+                    chunk = resp.read(_CHUNK)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > self.max_bytes:
+                        raise DownloadError(f"scene exceeds the download limit of {self.max_bytes} bytes")
+                    out.write(chunk)
+                if length is not None and total != int(length):
+                    raise DownloadError(f"connection closed after {total} of {length} bytes")
+            out.flush()
+            if not zipfile.is_zipfile(out):
                 raise DownloadError("downloaded file is not a .usdz (zip) archive")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)

@@ -57,7 +57,6 @@ import functools
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import urllib.parse
 import urllib.request
@@ -68,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
+
+from nurec_jax.fileio import atomic_file
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ class PostProcessor:
     def save(self, path: str, description: str | None = None) -> None:
         """Writes the model file atomically (temporary file in the same directory, then rename)."""
         data = serialization.msgpack_serialize(self.to_dict(description))
-        _atomic_write(os.path.expanduser(path), lambda f: f.write(data))
+        with atomic_file(os.path.expanduser(path)) as f:
+            f.write(data)
 
     def with_resolution(self, resolution: tuple[int, int]) -> PostProcessor:
         """The same net at another working resolution ((0, 0) = the image's own size)."""
@@ -368,19 +370,6 @@ def _missing_message(path: str, detail: str) -> str:
             f"or run by nurec-jax. {_how_to_make(path)}")
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _read_head(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read(8)
@@ -436,8 +425,8 @@ def resolve_model_path(difix_cache: str, difix_model_filename: str, difix_url: s
     reason = _torch_checkpoint_reason(source, _read_head(source))
     if reason:
         raise _torch_error(source, reason, path)
-    with open(source, "rb") as src:
-        _atomic_write(path, lambda f: shutil.copyfileobj(src, f, _CHUNK))
+    with open(source, "rb") as src, atomic_file(path) as f:
+        shutil.copyfileobj(src, f, _CHUNK)
     _LOGGER.info("copied post-processing model %s -> %s", source, path)
     return path
 
@@ -447,8 +436,8 @@ def _download(url: str, path: str) -> None:
     if reason:
         raise _torch_error(url, reason, path)
 
-    def write(f):
-        request = urllib.request.Request(url, headers={"User-Agent": "nurec-jax"})
+    request = urllib.request.Request(url, headers={"User-Agent": "nurec-jax"})
+    with atomic_file(path) as f:
         try:
             with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310
                 head = response.read(8)
@@ -462,8 +451,6 @@ def _download(url: str, path: str) -> None:
         except Exception as e:  # HTTPError, URLError, timeouts, resets
             raise ValueError(_missing_message(path, f"the file does not exist and downloading --difix-url {url} "
                                                     f"failed ({type(e).__name__}: {e})")) from None
-
-    _atomic_write(path, write)
     _LOGGER.info("downloaded post-processing model %s -> %s", url, path)
 
 

@@ -23,12 +23,13 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 from typing import Any, Callable, TypeVar
 
 import numpy as np
+
+from nurec_jax.fileio import atomic_file
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -343,17 +344,9 @@ class TimingLog:
             with self._lock:
                 self._last_write = self._clock()
             text = metrics_yaml(self.metrics(), self._warmup)
-            d = os.path.dirname(self.metrics_path)
             try:
-                fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".yaml.tmp", dir=d)
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        f.write(text)
-                    os.replace(tmp, self.metrics_path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                with atomic_file(self.metrics_path, "w", encoding="utf-8") as f:
+                    f.write(text)
             except OSError as e:
                 _LOGGER.error("--metrics-output-dir: cannot write %s: %s", self.metrics_path, e)
 

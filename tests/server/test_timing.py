@@ -226,7 +226,7 @@ def test_thread_safety(tmp_path):
     assert len(lines) == n_threads * n_each and all(json.loads(x)["stages"]["setup"] == 1.0 for x in lines)
     m = yaml.safe_load((tmp_path / "m" / "metrics.yaml").read_text())
     assert m["m0"]["count"] == m["m1"]["count"] == 3 * n_each - 3
-    assert not glob.glob(str(tmp_path / "m" / ".metrics-*"))  # no temp files left by concurrent writers
+    assert not glob.glob(str(tmp_path / "m" / ".metrics.yaml.*"))  # no temp files left by concurrent writers
 
 
 # -------------------------------------------------------------------------------------------- metrics
