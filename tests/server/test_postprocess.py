@@ -1,12 +1,9 @@
 """The `--enable-difix` post-processing hook: model format, numerics, validation, model lookup."""
 
-import functools
-import http.server
 import os
 import pickle
 import subprocess
 import sys
-import threading
 import zipfile
 
 import jax.numpy as jnp
@@ -290,21 +287,6 @@ def test_local_url_copied_into_cache(tmp_path, as_url):
     assert (cache / "cosmos_3dgut.msgpack").read_bytes() == src.read_bytes()
     src.unlink()  # now served from the cache
     assert resolve_model_path(str(cache), "cosmos_3dgut.msgpack", url) == path
-
-
-@pytest.fixture
-def http_dir(tmp_path):
-    """Serves tmp_path/www over HTTP on 127.0.0.1; yields (dir, base url)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def test_http_download(tmp_path, http_dir):

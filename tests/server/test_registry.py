@@ -1,31 +1,13 @@
 """Scene discovery, request-time registration (x-nre-scene-url / -id) and the download cache."""
 
-import functools
-import http.server
 import os
 import shutil
-import threading
 
 import pytest
 
 from nurec_jax.server.downloads import DownloadCache, DownloadError, parse_scene_url
 from nurec_jax.server.errors import InvalidArgument, NotFound
 from nurec_jax.server.registry import SceneRegistry, discover_artifacts
-
-
-@pytest.fixture
-def http_dir(tmp_path):
-    """Serves tmp_path/www over HTTP on 127.0.0.1; yields (dir, base url)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def test_discovery(tmp_path, thin_scene):
