@@ -66,12 +66,7 @@ def make_model(kind: str, resolution: tuple[int, int] = (0, 0), amount: float = 
 
 def _main(argv):
     del argv
-    try:
-        resolution = tuple(int(v) for v in _RESOLUTION.value)
-    except ValueError:
-        raise app.UsageError(f"--resolution takes two integers H W, got {_RESOLUTION.value}") from None
-    if len(resolution) != 2:
-        raise app.UsageError(f"--resolution takes two integers H W, got {_RESOLUTION.value}")
+    resolution = _flags.height_width(_RESOLUTION.value, "resolution")
     try:
         model = make_model(_KIND.value, resolution, _AMOUNT.value)
     except ValueError as e:

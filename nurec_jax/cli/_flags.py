@@ -44,3 +44,14 @@ def parser(multi: dict[str, int] | None = None):
         return app.parse_flags_with_usage(normalize_argv(argv, flags.FLAGS, multi))
 
     return parse
+
+
+def height_width(values: list[str], flag: str) -> tuple[int, int]:
+    """A two-word `H W` list flag (e.g. `--difix-resolution 576 1024`) -> (H, W); app.UsageError otherwise."""
+    try:
+        hw = tuple(int(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{flag} takes two integers H W, got {values}") from None
+    if len(hw) != 2:
+        raise app.UsageError(f"--{flag} takes two integers H W, got {values}")
+    return hw

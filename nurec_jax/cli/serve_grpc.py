@@ -86,12 +86,7 @@ _GRACE = flags.DEFINE_float("shutdown_grace_s", _D.shutdown_grace_s, "How long i
 
 
 def options_from_flags() -> opt.ServerOptions:
-    try:
-        difix_res = tuple(int(v) for v in _DIFIX_RES.value)
-    except ValueError:
-        raise app.UsageError(f"--difix-resolution takes two integers H W, got {_DIFIX_RES.value}") from None
-    if len(difix_res) != 2:
-        raise app.UsageError(f"--difix-resolution takes two integers H W, got {_DIFIX_RES.value}")
+    difix_res = _flags.height_width(_DIFIX_RES.value, "difix-resolution")
     return opt.ServerOptions(
         artifact_glob=_ARTIFACT_GLOB.value, host=_HOST.value, port=_PORT.value, health_port=_HEALTH_PORT.value,
         test_scenes_are_valid=_TEST_SCENES.value, renderer=_RENDERER.value, enable_difix=_DIFIX.value,

@@ -1,8 +1,9 @@
 """NuRec's flag spelling (dashes, --no-x, tuple values) maps onto absl flags."""
 
-from absl import flags
+import pytest
+from absl import app, flags
 
-from nurec_jax.cli._flags import normalize_argv
+from nurec_jax.cli._flags import height_width, normalize_argv
 
 
 def test_normalize_argv():
@@ -21,3 +22,10 @@ def test_normalize_argv():
     assert fv.difix_resolution == ["288", "512"]
     # absl's own spelling passes through unchanged.
     assert normalize_argv(["x", "--noenable_nrend", "--port=1"], fv) == ["x", "--noenable_nrend", "--port=1"]
+
+
+def test_height_width():
+    assert height_width(["576", "1024"], "difix-resolution") == (576, 1024)
+    for bad in (["576"], ["576", "1024", "3"], ["576", "wide"]):
+        with pytest.raises(app.UsageError, match=r"--difix-resolution takes two integers H W, got"):
+            height_width(bad, "difix-resolution")
