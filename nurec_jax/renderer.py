@@ -38,15 +38,16 @@ def grown_capacity(pair_capacity: int, pairs: int, max_pair_capacity: int, what:
 class Renderer:
     """Renders frames with cached compiled functions and overflow-safe capacities.
 
-    Capacities come from power-of-two buckets: a frame that needs more pairs than the current bucket is re-rendered with the next sufficient bucket, which is then kept for
-    that (scene, resolution) so later frames start there. Nothing is ever silently clipped.
+    Capacities come from power-of-two buckets: a frame that needs more pairs than the current bucket is
+    re-rendered with the next sufficient bucket, which is then kept for that (scene, resolution) so later
+    frames start there. Nothing is ever silently clipped.
     """
 
     def __init__(self, base_options: RenderOptions = RenderOptions(pair_capacity=1 << 16),
                  max_pair_capacity: int = 1 << 26):
         self.base_options = base_options
         self.max_pair_capacity = max_pair_capacity
-        self._fn = jax.jit(self._traced, static_argnames=("options",))
+        self._fn = jax.jit(self._counted(render), static_argnames=("options",))
         # The staged path (timed per stage): the four stages of `render`, compiled separately.
         self._stages = {name: jax.jit(self._counted(fn), static_argnames=("options",) if name != "compose" else ())
                         for name, fn in (("projection", prepare_frame), ("binning", bin_frame),
@@ -55,11 +56,9 @@ class Renderer:
         self._lock = threading.Lock()
         self.trace_count = 0  # how many times a render function was traced (compiled)
 
-    def _traced(self, gaussians, camera, sensor_pose, actors, options):
-        self.trace_count += 1
-        return render(gaussians, camera, sensor_pose, actors, options)
-
     def _counted(self, fn):
+        """`fn`, counting its traces in `trace_count` (each trace is a compile)."""
+
         def traced(*args, **kwargs):
             self.trace_count += 1
             return fn(*args, **kwargs)
