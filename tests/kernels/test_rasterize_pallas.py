@@ -9,7 +9,7 @@ import pytest
 
 from nurec_jax.kernels import rasterize_pallas as RP
 from nurec_jax.kernels import rasterize_ref as RR
-from test_rasterize_ref import _DIFF, _inputs
+from test_rasterize_ref import _DIFF, _inputs, cotangent_grads
 
 
 def _f32(args):
@@ -41,15 +41,7 @@ def test_forward_and_gradients_match_reference(case):
     assert np.all(trans[0] == 1.0)  # the empty tile
     if case == "saturated":
         assert (trans[1:] < 1e-3).mean() > 0.3
-    rng = np.random.default_rng(9)
-    cot = [jnp.asarray(rng.normal(size=x.shape), jnp.float32) for x in ref]
-
-    def loss(fn, diff):
-        return sum(jnp.sum(o * c) for o, c in zip(fn({**args, **diff}), cot))
-
-    diff = {k: args[k] for k in _DIFF}
-    g_ref = jax.jit(jax.grad(lambda d: loss(ref_fn, d)))(diff)
-    g_pl = jax.jit(jax.grad(lambda d: loss(pl_fn, d)))(diff)
+    g_ref, g_pl = cotangent_grads(args, ref, ref_fn, pl_fn)
     for k in _DIFF:
         a, b = np.asarray(g_ref[k]), np.asarray(g_pl[k])
         assert np.abs(a).max() > 0, k

@@ -41,6 +41,19 @@ def _cap(args):
 _DIFF = ("rays", "means", "quats", "scales", "opacities", "colors")
 
 
+def cotangent_grads(args, outputs, *fns):
+    """Gradients w.r.t. the differentiable inputs of sum(out * cot) for each fn, with random cotangents
+    (shaped and typed like `outputs`) shared by all of them."""
+    rng = np.random.default_rng(9)
+    cot = [jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in outputs]
+
+    def loss(fn, diff):
+        return sum(jnp.sum(o * c) for o, c in zip(fn({**args, **diff}), cot))
+
+    diff = {k: args[k] for k in _DIFF}
+    return [jax.jit(jax.grad(lambda d, fn=fn: loss(fn, d)))(diff) for fn in fns]
+
+
 @pytest.mark.parametrize("case", ["regular", "saturated", "single_frame"])
 def test_custom_vjp_matches_autodiff(case):
     with jax.enable_x64(True):
@@ -57,15 +70,7 @@ def test_custom_vjp_matches_autodiff(case):
         assert np.all(trans[0] == 1.0)  # the empty tile
         if case == "saturated":
             assert (trans[1:] < 1e-3).mean() > 0.3  # many pixels reached the stop rule
-        rng = np.random.default_rng(9)
-        cot = [jnp.asarray(rng.normal(size=x.shape)) for x in ref]
-
-        def loss(fn, diff):
-            return sum(jnp.sum(o * c) for o, c in zip(fn({**args, **diff}), cot))
-
-        diff = {k: args[k] for k in _DIFF}
-        g_ref = jax.jit(jax.grad(lambda d: loss(ref_fn, d)))(diff)
-        g_auto = jax.jit(jax.grad(lambda d: loss(auto_fn, d)))(diff)
+        g_ref, g_auto = cotangent_grads(args, ref, ref_fn, auto_fn)
         for k in _DIFF:
             scale = max(1.0, float(jnp.abs(g_auto[k]).max()))
             np.testing.assert_allclose(np.asarray(g_ref[k]), np.asarray(g_auto[k]), atol=1e-10 * scale, err_msg=k)
