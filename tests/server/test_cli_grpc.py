@@ -81,6 +81,9 @@ def test_render_grpc_against_serve_grpc(thin_scene, tmp_path):
         bad = subprocess.run(base + ['--edit-assets={"replace": [{"original_id": "99", "replacement_id": "box_truck"}]}'],
                              capture_output=True, text=True, timeout=300, env=_env())
         assert bad.returncode == 1 and "Failed to edit assets: replace[0].original_id" in bad.stderr, bad.stderr[-2000:]
+        bad = subprocess.run(base + ["--edit-assets={replace: 3}"], capture_output=True, text=True, timeout=300,
+                             env=_env())
+        assert bad.returncode == 1 and "--edit-assets: not an EditAssetsRequest" in bad.stderr, bad.stderr[-2000:]
         edit = '{"replace": [{"original_id": "3", "replacement_id": "sedan_orange"}]}'
         proc = subprocess.run(
             base + ["--frame-step=50", "--image-format=png", "--demo-actor-transform", "--shutdown-server-on-completion",

@@ -29,3 +29,14 @@ def test_height_width():
     for bad in (["576"], ["576", "1024", "3"], ["576", "wide"]):
         with pytest.raises(app.UsageError, match=r"--difix-resolution takes two integers H W, got"):
             height_width(bad, "difix-resolution")
+
+
+@pytest.mark.parametrize("kw,flag", [(dict(warmup_height=-1), "--warmup-height"),
+                                     (dict(metrics_port=70000), "--metrics-port"),
+                                     (dict(enable_harmonizer=True), "--enable-harmonizer"),
+                                     (dict(initial_pair_capacity=3), "--initial-pair-capacity")])
+def test_server_options_name_the_bad_flag(kw, flag):
+    from nurec_jax.server.options import ServerOptions
+
+    with pytest.raises(ValueError, match=flag):
+        ServerOptions(**kw).validate()
