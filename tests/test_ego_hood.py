@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import make_ego_hood
+import refine_pose  # noqa: F401  (pytest imports both tools into one process: their absl flags must not collide)
 import render_fixtures as fx
 from nurec_jax import data
 

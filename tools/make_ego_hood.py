@@ -7,7 +7,7 @@ rounded front edge. Each pixel's ray is intersected with it (2x2 supersampled fo
 and shaded as dark car paint with a sky reflection that fades towards the front.
 
     python tools/make_ego_hood.py --output-dir out/hoods [--scene nurec_jax/data/sample_scene.usdz]
-        [--camera camera_front_wide_120fov] [--rig-id hyperion_8_1]
+        [--camera-id camera_front_wide_120fov] [--rig-id hyperion_8_1]
 
 The default rig id is AlpaSim's default `ego_mask_rig_config_id`, so an AlpaSim client finds the mask
 without configuration.
@@ -24,9 +24,10 @@ from PIL import Image
 
 import nurec_jax
 from nurec_jax import cameras
+from nurec_jax.cli import _flags
 
 _SCENE = flags.DEFINE_string("scene", None, "Scene .usdz (default: the bundled sample scene).")
-_CAMERA = flags.DEFINE_string("camera", "camera_front_wide_120fov", "Camera logical id.")
+_CAMERA = flags.DEFINE_string("camera_id", "camera_front_wide_120fov", "Camera logical id.")
 _RIG = flags.DEFINE_string("rig_id", "hyperion_8_1", "Rig config id (the directory name).")
 _OUT = flags.DEFINE_string("output_dir", None, "Hood directory (what --egocar-hood-dir points at).")
 _HEIGHT = flags.DEFINE_float("hood_height", 1.05, "Bonnet height above the rig origin at its centre line, m.")
@@ -98,4 +99,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    app.run(_main)
+    app.run(_main, flags_parser=_flags.parser())
