@@ -304,6 +304,9 @@ def _ftheta(width, height, cx, cy, bw, cde, shutter):
     theta = np.polynomial.polynomial.polyval(np.linspace(0.0, r_corner * 1.02, 400), bw)
     assert np.all(np.diff(theta) > 0), "backward polynomial must be monotonic over the image"
     fw = cameras.fit_inverse_poly(bw, r_corner * 1.02, samples=400)  # forward r(theta), c0 = 0
+    # The least-squares fit differs in its last digits between CPUs and numpy builds; 10 significant
+    # digits (far below a pixel) make the written file the same on every machine.
+    fw = np.array([float(f"{v:.10g}") for v in fw])
     return {
         "resolution": [width, height],
         "shutter_type": shutter,
