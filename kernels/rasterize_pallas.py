@@ -67,15 +67,16 @@ def _eval_batch(ray, ld, fr, n_frames):
     dd = dc[0] * dc[0] + dc[1] * dc[1] + dc[2] * dc[2]
     dd = jnp.where(dd > 0, dd, 1.0)  # masked slots load zeros
     od = oc[0] * dc[0] + oc[1] * dc[1] + oc[2] * dc[2]
-    oo = oc[0] * oc[0] + oc[1] * oc[1] + oc[2] * oc[2]
-    d2 = oo - od * od / dd
+    # |oc x dc|^2 / dd: no cancellation at street distances (see rasterize_ref.eval3d).
+    cr = [oc[1] * dc[2] - oc[2] * dc[1], oc[2] * dc[0] - oc[0] * dc[2], oc[0] * dc[1] - oc[1] * dc[0]]
+    d2 = (cr[0] * cr[0] + cr[1] * cr[1] + cr[2] * cr[2]) / dd
     resp = jnp.exp(-0.5 * jnp.maximum(d2, 0.0))
     opac = ld(_OP)[None, :]
     raw = opac * resp
     alpha = jnp.minimum(C.MAX_ALPHA, raw)
     ok = (resp > C.MIN_KERNEL_RESPONSE) & (alpha > C.ALPHA_THRESHOLD) & (-od / dd > 0)
-    return dict(sel=sel, d=d, diff=diff, m=m, oc=oc, dc=dc, dd=dd, od=od, d2=d2, resp=resp, opac=opac, raw=raw,
-                alpha=alpha, t_star=-od / dd, ok=ok)
+    return dict(sel=sel, d=d, diff=diff, m=m, oc=oc, dc=dc, cr=cr, dd=dd, od=od, d2=d2, resp=resp, opac=opac,
+                raw=raw, alpha=alpha, t_star=-od / dd, ok=ok)
 
 
 def _composite_batch(a, trans):
@@ -192,10 +193,13 @@ def _bwd_kernel(start_ref, counts_ref, used_ref, gids_ref, rays_ref, valid_ref, 
         d_d2 = jnp.where(unclamped & (e["d2"] > 0), -0.5 * d_alpha * e["opac"] * e["resp"], 0.0)
         inv = 1.0 / e["dd"]
         r = e["od"] * inv
-        oc, dc = e["oc"], e["dc"]
-        g_oc = [d_d2 * (2 * oc[i] - 2 * r * dc[i]) - d_tstar * dc[i] * inv for i in range(3)]
-        g_dc = [d_d2 * (2 * r * r * dc[i] - 2 * r * oc[i]) + d_tstar * (2 * r * inv * dc[i] - oc[i] * inv)
-                for i in range(3)]
+        oc, dc, cr = e["oc"], e["dc"], e["cr"]
+        # d2 = |c|^2 / dd with c = oc x dc: d(d2)/d(oc) = 2 p and d(d2)/d(dc) = -2 r p, where p = oc - r dc
+        # (the offset of the closest point from the centre) is taken as (dc x c) / dd, which does not cancel.
+        p = [(dc[1] * cr[2] - dc[2] * cr[1]) * inv, (dc[2] * cr[0] - dc[0] * cr[2]) * inv,
+             (dc[0] * cr[1] - dc[1] * cr[0]) * inv]
+        g_oc = [d_d2 * 2 * p[i] - d_tstar * dc[i] * inv for i in range(3)]
+        g_dc = [-d_d2 * 2 * r * p[i] + d_tstar * (2 * r * inv * dc[i] - oc[i] * inv) for i in range(3)]
         m = e["m"]
         g_diff = [g_oc[0] * m[j][0] + g_oc[1] * m[j][1] + g_oc[2] * m[j][2] for j in range(3)]  # [P, B]
         g_dir = [g_dc[0] * m[j][0] + g_dc[1] * m[j][1] + g_dc[2] * m[j][2] for j in range(3)]
