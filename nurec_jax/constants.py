@@ -21,5 +21,6 @@ MAX_EXTENT_SIGMA = 3.33  # opacity-aware extent is capped at 3.33 sigma
 NEAR_CLIP = 0.2  # metres: Gaussian means closer than this (camera z or distance) are culled
 DEPTH_KEY_FAR = 1e5  # metres: far end of the log-depth range packed into sort keys
 
-TILE_SIZE = 16
+TILE_SIZE = 16  # the Pallas (GPU) kernels' tile side
+REFERENCE_TILE_SIZE = 8  # the plain-jnp compositor's (its cost is pairs x pixels per tile)
 ROLLING_SHUTTER_ITERATIONS = 5

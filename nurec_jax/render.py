@@ -52,6 +52,10 @@ class RenderOptions:
       disable_rolling_shutter: render every pixel at the start pose (render-grpc's option).
       implementation: compositor: "reference" (plain jnp), "pallas" (the Triton kernel; interpret mode
         off GPU), or "auto" (pallas on GPU, reference elsewhere).
+      tile_size: pixels per tile side (a power of two), 0 for the backend's choice (`tile_size_for`):
+        16 for the Pallas kernel (one GPU program per 16x16 tile), 8 for the reference compositor, whose
+        cost is pairs x pixels per tile: street-scale Gaussians cover a few pixels, so 8x8 tiles evaluate
+        2.2x fewer (pixel, Gaussian) pairs than 16x16 on the sample (BUILD_NOTES "Render speed").
     """
 
     pair_capacity: int = 1 << 18
@@ -60,6 +64,27 @@ class RenderOptions:
     rolling_shutter_iterations: int = C.ROLLING_SHUTTER_ITERATIONS
     disable_rolling_shutter: bool = False
     implementation: str = "auto"
+    tile_size: int = 0
+
+
+def resolved_implementation(options: RenderOptions) -> str:
+    """"reference" or "pallas" for `options.implementation` on this backend."""
+    impl = options.implementation
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    if impl not in ("reference", "pallas"):
+        raise ValueError(f"implementation must be 'auto', 'reference' or 'pallas', got {impl!r}")
+    return impl
+
+
+def tile_size_for(options: RenderOptions) -> int:
+    """Pixels per tile side for `options` (see RenderOptions.tile_size)."""
+    if options.tile_size:
+        t = options.tile_size
+        if t < 2 or t & (t - 1):
+            raise ValueError(f"tile_size must be a power of two >= 2, got {t}")
+        return t
+    return C.TILE_SIZE if resolved_implementation(options) == "pallas" else C.REFERENCE_TILE_SIZE
 
 
 @jax.tree_util.register_dataclass
@@ -220,37 +245,49 @@ def _table(pair: PosePair, levels: int, dtype, invert: bool = False) -> _PoseTab
     return _PoseTable(pose.rotation(), pose.trans)
 
 
+def _frame_to_camera(cam_tab: _PoseTable, frame_tab: _PoseTable, level, frame_idx):
+    """Per-Gaussian frame -> camera rotation [N, 3, 3] and translation [N, 3] at exposure `level` [N]."""
+    rc = cam_tab.rot[level]
+    rot = jnp.einsum("nij,njk->nik", rc, frame_tab.rot[level, frame_idx])
+    trans = jnp.einsum("nij,nj->ni", rc, frame_tab.trans[level, frame_idx]) + cam_tab.trans[level]
+    return rot, trans
+
+
 def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx, x_local, shutter: int,
                    iterations: int):
-    """Projects frame-local points with the rolling-shutter fixed point (rendering.md 4).
+    """Projects the sigma points x_local [N, S, 3] of each Gaussian (frame `frame_idx` [N]) under the
+    rolling-shutter fixed point (rendering.md 4).
 
-    Returns a list of (uv (..., 2), valid (...)) estimates: the fixed-point solution, plus, under a
-    rolling shutter, the projections at the start and at the end of the exposure. Exposure times are
-    row (or column) quantised, so poses come from a per-row table instead of a slerp per point.
+    Returns a list of (uv [N, S, 2], valid [N, S]) estimates: under a global shutter one; under a rolling
+    shutter the projection at the exposure time the Gaussian's centre (sigma point 0) is seen at (the
+    fixed point tau = shutter(project(pose(tau), centre)), iterated on the centre alone), plus the
+    projections at the start and at the end of the exposure, whose union bounds the motion. Exposure
+    times are row (or column) quantised, so poses come from a per-row table, composed once per Gaussian.
     """
     levels = _shutter_levels(camera.width, camera.height, shutter)
     dtype = x_local.dtype
     cam_tab = _table(sensor, levels, dtype, invert=True)  # world -> camera, [L]
     frame_tab = _table(frames, levels, dtype)  # frame -> world, [L, F]
+    n = x_local.shape[0]
 
-    def at(level):
-        rf = frame_tab.rot[level, frame_idx]
-        p_world = jnp.einsum("...ij,...j->...i", rf, x_local) + frame_tab.trans[level, frame_idx]
-        p_cam = jnp.einsum("...ij,...j->...i", cam_tab.rot[level], p_world) + cam_tab.trans[level]
+    def at(level, pts):
+        rot, trans = _frame_to_camera(cam_tab, frame_tab, level, frame_idx)
+        p_cam = jnp.einsum("nij,nsj->nsi", rot, pts) + trans[:, None, :]
         uv, ok = camera.project(p_cam)
         return uv, ok & _in_image(uv, camera.width, camera.height, C.UT_IMAGE_MARGIN)
 
-    zero = jnp.zeros(x_local.shape[:-1], jnp.int32)
-    uv0, ok0 = at(zero)
+    zero = jnp.zeros((n,), jnp.int32)
     if levels == 1:
-        return [(uv0, ok0)]
-    uv1, ok1 = at(zero + levels - 1)
+        return [at(zero, x_local)]
+    est = [at(zero, x_local), at(zero + levels - 1, x_local)]
+    centre = x_local[:, :1]
+    (uv0, ok0), (uv1, ok1) = ((uv[:, :1], ok[:, :1]) for uv, ok in est)
     uv = jnp.where(ok0[..., None], uv0, uv1)
-    ok_k = ok0 | ok1
     for _ in range(iterations):
-        level = _level_of(shutter_tau(uv, camera.width, camera.height, shutter), levels)
-        uv, ok_k = at(level)
-    return [(uv, ok_k), (uv0, ok0), (uv1, ok1)]
+        level = _level_of(shutter_tau(uv, camera.width, camera.height, shutter), levels)[:, 0]
+        uv, _ = at(level, centre)
+    level = _level_of(shutter_tau(uv, camera.width, camera.height, shutter), levels)[:, 0]
+    return [at(level, x_local)] + est
 
 
 def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: _Merged, shutter: int,
@@ -269,7 +306,6 @@ def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: _
     axes = nmath.quat_to_matrix(g.quats) * g.scales[:, None, :] * spread  # columns scaled
     offs = jnp.concatenate([jnp.zeros_like(axes[:, :, :1]), axes, -axes], axis=-1)  # [N, 3, 7]
     pts = g.means[:, None, :] + jnp.swapaxes(offs, 1, 2)  # [N, 7, 3]
-    idx = jnp.broadcast_to(g.frames[:, None], pts.shape[:2])
     opac = jnp.maximum(g.opacities, 1e-30)
     k = jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
     wm = jnp.array([w0m] + [wi] * 6, pts.dtype)
@@ -277,7 +313,7 @@ def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: _
     big = jnp.asarray(jnp.inf, pts.dtype)
     lo = hi = None
     valid = jnp.zeros(g.opacities.shape, bool)
-    for uv, ok in project_points(camera, sensor, frames, idx, pts, shutter, iterations):
+    for uv, ok in project_points(camera, sensor, frames, g.frames, pts, shutter, iterations):
         mean = jnp.sum(wm[None, :, None] * uv, axis=1)
         diff = uv - mean[:, None, :]
         cov = jnp.einsum("k,nki,nkj->nij", wc, diff, diff)
@@ -418,13 +454,8 @@ def untile(x: jax.Array, width: int, height: int, tile: int = C.TILE_SIZE) -> ja
 
 def compositor(implementation: str):
     """The per-tile compositor for an `implementation` name (see RenderOptions)."""
-    if implementation == "auto":
-        implementation = "pallas" if jax.default_backend() == "gpu" else "reference"
-    if implementation == "reference":
-        return rasterize_ref.rasterize_tiles_ref
-    if implementation == "pallas":
-        return rasterize_pallas.rasterize_tiles_pallas
-    raise ValueError(f"implementation must be 'auto', 'reference' or 'pallas', got {implementation!r}")
+    impl = resolved_implementation(RenderOptions(implementation=implementation))
+    return rasterize_pallas.rasterize_tiles_pallas if impl == "pallas" else rasterize_ref.rasterize_tiles_ref
 
 
 @jax.tree_util.register_dataclass
@@ -464,7 +495,7 @@ def prepare_frame(gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePa
     g = _merge(gaussians, actors)
 
     with jax.named_scope("rays"):
-        uv_np, _, _, _ = pixel_grid(width, height)
+        uv_np, _, _, _ = pixel_grid(width, height, tile_size_for(options))
         uv = jnp.asarray(uv_np, dtype)
         levels = _shutter_levels(width, height, shutter)
         level = _level_of(shutter_tau(uv, width, height, shutter), levels)  # [T, P]
@@ -508,16 +539,17 @@ def prepare_frame(gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePa
 
 def bin_frame(prep: FramePrep, camera: Camera, options: RenderOptions = RenderOptions()) -> Binning:
     """Stage 2 ("binning"): (tile, Gaussian) pairs, one sort, per-tile ranges."""
-    _, _, tiles_x, tiles_y = pixel_grid(camera.width, camera.height)
+    tile = tile_size_for(options)
+    _, _, tiles_x, tiles_y = pixel_grid(camera.width, camera.height, tile)
     sg = jax.lax.stop_gradient
     with jax.named_scope("bin"):
         return bin_gaussians(prep.rect_lo, prep.rect_hi, prep.ok, sg(prep.gaussians.opacities), prep.depth,
-                             tiles_x, tiles_y, options)
+                             tiles_x, tiles_y, options, tile)
 
 
 def composite_frame(prep: FramePrep, binning: Binning, camera: Camera, options: RenderOptions = RenderOptions()):
     """Stage 3 ("compositing"): per-tile eval3d + front-to-back compositing -> (rgb, T, hit) per tile pixel."""
-    _, valid_np, _, _ = pixel_grid(camera.width, camera.height)
+    _, valid_np, _, _ = pixel_grid(camera.width, camera.height, tile_size_for(options))
     g = prep.gaussians
     dtype = g.means.dtype
     with jax.named_scope("rasterize"):
@@ -532,15 +564,16 @@ def composite_frame(prep: FramePrep, binning: Binning, camera: Camera, options: 
 def compose_frame(sky: Sky, camera: Camera, prep: FramePrep, binning: Binning, rgb, trans, hit) -> RenderOutput:
     """Stage 4 ("compose"): sky behind, alpha and depth, tiles -> image."""
     width, height = camera.width, camera.height
+    tile = math.isqrt(rgb.shape[1])  # [T, tile * tile, 3]
     with jax.named_scope("compose"):
         rgb = rgb + trans[..., None] * sky_color(sky, prep.direction)
         alpha = 1.0 - trans
         depth_px = jnp.where(alpha > 1e-6, hit / jnp.where(alpha > 1e-6, alpha, 1.0), 0.0)
     return RenderOutput(
-        rgb=untile(rgb, width, height),
-        alpha=untile(alpha, width, height),
-        hit_distance=untile(hit, width, height),
-        depth=untile(depth_px, width, height),
+        rgb=untile(rgb, width, height, tile),
+        alpha=untile(alpha, width, height, tile),
+        hit_distance=untile(hit, width, height, tile),
+        depth=untile(depth_px, width, height, tile),
         num_pairs=binning.num_pairs,
         max_tile_pairs=binning.max_tile_pairs,
     )

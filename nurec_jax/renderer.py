@@ -20,7 +20,7 @@ from nurec_jax.cameras import Camera
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.poses import PosePair
 from nurec_jax.render import (ActorPoses, RenderOptions, RenderOutput, bin_frame, compose_frame, composite_frame,
-                              prepare_frame, render)
+                              prepare_frame, render, tile_size_for)
 from nurec_jax.types import SceneGaussians
 
 _LOGGER = logging.getLogger(__name__)
@@ -35,6 +35,27 @@ def grown_capacity(pair_capacity: int, pairs: int, max_pair_capacity: int, what:
     return new_pairs
 
 
+_TRACES = [0]
+
+
+def _counted(fn):
+    """`fn`, counting its traces in `_TRACES` (each trace is a compile)."""
+
+    def traced(*args, **kwargs):
+        _TRACES[0] += 1
+        return fn(*args, **kwargs)
+
+    return traced
+
+
+# One compiled function per static signature per process: module-level jits, shared by every Renderer.
+_RENDER = jax.jit(_counted(render), static_argnames=("options",))
+# The staged path (timed per stage): the four stages of `render`, compiled separately.
+_STAGES = {name: jax.jit(_counted(fn), static_argnames=("options",) if name != "compose" else ())
+           for name, fn in (("projection", prepare_frame), ("binning", bin_frame),
+                            ("compositing", composite_frame), ("compose", compose_frame))}
+
+
 class Renderer:
     """Renders frames with cached compiled functions and overflow-safe capacities.
 
@@ -47,23 +68,16 @@ class Renderer:
                  max_pair_capacity: int = 1 << 26):
         self.base_options = base_options
         self.max_pair_capacity = max_pair_capacity
-        self._fn = jax.jit(self._counted(render), static_argnames=("options",))
-        # The staged path (timed per stage): the four stages of `render`, compiled separately.
-        self._stages = {name: jax.jit(self._counted(fn), static_argnames=("options",) if name != "compose" else ())
-                        for name, fn in (("projection", prepare_frame), ("binning", bin_frame),
-                                         ("compositing", composite_frame), ("compose", compose_frame))}
+        self._fn = _RENDER
+        self._stages = _STAGES
         self._caps: dict[tuple, int] = {}
         self._lock = threading.Lock()
-        self.trace_count = 0  # how many times a render function was traced (compiled)
 
-    def _counted(self, fn):
-        """`fn`, counting its traces in `trace_count` (each trace is a compile)."""
-
-        def traced(*args, **kwargs):
-            self.trace_count += 1
-            return fn(*args, **kwargs)
-
-        return traced
+    @property
+    def trace_count(self) -> int:
+        """How many times a render function was traced (compiled) in this process. The compiled functions
+        are shared by every Renderer, so a second instance reuses the first one's executables."""
+        return _TRACES[0]
 
     def _render_staged(self, gaussians, camera, sensor_pose, actors, options, timer) -> RenderOutput:
         """`render` as four separately compiled stages, each timed (and waited for when the timer
@@ -82,12 +96,23 @@ class Renderer:
     def _key(camera: Camera, cache_key: tuple) -> tuple:
         return (cache_key, camera.width, camera.height)
 
-    def options_for(self, camera: Camera, cache_key: tuple = ()) -> RenderOptions:
-        """The options (capacities found so far) frames of this scene key and camera size render with."""
+    def first_capacity(self, camera: Camera, n_gaussians: int) -> int:
+        """The first pair bucket for a (scene, resolution): sized from the scene and the image so the first
+        frames do not grow (and recompile) it. A street scene at 640x360 needs ~2.7 pairs per Gaussian
+        with 8x8 tiles (the sample: 320k pairs for 117k Gaussians); pairs grow with the pixel count as
+        Gaussians span more tiles. Never below `base_options.pair_capacity` nor above the maximum."""
+        pixels = camera.width * camera.height / (640 * 360)
+        tile = tile_size_for(self.base_options)
+        estimate = 4.0 * n_gaussians * max(1.0, pixels) * (8 / tile) ** 2
+        return int(min(max(self.base_options.pair_capacity, nmath.next_pow2(int(estimate))), self.max_pair_capacity))
+
+    def options_for(self, camera: Camera, cache_key: tuple = (), n_gaussians: int = 0) -> RenderOptions:
+        """The options (capacities found so far, else the first bucket for `n_gaussians`) frames of this
+        scene key and camera size render with."""
         with self._lock:
             caps = self._caps.get(self._key(camera, cache_key))
         if caps is None:
-            return self.base_options
+            caps = self.first_capacity(camera, n_gaussians)
         return dataclasses.replace(self.base_options, pair_capacity=caps)
 
     def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
@@ -96,7 +121,8 @@ class Renderer:
         """Renders a frame, growing the pair bucket on overflow. With a `timer`
         (`nurec_jax.server.timing.StageTimer`) the frame runs as four separately compiled, timed stages."""
         key = self._key(camera, cache_key)
-        opts = dataclasses.replace(self.options_for(camera, cache_key),
+        n_gaussians = gaussians.static.count + gaussians.dynamic.count
+        opts = dataclasses.replace(self.options_for(camera, cache_key, n_gaussians),
                                    disable_rolling_shutter=disable_rolling_shutter)
         if actors is None:
             actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)

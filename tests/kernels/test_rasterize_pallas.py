@@ -48,14 +48,15 @@ def test_forward_and_gradients_match_reference(case):
         np.testing.assert_allclose(b, a, atol=2e-4 * max(1.0, np.abs(a).max()), err_msg=k)
 
 
-def test_stop_positions_and_batch_counts_match_reference():
+def test_stop_positions_match_reference():
+    """Both compositors end each pixel at the same list position (the stop rule), whatever their walk."""
     args = _f32(_inputs(5, n_px=16, **CASES["saturated"]))
     names = ("pair_gids", "tile_start", "tile_counts", "rays", "pixel_valid")
-    _, res = RR._rasterize_fwd(*[args[k] for k in names + _DIFF[1:]], args["frames"], 4, 2)
+    _, (_, _, ref_stop) = RR._forward_units(*[args[k] for k in names + _DIFF[1:]], args["frames"], 4, 2, False)
     rows = RP._param_rows(*[args[k] for k in _DIFF[1:]])
-    _, _, _, stop, used = jax.jit(lambda a: RP._forward(*[a[k] for k in names], rows, a["frames"], 4, True))(args)
-    np.testing.assert_array_equal(np.asarray(stop), np.asarray(res[12]))
-    np.testing.assert_array_equal(np.asarray(used), np.asarray(res[13]))
+    _, _, _, stop, _ = jax.jit(lambda a: RP._forward(*[a[k] for k in names], rows, a["frames"], 4, True))(args)
+    assert (np.asarray(stop) < 2 ** 30).mean() > 0.1  # pixels do stop (12 % here)
+    np.testing.assert_array_equal(np.asarray(stop), np.asarray(ref_stop))
 
 
 def test_forward_and_backward_lower_for_an_abstract_h100():

@@ -18,7 +18,9 @@ from nurec_jax import render as R
 from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import PosePair
 
-_OPTS = R.RenderOptions(pair_capacity=1 << 13, chunk=8, tile_batch=4)
+# One tile size for both (the backends' defaults differ, 16 vs 8): the same pairs, so the kernels are compared
+# like for like.
+_OPTS = R.RenderOptions(pair_capacity=1 << 13, chunk=8, tile_batch=4, tile_size=16)
 
 
 def _both(fn):
