@@ -105,7 +105,7 @@ class LidarOptions:
     pair_capacity: int = 1 << 18
     column_tiles: int = 0
     chunk: int = 32
-    tile_batch: int = 8
+    tile_batch: int = 32
     implementation: str = "auto"
 
     def render_options(self) -> RenderOptions:
