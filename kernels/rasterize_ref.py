@@ -1,18 +1,19 @@
 """Per-tile compositing with per-ray 3D Gaussian evaluation ("eval3d"), in plain jnp.
 
 This is the reference twin of the Pallas rasterization kernel: same signature, no Pallas import.
-For each 16x16 tile it walks the tile's depth-sorted Gaussian list in chunks, evaluates every
-Gaussian on every pixel's ray at the ray's point of maximum response, and composites front to
-back with NuRec's constants (rendering.md 2.3, 1.4, 7).
+For each tile it composites the tile's depth-sorted Gaussian list, evaluating every Gaussian on every
+pixel's ray at the ray's point of maximum response, front to back with NuRec's constants
+(rendering.md 2.3, 1.4, 7).
 
-Two implementations share the per-chunk math:
-  * `rasterize_tiles_ref`: the production reference. Each tile walks only its own list and stops
-    when every pixel is done (while loops), and a `jax.custom_vjp` backward walks each tile's list in
-    reverse, recovering transmittance from the saved final T and each pixel's stop index, and
-    differentiating the per-chunk eval3d locally (3DGS-style backward; no atomics: gradients are
-    scatter-added per chunk while tiles are visited in sequence).
+Two implementations share the per-chunk math (`eval3d`, `alpha_of`):
+  * `rasterize_tiles_ref`: the production reference. Every tile's list is cut into units of `chunk`
+    pairs and one rolled loop composites the units of all tiles side by side, with each unit's
+    incoming transmittance from a segmented scan (see "Production reference" below), so the work
+    follows the total number of pairs rather than the longest tile. A `jax.custom_vjp` backward walks
+    the same steps in reverse, carrying each tile's "everything behind" sums, and differentiates each
+    step's eval3d locally (no atomics: gradients are scatter-added step by step).
   * `rasterize_tiles_autodiff`: a rematerialised `lax.scan` over the full capacity, differentiated
-    by JAX itself. Slow; the oracle that tests compare the custom backward against.
+    by JAX itself. Slow; the oracle that tests compare the custom forward and backward against.
 """
 
 from __future__ import annotations
@@ -114,14 +115,6 @@ def padded_pairs(pair_gids, chunk):
     return jnp.pad(pair_gids, (0, chunk), constant_values=-1)
 
 
-def tile_chunk(gids, start, count, c, chunk):
-    """Chunk `c` of one tile's list: (gids clamped to >= 0, live mask [chunk], list positions [chunk])."""
-    pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    g = jax.lax.dynamic_slice_in_dim(gids, start + c * chunk, chunk)
-    live = (g >= 0) & (pos < count)
-    return jnp.where(live, g, 0), live, pos
-
-
 # ----------------------------------------------------------------------------------------------
 # Production reference: the pair list cut into chunk-sized units, composited many at a time.
 #
@@ -199,13 +192,12 @@ def _unit_alpha(rays_b, fr, means, quats, scales, opacities):
     return alpha_of(resp, t_star, opacities[:, None]), t_star
 
 
-def _composite_units(a, t_in, offset):
+def _composite_units(a, log_a, t_in, offset):
     """Front to back through units whose pixels enter with transmittance `t_in` [B, P]; a [B, P, K] is 0
-    where nothing is composited. A Gaussian that would take T to or below the threshold is not added
-    and ends the pixel. Returns (a_eff, T before each, weights, T after the unit, stop list position or
-    BIG)."""
+    where nothing is composited, log_a = log1p(-a). A Gaussian that would take T to or below the
+    threshold is not added and ends the pixel. Returns (a_eff, T before each, weights, T after the unit,
+    stop list position or BIG)."""
     k = a.shape[-1]
-    log_a = jnp.log1p(-a)
     t_after = t_in[..., None] * jnp.exp(log_a @ _tri(k, a.dtype, strict=False))
     stop = t_after <= C.TRANSMITTANCE_THRESHOLD
     any_stop = jnp.any(stop, -1)
@@ -259,10 +251,13 @@ def _forward_units(pair_gids, tile_start, tile_counts, rays, pixel_valid, means,
         st = _gather_step(i, batch, chunk, units, gids, frames, rays, pixel_valid, means, quats, scales, opacities)
         alpha, t_star = _unit_alpha(st["rays"], st["fr"], *st["params"])
         alpha = jnp.where(st["valid"][:, :, None], alpha, 0.0)
-        log_in, carry_tile, carry_log = _incoming(jnp.sum(jnp.log1p(-alpha), -1), st, units, carry_tile, carry_log)
+        log_a = jnp.log1p(-alpha)
+        log_in, carry_tile, carry_log = _incoming(jnp.sum(log_a, -1), st, units, carry_tile, carry_log)
         t_in = jnp.exp(log_in)
-        px = (t_in > C.TRANSMITTANCE_THRESHOLD) & st["valid"]
-        _, _, w, t_out, stop = _composite_units(jnp.where(px[:, :, None], alpha, 0.0), t_in, units.offset[st["u"]])
+        px = ((t_in > C.TRANSMITTANCE_THRESHOLD) & st["valid"])[:, :, None]
+        _, _, w, t_out, stop = _composite_units(jnp.where(px, alpha, 0.0), jnp.where(px, log_a, 0.0), t_in,
+                                                units.offset[st["u"]])
+        px = px[..., 0]
         tile = st["tile"]
         rgb = rgb.at[tile].add(jnp.einsum("bpk,bkc->bpc", w, colors[st["gs"]]))
         hit = hit.at[tile].add(jnp.sum(w * t_star, -1))
@@ -310,9 +305,9 @@ def _rasterize_bwd(chunk, batch, res, cot):
         fr, tile, gs, live = st["fr"], st["tile"], st["gs"], st["live"]
         (alpha, t_star), vjp = jax.vjp(lambda rb, *p: _unit_alpha(rb, fr, *p), st["rays"], *st["params"])
         t_in = jnp.exp(jax.lax.dynamic_slice_in_dim(log_in_all, i * batch, batch, 0))
-        px = (t_in > C.TRANSMITTANCE_THRESHOLD) & st["valid"]
-        a_eff, t_before, w, _, _ = _composite_units(jnp.where(px[:, :, None], alpha, 0.0), t_in,
-                                                    units.offset[st["u"]])
+        px = ((t_in > C.TRANSMITTANCE_THRESHOLD) & st["valid"])[:, :, None]
+        a = jnp.where(px, alpha, 0.0)
+        a_eff, t_before, w, _, _ = _composite_units(a, jnp.log1p(-a), t_in, units.offset[st["u"]])
         gc = g_rgb[tile]  # [B, P, 3]
         gh = g_hit[tile][..., None]
         own = jnp.einsum("bkc,bpc->bpk", colors[gs], gc) + t_star * gh

@@ -30,7 +30,7 @@ from nurec_jax import sh as sh_lib
 from nurec_jax.lidar_models import LidarModel
 from nurec_jax.poses import Pose, PosePair
 from nurec_jax.render import ActorPoses, RenderOptions, _frame_pairs, _merge, bin_gaussians, compositor
-from nurec_jax.renderer import grown_capacity
+from nurec_jax.renderer import counted_jit, grown_capacity
 from nurec_jax.types import SceneGaussians
 
 TILE = C.TILE_SIZE
@@ -316,19 +316,23 @@ class LidarSpin:
         return self.points[keep], self.intensity[keep], rows.astype(np.uint16)
 
 
+_TRACES = [0]
+_PASS = counted_jit(raycast_pass, _TRACES, static_argnames=("n_col_tiles", "options"))
+
+
 class LidarCaster:
     """Casts whole spins with a cached compiled pass function and power-of-two capacity growth."""
 
     def __init__(self, options: LidarOptions = LidarOptions(), max_pair_capacity: int = 1 << 26):
         self.options = options
         self.max_pair_capacity = max_pair_capacity
-        self._fn = jax.jit(self._traced, static_argnames=("n_col_tiles", "options"))
         self._caps: dict[tuple, tuple[int, int]] = {}
-        self.trace_count = 0
 
-    def _traced(self, gaussians, tables, sensor_pose, actors, col_tile0, n_col_tiles, options):
-        self.trace_count += 1
-        return raycast_pass(gaussians, tables, sensor_pose, actors, col_tile0, n_col_tiles, options)
+    @property
+    def trace_count(self) -> int:
+        """How many times the pass function was traced (compiled) in this process (shared by every
+        caster, like the Renderer's)."""
+        return _TRACES[0]
 
     def cast(self, gaussians: SceneGaussians, model: LidarModel, sensor_pose: PosePair,
              actors: ActorPoses | None = None, *, ray_chunk_size: int = 1 << 62, cache_key: tuple = (),
@@ -348,7 +352,7 @@ class LidarCaster:
         while c0 < tables.column_tiles:
             if check is not None:
                 check()
-            out = self._fn(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
+            out = _PASS(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
             pairs = int(out.num_pairs)
             if pairs > opts.pair_capacity:
                 new_pairs = grown_capacity(opts.pair_capacity, pairs, self.max_pair_capacity, "lidar pass")

@@ -56,7 +56,7 @@ class RenderOptions:
       tile_size: pixels per tile side (a power of two), 0 for the backend's choice (`tile_size_for`):
         16 for the Pallas kernel (one GPU program per 16x16 tile), 8 for the reference compositor, whose
         cost is pairs x pixels per tile: street-scale Gaussians cover a few pixels, so 8x8 tiles evaluate
-        2.2x fewer (pixel, Gaussian) pairs than 16x16 on the sample (BUILD_NOTES "Render speed").
+        2.2x fewer (pixel, Gaussian) pairs than 16x16 on the sample (BUILD_NOTES, Renderer, "Tile size").
     """
 
     pair_capacity: int = 1 << 18
@@ -68,9 +68,8 @@ class RenderOptions:
     tile_size: int = 0
 
 
-def resolved_implementation(options: RenderOptions) -> str:
-    """"reference" or "pallas" for `options.implementation` on this backend."""
-    impl = options.implementation
+def resolved_implementation(impl: str) -> str:
+    """"reference" or "pallas" for an implementation name (see RenderOptions) on this backend."""
     if impl == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "reference"
     if impl not in ("reference", "pallas"):
@@ -85,7 +84,7 @@ def tile_size_for(options: RenderOptions) -> int:
         if t < 2 or t & (t - 1):
             raise ValueError(f"tile_size must be a power of two >= 2, got {t}")
         return t
-    return C.TILE_SIZE if resolved_implementation(options) == "pallas" else C.REFERENCE_TILE_SIZE
+    return C.TILE_SIZE if resolved_implementation(options.implementation) == "pallas" else C.REFERENCE_TILE_SIZE
 
 
 @jax.tree_util.register_dataclass
@@ -455,7 +454,7 @@ def untile(x: jax.Array, width: int, height: int, tile: int = C.TILE_SIZE) -> ja
 
 def compositor(implementation: str):
     """The per-tile compositor for an `implementation` name (see RenderOptions)."""
-    impl = resolved_implementation(RenderOptions(implementation=implementation))
+    impl = resolved_implementation(implementation)
     return rasterize_pallas.rasterize_tiles_pallas if impl == "pallas" else rasterize_ref.rasterize_tiles_ref
 
 

@@ -35,23 +35,22 @@ def grown_capacity(pair_capacity: int, pairs: int, max_pair_capacity: int, what:
     return new_pairs
 
 
-_TRACES = [0]
-
-
-def _counted(fn):
-    """`fn`, counting its traces in `_TRACES` (each trace is a compile)."""
+def counted_jit(fn, counter: list, **jit_kwargs):
+    """`jax.jit(fn)` that adds 1 to `counter[0]` each time it traces (each trace is a compile). The jit
+    owners (Renderer here, the lidar caster) keep theirs at module level: one compiled function per
+    static signature per process, shared by every instance."""
 
     def traced(*args, **kwargs):
-        _TRACES[0] += 1
+        counter[0] += 1
         return fn(*args, **kwargs)
 
-    return traced
+    return jax.jit(traced, **jit_kwargs)
 
 
-# One compiled function per static signature per process: module-level jits, shared by every Renderer.
-_RENDER = jax.jit(_counted(render), static_argnames=("options",))
+_TRACES = [0]
+_RENDER = counted_jit(render, _TRACES, static_argnames=("options",))
 # The staged path (timed per stage): the four stages of `render`, compiled separately.
-_STAGES = {name: jax.jit(_counted(fn), static_argnames=("options",) if name != "compose" else ())
+_STAGES = {name: counted_jit(fn, _TRACES, static_argnames=("options",) if name != "compose" else ())
            for name, fn in (("projection", prepare_frame), ("binning", bin_frame),
                             ("compositing", composite_frame), ("compose", compose_frame))}
 
@@ -68,8 +67,6 @@ class Renderer:
                  max_pair_capacity: int = 1 << 26):
         self.base_options = base_options
         self.max_pair_capacity = max_pair_capacity
-        self._fn = _RENDER
-        self._stages = _STAGES
         self._caps: dict[tuple, int] = {}
         self._lock = threading.Lock()
 
@@ -82,7 +79,7 @@ class Renderer:
     def _render_staged(self, gaussians, camera, sensor_pose, actors, options, timer) -> RenderOutput:
         """`render` as four separately compiled stages, each timed (and waited for when the timer
         synchronizes): projection, binning, compositing, compose. Same result; for profiling."""
-        f = self._stages
+        f = _STAGES
         with timer.stage("projection") as st:
             prep = st.wait(f["projection"](gaussians, camera, sensor_pose, actors, options=options))
         with timer.stage("binning") as st:
@@ -98,9 +95,9 @@ class Renderer:
 
     def first_capacity(self, camera: Camera, n_gaussians: int) -> int:
         """The first pair bucket for a (scene, resolution): sized from the scene and the image so the first
-        frames do not grow (and recompile) it. A street scene at 640x360 needs ~2.7 pairs per Gaussian
-        with 8x8 tiles (the sample: 320k pairs for 117k Gaussians); pairs grow with the pixel count as
-        Gaussians span more tiles. Never below `base_options.pair_capacity` nor above the maximum."""
+        frames do not grow (and recompile) it: 4 pairs per Gaussian at 640x360 with 8x8 tiles, a margin
+        over the sample's 2.7 (320k pairs for 117k Gaussians); pairs grow with the pixel count as
+        Gaussians span more tiles, and 4x with half the tile side. Never below `base_options.pair_capacity` nor above the maximum."""
         pixels = camera.width * camera.height / (640 * 360)
         tile = tile_size_for(self.base_options)
         estimate = 4.0 * n_gaussians * max(1.0, pixels) * (8 / tile) ** 2
@@ -128,7 +125,7 @@ class Renderer:
             actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)
         while True:
             if timer is None:
-                out = self._fn(gaussians, camera, sensor_pose, actors, options=opts)
+                out = _RENDER(gaussians, camera, sensor_pose, actors, options=opts)
             else:
                 out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer)
             pairs = int(out.num_pairs)
