@@ -26,12 +26,13 @@ _MAX_BAD_FRACTION = 0.08
 _MAX_ERROR = 0.01
 
 
-def _compare(model, shutter, motion=0.6, seed=0, implementation="reference"):
+def _compare(model, shutter, motion=0.6, seed=0, implementation="reference", tile_size=0):
     cam = fx.make_camera(model, shutter)
     host = fx.random_scene(seed, wide=cam.wide_angle)
     start, end = fx.camera_poses(motion)
     out = _render(fx.to_scene(host), cam, PosePair.from_matrices(start.astype(np.float32), end.astype(np.float32)),
-                  fx.actor_poses(host), options=dataclasses.replace(_OPTS, implementation=implementation))
+                  fx.actor_poses(host), options=dataclasses.replace(_OPTS, implementation=implementation,
+                                                                    tile_size=tile_size))
     assert int(out.num_pairs) <= _OPTS.pair_capacity
     means, quats, scales, opac, shc, frames = fx.brute_inputs(host)
     rgb, alpha, hit = bruteforce.render(cam, start, end, means, quats, scales, opac, shc, host["degree"], frames,
@@ -59,6 +60,23 @@ def test_tiled_matches_brute_force(model, shutter):
     # implementations, the Pallas kernel in interpret mode on CPU (tests/kernels compares them directly).
     impl = ("reference", "pallas")[(_MODELS.index(model) + _SHUTTERS.index(shutter)) % 2]
     _compare(model, shutter, seed=int(shutter), implementation=impl)
+
+
+@pytest.mark.parametrize("tile_size", [4, 16])
+def test_other_tile_sizes_match_brute_force(tile_size):
+    """The reference path's tile side is an option (default 8); other powers of two render the same."""
+    _compare("ftheta", ShutterType.ROLLING_TOP_TO_BOTTOM, seed=3, tile_size=tile_size)
+
+
+@pytest.mark.parametrize("bad", [3, 12, 1, -8])
+def test_tile_size_must_be_a_power_of_two(bad):
+    with pytest.raises(ValueError, match="tile_size must be a power of two"):
+        R.tile_size_for(R.RenderOptions(tile_size=bad))
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="implementation must be 'auto', 'reference' or 'pallas', got 'cuda'"):
+        R.tile_size_for(R.RenderOptions(implementation="cuda"))
 
 
 def test_sky_cubemap_behind_an_empty_scene():
