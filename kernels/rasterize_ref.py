@@ -38,28 +38,47 @@ def eval3d(o, d, means, quats, scales):
     Returns:
       (response, t_star): kernel response exp(-D^2/2) at the closest point, and its ray distance.
     """
-    # Canonical frame: x_c = S^-1 R^T x. Written as broadcast multiply-adds rather than einsums:
-    # XLA:CPU handles these tiny 3x3 contractions much faster that way.
-    mt = nmath.quat_to_matrix(quats) / scales[..., None, :]  # mt[j, i] = R[j, i] / s_i
-    diff = o - means
-    o_c = diff[..., 0:1] * mt[..., 0, :] + diff[..., 1:2] * mt[..., 1, :] + diff[..., 2:3] * mt[..., 2, :]
-    d_c = d[..., 0:1] * mt[..., 0, :] + d[..., 1:2] * mt[..., 1, :] + d[..., 2:3] * mt[..., 2, :]
-    dd = jnp.sum(d_c * d_c, -1)
-    od = jnp.sum(o_c * d_c, -1)
+    return eval3d_components(_split(o, 3), _split(d, 3), _split(means, 3), _split(quats, 4), _split(scales, 3))
+
+
+def _split(x, n):
+    return tuple(x[..., i] for i in range(n))
+
+
+def canonical_matrix(quats, scales):
+    """Rows m[i] = (column i of R) / s_i of M = S^-1 R^T (x_c = M x), as nested tuples of components."""
+    qw, qx, qy, qz = quats
+    inv = jax.lax.rsqrt(qw * qw + qx * qx + qy * qy + qz * qz)
+    qw, qx, qy, qz = qw * inv, qx * inv, qy * inv, qz * inv
+    r = ((1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)),
+         (2 * (qx * qy + qw * qz), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qw * qx)),
+         (2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx * qx + qy * qy)))
+    return tuple((r[0][i] / sc, r[1][i] / sc, r[2][i] / sc) for i, sc in enumerate(scales))
+
+
+def eval3d_components(o, d, means, quats, scales):
+    """`eval3d` on tuples of components (o = (ox, oy, oz), quats = (w, x, y, z), ...), each broadcasting.
+
+    Written per component, so every intermediate is a full-size array whose last axis is a batch axis
+    (chunk of Gaussians, pixels): XLA:CPU vectorises that; (..., 3)-shaped intermediates it does not,
+    and eval3d is most of the compositing work.
+    """
+    m = canonical_matrix(quats, scales)
+    dx, dy, dz = o[0] - means[0], o[1] - means[1], o[2] - means[2]
+    oc = tuple(mi[0] * dx + mi[1] * dy + mi[2] * dz for mi in m)
+    dc = tuple(mi[0] * d[0] + mi[1] * d[1] + mi[2] * d[2] for mi in m)
+    dd = dc[0] * dc[0] + dc[1] * dc[1] + dc[2] * dc[2]
+    od = oc[0] * dc[0] + oc[1] * dc[1] + oc[2] * dc[2]
     t_star = -od / dd
     # Squared distance of the ray to the centre in the canonical frame, |o_c x d_c|^2 / |d_c|^2. The
     # textbook |o_c|^2 - (o_c.d_c)^2/|d_c|^2 subtracts two numbers of size (distance / scale)^2 (1e8 for a
     # 1 cm Gaussian 100 m away) and float32 leaves noise; the cross product's error is only
     # eps * |o_c| * |d_c|, so distant content stays exact (tests/test_far_field.py).
-    d2 = jnp.sum(jnp.square(cross3(o_c, d_c)), -1) / dd
+    cx = oc[1] * dc[2] - oc[2] * dc[1]
+    cy = oc[2] * dc[0] - oc[0] * dc[2]
+    cz = oc[0] * dc[1] - oc[1] * dc[0]
+    d2 = (cx * cx + cy * cy + cz * cz) / dd
     return jnp.exp(-0.5 * d2), t_star
-
-
-def cross3(a, b):
-    """Cross product of (..., 3) arrays, written out (XLA:CPU runs this faster than jnp.cross)."""
-    a0, a1, a2 = a[..., 0:1], a[..., 1:2], a[..., 2:3]
-    b0, b1, b2 = b[..., 0:1], b[..., 1:2], b[..., 2:3]
-    return jnp.concatenate([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], -1)
 
 
 def alpha_of(response, t_star, opacity):
@@ -182,14 +201,89 @@ def _tri(k, dtype, strict):
     return ((i[:, None] < i[None, :]) if strict else (i[:, None] <= i[None, :])).astype(dtype)
 
 
+def _unit_rays(rays_b, fr):
+    """rays_b [B, P, F, 6], fr [B, K] -> each pixel's ray in each Gaussian's frame, [B, P, 6, K] (or
+    [B, P, 6, 1], broadcasting over K, when the scene has only the world frame)."""
+    if rays_b.shape[2] == 1:
+        return rays_b[:, :, 0, :, None]
+    ray = jnp.moveaxis(jnp.take_along_axis(rays_b, fr[:, None, :, None], axis=2, mode="promise_in_bounds"), 2, 3)
+    # Materialised once: fused into eval3d, XLA:CPU would redo the gather and transpose per use.
+    return jax.lax.optimization_barrier(ray)
+
+
+def _components(x, n):
+    """[B, K, n] -> n arrays [B, 1, K] (broadcasting over pixels)."""
+    return tuple(x[:, None, :, i] for i in range(n))
+
+
+def _alpha_components(o, d, means, quats, scales, opacities):
+    resp, t_star = eval3d_components(o, d, means, quats, scales)
+    return alpha_of(resp, t_star, opacities[:, None]), t_star
+
+
 def _unit_alpha(rays_b, fr, means, quats, scales, opacities):
     """rays_b [B, P, F, 6], fr [B, K], params [B, K, ...] -> (alpha, t_star) [B, P, K]."""
-    if rays_b.shape[2] == 1:
-        ray = rays_b[:, :, :1, :]  # broadcasts over K
-    else:
-        ray = jnp.take_along_axis(rays_b, fr[:, None, :, None], axis=2)  # [B, P, K, 6]
-    resp, t_star = eval3d(ray[..., :3], ray[..., 3:], means[:, None], quats[:, None], scales[:, None])
-    return alpha_of(resp, t_star, opacities[:, None]), t_star
+    ray = _unit_rays(rays_b, fr)
+    o, d = tuple(ray[:, :, i] for i in range(3)), tuple(ray[:, :, 3 + i] for i in range(3))
+    return _alpha_components(o, d, _components(means, 3), _components(quats, 4), _components(scales, 3), opacities)
+
+
+def _cross(a, b):
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def _unit_alpha_vjp(rays_b, fr, means, quats, scales, opacities):
+    """`_unit_alpha` and its VJP, written out per component (XLA's autodiff of the component form
+    materialises dozens of full-size intermediates; this keeps the per-pixel work to the chain rule's
+    few multiply-adds, and takes the per-Gaussian part, M(q, s), through `jax.vjp` on [B, K] arrays).
+    `back((g_alpha, g_t))` returns cotangents of (rays_b, means, quats, scales, opacities)."""
+    ray = _unit_rays(rays_b, fr)
+    o, d = tuple(ray[:, :, i] for i in range(3)), tuple(ray[:, :, 3 + i] for i in range(3))
+    mc, qc, sc = _components(means, 3), _components(quats, 4), _components(scales, 3)
+    m, m_vjp = jax.vjp(canonical_matrix, qc, sc)
+    diff = tuple(o[j] - mc[j] for j in range(3))
+    oc = tuple(m[i][0] * diff[0] + m[i][1] * diff[1] + m[i][2] * diff[2] for i in range(3))
+    dc = tuple(m[i][0] * d[0] + m[i][1] * d[1] + m[i][2] * d[2] for i in range(3))
+    inv_dd = 1.0 / (dc[0] * dc[0] + dc[1] * dc[1] + dc[2] * dc[2])
+    od = oc[0] * dc[0] + oc[1] * dc[1] + oc[2] * dc[2]
+    t_star = -od * inv_dd
+    c = _cross(oc, dc)
+    d2 = (c[0] * c[0] + c[1] * c[1] + c[2] * c[2]) * inv_dd
+    resp = jnp.exp(-0.5 * d2)
+    op = opacities[:, None]
+    raw = op * resp
+    alpha = alpha_of(resp, t_star, op)
+    passes = (alpha > 0) & (raw < C.MAX_ALPHA)  # where alpha = opacity * response (not clamped, not cut)
+
+    def back(cot):
+        g_alpha, g_t = cot
+        g_pre = jnp.where(passes, g_alpha, 0.0)
+        g_op = jnp.sum(g_pre * resp, 1)
+        g_d2 = -0.5 * raw * g_pre
+        k = 2.0 * g_d2 * inv_dd
+        g_c = (k * c[0], k * c[1], k * c[2])
+        g_dd = -(g_d2 * d2 + g_t * t_star) * inv_dd
+        g_od = -g_t * inv_dd
+        x = _cross(dc, g_c)
+        g_oc = tuple(x[i] + g_od * dc[i] for i in range(3))
+        y = _cross(g_c, oc)
+        g_dc = tuple(y[i] + g_od * oc[i] + 2.0 * g_dd * dc[i] for i in range(3))
+        g_diff = tuple(m[0][j] * g_oc[0] + m[1][j] * g_oc[1] + m[2][j] * g_oc[2] for j in range(3))
+        g_d = tuple(m[0][j] * g_dc[0] + m[1][j] * g_dc[1] + m[2][j] * g_dc[2] for j in range(3))
+        g_m = tuple(tuple(jnp.sum(g_oc[i] * diff[j] + g_dc[i] * d[j], 1, keepdims=True) for j in range(3))
+                    for i in range(3))
+        g_q, g_s = m_vjp(g_m)
+        if rays_b.shape[2] == 1:  # rays shared by the chunk's Gaussians: sum over them
+            d_ray = jnp.stack([jnp.sum(g, -1) for g in g_diff + g_d], -1)[:, :, None, :]
+        else:  # each Gaussian's ray came from its frame's: sum per frame (a one-hot matmul, not a scatter)
+            ray_cot = jnp.stack(jax.lax.optimization_barrier(g_diff + g_d), axis=2)  # [B, P, 6, K]
+            onehot = (fr[:, :, None] == jnp.arange(rays_b.shape[2])).astype(ray_cot.dtype)  # [B, K, F]
+            d_ray = jnp.einsum("bpck,bkf->bpfc", ray_cot, onehot)
+        per_k = lambda comps: jnp.stack([x[:, 0] for x in comps], -1)
+        g_mean = per_k(tuple(-jnp.sum(g, 1, keepdims=True) for g in g_diff))
+        return d_ray, g_mean, per_k(g_q), per_k(g_s), g_op
+
+    return (alpha, t_star), back
 
 
 def _composite_units(a, log_a, t_in, offset):
@@ -303,7 +397,7 @@ def _rasterize_bwd(chunk, batch, res, cot):
         i = n_steps - 1 - r  # last step first: "behind" sums flow from the back of each tile's list
         st = _gather_step(i, batch, chunk, units, gids, frames, rays, pixel_valid, means, quats, scales, opacities)
         fr, tile, gs, live = st["fr"], st["tile"], st["gs"], st["live"]
-        (alpha, t_star), vjp = jax.vjp(lambda rb, *p: _unit_alpha(rb, fr, *p), st["rays"], *st["params"])
+        (alpha, t_star), vjp = _unit_alpha_vjp(st["rays"], fr, *st["params"])
         t_in = jnp.exp(jax.lax.dynamic_slice_in_dim(log_in_all, i * batch, batch, 0))
         px = ((t_in > C.TRANSMITTANCE_THRESHOLD) & st["valid"])[:, :, None]
         a = jnp.where(px, alpha, 0.0)

@@ -248,8 +248,8 @@ def _table(pair: PosePair, levels: int, dtype, invert: bool = False) -> _PoseTab
 def _frame_to_camera(cam_tab: _PoseTable, frame_tab: _PoseTable, level, frame_idx):
     """Per-Gaussian frame -> camera rotation [N, 3, 3] and translation [N, 3] at exposure `level` [N]."""
     rc = cam_tab.rot[level]
-    rot = jnp.einsum("nij,njk->nik", rc, frame_tab.rot[level, frame_idx])
-    trans = jnp.einsum("nij,nj->ni", rc, frame_tab.trans[level, frame_idx]) + cam_tab.trans[level]
+    rot = nmath.matmul33(rc, frame_tab.rot[level, frame_idx])
+    trans = nmath.matvec(rc, frame_tab.trans[level, frame_idx]) + cam_tab.trans[level]
     return rot, trans
 
 
@@ -272,7 +272,7 @@ def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx
 
     def at(level, pts):
         rot, trans = _frame_to_camera(cam_tab, frame_tab, level, frame_idx)
-        p_cam = jnp.einsum("nij,nsj->nsi", rot, pts) + trans[:, None, :]
+        p_cam = nmath.matvec(rot[:, None], pts) + trans[:, None, :]
         uv, ok = camera.project(p_cam)
         return uv, ok & _in_image(uv, camera.width, camera.height, C.UT_IMAGE_MARGIN)
 
@@ -502,15 +502,15 @@ def prepare_frame(gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePa
         cam_tab = _table(sensor_pose, levels, dtype)  # camera -> world per row/column (differentiable)
         d_cam = camera.unproject(uv)
         origin = cam_tab.trans[level]
-        direction = nmath.safe_normalize(jnp.einsum("tpij,tpj->tpi", cam_tab.rot[level], d_cam))
+        direction = nmath.safe_normalize(nmath.matvec(cam_tab.rot[level], d_cam))
         n_frames = frames.start.quat.shape[0]
         if n_frames == 1:
             rays = jnp.concatenate([origin, direction], -1)[:, :, None, :]
         else:
             inv_tab = _table(frames, levels, dtype, invert=True)  # world -> frame, [L, F]
             rf, tf = inv_tab.rot[level], inv_tab.trans[level]  # [T, P, F, ...]
-            o_f = jnp.einsum("tpfij,tpj->tpfi", rf, origin) + tf
-            d_f = jnp.einsum("tpfij,tpj->tpfi", rf, direction)
+            o_f = nmath.matvec(rf, origin[:, :, None]) + tf
+            d_f = nmath.matvec(rf, direction[:, :, None])
             rays = jnp.concatenate([o_f, d_f], -1)  # [T, P, F, 6]
 
     with jax.named_scope("project"):
