@@ -296,11 +296,12 @@ def _composite_units(a, log_a, t_in, offset):
     stop = t_after <= C.TRANSMITTANCE_THRESHOLD
     any_stop = jnp.any(stop, -1)
     first = jnp.where(any_stop, jnp.argmax(stop, -1), k).astype(jnp.int32)
-    stopped = jnp.arange(k) >= first[..., None]
-    a_eff = jnp.where(stopped, 0.0, a)
-    log_eff = jnp.where(stopped, 0.0, log_a)
-    t_before = t_in[..., None] * jnp.exp(log_eff @ _tri(k, a.dtype, strict=True))
-    t_out = t_in * jnp.exp(jnp.sum(log_eff, -1))
+    live = jnp.arange(k) < first[..., None]
+    a_eff = jnp.where(live, a, 0.0)
+    # T before each Gaussian from the same prefix (a <= MAX_ALPHA, so the division is well conditioned);
+    # past the stop nothing is added and the values there do not matter.
+    t_before = t_after / (1.0 - a)
+    t_out = t_in * jnp.exp(jnp.sum(jnp.where(live, log_a, 0.0), -1))
     stop_pos = jnp.where(any_stop, offset[:, None] + first, _BIG)
     return a_eff, t_before, a_eff * t_before, t_out, stop_pos
 

@@ -23,4 +23,6 @@ DEPTH_KEY_FAR = 1e5  # metres: far end of the log-depth range packed into sort k
 
 TILE_SIZE = 16  # the Pallas (GPU) kernels' tile side
 REFERENCE_TILE_SIZE = 8  # the plain-jnp compositor's (its cost is pairs x pixels per tile)
+LIDAR_TILE_SIZE = 8  # rays per lidar tile side (beams x columns)
 ROLLING_SHUTTER_ITERATIONS = 5
+LIDAR_SWEEP_ITERATIONS = 3  # fixed-point iterations for the time a lidar's sweep passes a Gaussian

@@ -34,7 +34,7 @@ from nurec_jax.renderer import counted_jit, grown_capacity
 from nurec_jax.types import SceneGaussians
 
 TILE = C.TILE_SIZE
-_SQRT_TILE = 16  # rays per tile side (beams x columns)
+_SQRT_TILE = C.LIDAR_TILE_SIZE  # rays per tile side (beams x columns)
 
 
 def _static(**kw):
@@ -100,6 +100,9 @@ class LidarOptions:
       pair_capacity: (tile, Gaussian) pair buffer of one pass.
       column_tiles: column tiles (16 columns each) per pass; 0 = the whole spin in one pass.
       chunk, tile_batch: compositor settings (as RenderOptions).
+      implementation: compositor (as RenderOptions).
+      motion_bound: how binning bounds motion during the spin: "tight" (over the columns that see each
+        Gaussian) or "spin" (over the whole spin; looser, for checks). See `_footprints`.
     """
 
     pair_capacity: int = 1 << 18
@@ -107,6 +110,7 @@ class LidarOptions:
     chunk: int = 32
     tile_batch: int = 32
     implementation: str = "auto"
+    motion_bound: str = "tight"
 
     def render_options(self) -> RenderOptions:
         return RenderOptions(pair_capacity=self.pair_capacity, chunk=self.chunk,
@@ -153,6 +157,115 @@ def _angle_between(r0, r1):
     return jnp.arccos(jnp.clip(c, -1.0, 1.0))
 
 
+def _angular_window(p_s, extent, turn, tables: LidarTables):
+    """Rows and (unwrapped, fractional) columns a sphere of radius `extent` around the sensor-frame point
+    p_s [N, 3] can be seen in, widened by `turn` radians of sensor rotation. Returns
+    (row_lo, row_hi, u_lo, u_hi, full, r)."""
+    r = jnp.linalg.norm(p_s, axis=-1)
+    inside = extent >= r * 0.999
+    rho = jnp.where(inside, math.pi, jnp.arcsin(jnp.clip(extent / jnp.maximum(r, 1e-9), 0.0, 1.0))) + turn
+    beta_g = jnp.arctan2(p_s[:, 1], p_s[:, 0])
+    alpha_g = jnp.arctan2(p_s[:, 2], jnp.linalg.norm(p_s[:, :2], axis=-1))
+    # Beam (row) range: sorted elevations are descending.
+    neg = -tables.elevations
+    row_lo = jnp.searchsorted(neg, -(alpha_g + rho), side="left")
+    row_hi = jnp.searchsorted(neg, -(alpha_g - rho), side="right") - 1
+    # Column range from the azimuth interval.
+    polar = (jnp.abs(alpha_g) + rho) >= (math.pi / 2 - 1e-3)
+    rho_az = jnp.where(polar | inside, math.pi,
+                       jnp.arcsin(jnp.clip(jnp.sin(jnp.minimum(rho, math.pi / 2)) /
+                                           jnp.maximum(jnp.cos(alpha_g), 1e-6), 0.0, 1.0)))
+    rho_az = rho_az + tables.max_offset
+    centre = tables.az0 + 0.5 * tables.step * (tables.columns - 1)
+    beta_c = centre + jnp.mod(beta_g - centre + math.pi, 2 * math.pi) - math.pi
+    u_a = (beta_c - rho_az - tables.az0) / tables.step
+    u_b = (beta_c + rho_az - tables.az0) / tables.step
+    return row_lo, row_hi, jnp.minimum(u_a, u_b), jnp.maximum(u_a, u_b), rho_az >= math.pi, r
+
+
+def _footprints(g, tables: LidarTables, sensor_pose: PosePair, frames: PosePair, motion_bound: str):
+    """Each Gaussian's beam rows and column interval (no gradients).
+
+    A ray at column c is cast at spin time tau_c = c / (C - 1). Bounding a Gaussian by the sensor's and
+    its actor's motion over the whole spin ("spin") is safe but loose: 1 m of ego motion per spin widens a
+    Gaussian 5 m away by 11 degrees. "tight" (the default) finds the time tau* the sweep passes the
+    Gaussian (the fixed point tau = column(azimuth of the centre at tau) / (C - 1), as a rolling shutter),
+    and bounds the motion only over the columns its window spans around tau*: with the window
+    W = 2 (w0 + 1) + residual columns (w0: the half-width without motion), the motion margin is the
+    spin's motion times W / (C - 1); where the widened window does not fit in W, or a full-circle window
+    could cross the seam (where tau jumps from 1 to 0: columns at the far end see it a spin later) under
+    the whole-spin bound, that bound is kept.
+
+    Sort keys stay the distance at mid-spin in both modes (order decides which Gaussian a saturating ray
+    stops at, so the two modes give the same rays).
+
+    Returns (row_lo, row_hi, u_lo, u_hi, wrap_copy, r, extent).
+    """
+    dtype = g.means.dtype
+    pick = lambda p: Pose(p.quat[g.frames], p.trans[g.frames])  # noqa: E731
+    f_pair = PosePair(pick(frames.start), pick(frames.end))
+    actor_motion = jnp.linalg.norm(f_pair.end.apply(g.means) - f_pair.start.apply(g.means), axis=-1)
+    sensor_motion = jnp.linalg.norm(sensor_pose.end.trans - sensor_pose.start.trans)
+    sensor_turn = _angle_between(sensor_pose.start.rotation(), sensor_pose.end.rotation())
+    opac = jnp.maximum(g.opacities, 1e-30)
+    k = jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
+    extent0 = k * jnp.max(g.scales, -1)
+    motion = actor_motion + sensor_motion
+
+    def seen_at(tau):  # sensor-frame centres at per-Gaussian times tau [N]
+        return sensor_pose.at(tau).inverse().apply(f_pair.at(tau).apply(g.means))
+
+    n = g.means.shape[0]
+    # Whole-spin bound around the mid-spin position.
+    s_lo, s_hi, s_ulo, s_uhi, s_full, s_r = _angular_window(seen_at(jnp.full((n,), 0.5, dtype)), extent0 + motion,
+                                                           sensor_turn, tables)
+    s_ext = extent0 + motion
+    if motion_bound == "spin":
+        return _wrapped(tables, s_lo, s_hi, s_ulo, s_uhi, s_full) + (s_r, s_ext)
+    if motion_bound != "tight":
+        raise ValueError(f"motion_bound must be 'tight' or 'spin', got {motion_bound!r}")
+    last = max(tables.columns - 1, 1)
+
+    def column_of(p_s):
+        beta = jnp.arctan2(p_s[:, 1], p_s[:, 0])
+        centre = tables.az0 + 0.5 * tables.step * (tables.columns - 1)
+        beta_c = centre + jnp.mod(beta - centre + math.pi, 2 * math.pi) - math.pi
+        return (beta_c - tables.az0) / tables.step
+
+    tau = jnp.full((n,), 0.5, dtype)
+    for _ in range(C.LIDAR_SWEEP_ITERATIONS):
+        tau = jnp.clip(column_of(seen_at(tau)) / last, 0.0, 1.0)
+    p_s = seen_at(tau)
+    c_app = column_of(p_s)
+    residual = jnp.abs(c_app - tau * last)
+    w0 = _angular_window(p_s, extent0, 0.0, tables)
+    half0 = 0.5 * (w0[3] - w0[2])
+    window = 2.0 * (half0 + 1.0) + residual
+    dtau = jnp.minimum(window / last, 1.0)
+    ext = extent0 + motion * dtau
+    t_lo, t_hi, t_ulo, t_uhi, t_full, t_r = _angular_window(p_s, ext, sensor_turn * dtau, tables)
+    fits = (0.5 * (t_uhi - t_ulo) + residual <= window) & ~t_full & ~w0[4]
+    if tables.full_circle:  # near the seam, columns at the other end see the Gaussian a spin later
+        fits = fits & (s_ulo >= 0.0) & (s_uhi <= tables.columns - 1.0) & ~s_full
+    sel = lambda a, b: jnp.where(fits, a, b)  # noqa: E731
+    return _wrapped(tables, sel(t_lo, s_lo), sel(t_hi, s_hi), sel(t_ulo, s_ulo), sel(t_uhi, s_uhi),
+                    ~fits & s_full) + (s_r, sel(ext, s_ext))
+
+
+def _wrapped(tables: LidarTables, row_lo, row_hi, u_lo, u_hi, full):
+    """Column intervals folded into one period of a full-circle lidar; `wrap_copy` marks Gaussians whose
+    interval runs past the last column and is binned a second time one period earlier."""
+    wrap_copy = jnp.zeros_like(full)
+    if tables.full_circle:
+        period = 2 * math.pi / abs(tables.step)
+        shift = jnp.floor(u_lo / period) * period
+        u_lo, u_hi = u_lo - shift, u_hi - shift
+        u_lo = jnp.where(full, 0.0, u_lo)
+        u_hi = jnp.where(full, tables.columns - 1.0, u_hi)
+        wrap_copy = ~full & (u_hi >= period - 1.0)
+    return row_lo, row_hi, u_lo, u_hi, wrap_copy
+
+
 def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: PosePair, actors: ActorPoses,
                  col_tile0: jax.Array, n_col_tiles: int, options: LidarOptions) -> LidarPass:
     """Casts the rays of column tiles [col_tile0, col_tile0 + n_col_tiles) of one spin."""
@@ -197,50 +310,9 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
         rays_t, valid_t = tile(rays), tile(valid)
 
     with jax.named_scope("bin"):
-        mid = sg(sensor_pose).at(jnp.asarray(0.5, dtype))
-        fr = sg(frames)
-        f_mid = fr.at(jnp.full(fr.start.trans.shape[:1], 0.5, dtype))
-        f_start, f_end = fr.start, fr.end
-        means = sg(g.means)
-        pick = lambda p: Pose(p.quat[g.frames], p.trans[g.frames])  # noqa: E731
-        p_mid = pick(f_mid).apply(means)
-        actor_motion = jnp.linalg.norm(pick(f_end).apply(means) - pick(f_start).apply(means), axis=-1)
-        sp = sg(sensor_pose)
-        sensor_motion = jnp.linalg.norm(sp.end.trans - sp.start.trans)
-        sensor_turn = _angle_between(sp.start.rotation(), sp.end.rotation())
-        p_s = mid.inverse().apply(p_mid)
-        r = jnp.linalg.norm(p_s, axis=-1)
+        row_lo, row_hi, u_lo, u_hi, wrap_copy, r, extent = _footprints(
+            jax.tree_util.tree_map(sg, g), tables, sg(sensor_pose), sg(frames), options.motion_bound)
         opac = sg(g.opacities)
-        k = jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
-        extent = k * jnp.max(sg(g.scales), -1) + actor_motion + sensor_motion
-        inside = extent >= r * 0.999
-        rho = jnp.where(inside, math.pi, jnp.arcsin(jnp.clip(extent / jnp.maximum(r, 1e-9), 0.0, 1.0))) + sensor_turn
-        beta_g = jnp.arctan2(p_s[:, 1], p_s[:, 0])
-        alpha_g = jnp.arctan2(p_s[:, 2], jnp.linalg.norm(p_s[:, :2], axis=-1))
-        # Beam (row) range: sorted elevations are descending.
-        neg = -tables.elevations
-        row_lo = jnp.searchsorted(neg, -(alpha_g + rho), side="left")
-        row_hi = jnp.searchsorted(neg, -(alpha_g - rho), side="right") - 1
-        # Column range from the azimuth interval.
-        polar = (jnp.abs(alpha_g) + rho) >= (math.pi / 2 - 1e-3)
-        rho_az = jnp.where(polar | inside, math.pi,
-                           jnp.arcsin(jnp.clip(jnp.sin(jnp.minimum(rho, math.pi / 2)) /
-                                               jnp.maximum(jnp.cos(alpha_g), 1e-6), 0.0, 1.0)))
-        rho_az = rho_az + tables.max_offset
-        centre = tables.az0 + 0.5 * tables.step * (tables.columns - 1)
-        beta_c = centre + jnp.mod(beta_g - centre + math.pi, 2 * math.pi) - math.pi
-        u_a = (beta_c - rho_az - tables.az0) / tables.step
-        u_b = (beta_c + rho_az - tables.az0) / tables.step
-        u_lo, u_hi = jnp.minimum(u_a, u_b), jnp.maximum(u_a, u_b)
-        full = rho_az >= math.pi
-        wrap_copy = jnp.zeros_like(full)
-        if tables.full_circle:
-            period = 2 * math.pi / abs(tables.step)
-            shift = jnp.floor(u_lo / period) * period
-            u_lo, u_hi = u_lo - shift, u_hi - shift
-            u_lo = jnp.where(full, 0.0, u_lo)
-            u_hi = jnp.where(full, tables.columns - 1.0, u_hi)
-            wrap_copy = ~full & (u_hi >= period - 1.0)
         x_lo = jnp.floor(u_lo) - col0
         x_hi = jnp.ceil(u_hi) - col0
         y_lo, y_hi = row_lo.astype(dtype), row_hi.astype(dtype)
