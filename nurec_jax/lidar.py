@@ -2,10 +2,11 @@
 
 One ray per (beam, column) of a `LidarModel`, each at its own time inside the spin: the sensor pose
 is interpolated between the request's start and end poses (lerp + slerp), and actors are posed at
-the same time, so a moving lidar shows real motion skew. Rays are grouped into 16x16 "tiles" of the
-range image (beams sorted by elevation x consecutive columns); each Gaussian is binned to the tiles its
-angular extent (3.33 sigma, opacity-aware, widened by the spin's motion) covers, with the azimuth
-wrap-around of a 360-degree lidar handled by a second copy. Each tile's list is sorted by distance and
+the same time, so a moving lidar shows real motion skew. Rays are grouped into 8x8 "tiles"
+(C.LIDAR_TILE_SIZE) of the range image (beams sorted by elevation x consecutive columns); each Gaussian
+is binned to the tiles its angular extent (3.33 sigma, opacity-aware, widened by the motion during the
+columns that see it, see `_footprints`) covers, with the azimuth wrap-around of a 360-degree lidar
+handled by a second copy. Each tile's list is sorted by distance and
 composited with the camera renderer's compositor (`rasterize_tiles_ref`: eval3d at the maximum response
 on each ray, the same alpha / transmittance constants, custom VJP).
 
@@ -29,8 +30,9 @@ from nurec_jax import math as nmath
 from nurec_jax import sh as sh_lib
 from nurec_jax.lidar_models import LidarModel
 from nurec_jax.poses import Pose, PosePair
-from nurec_jax.render import ActorPoses, RenderOptions, _frame_pairs, _merge, bin_gaussians, compositor
-from nurec_jax.renderer import counted_jit, grown_capacity
+from nurec_jax.binning import bin_gaussians
+from nurec_jax.compositing import composite_tiles
+from nurec_jax.frames import ActorPoses, frame_pairs, merge_gaussians
 from nurec_jax.types import SceneGaussians
 
 TILE = C.TILE_SIZE
@@ -44,7 +46,8 @@ def _static(**kw):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LidarTables:
-    """Device tables of a lidar model, beams sorted by elevation (descending) and padded to 16.
+    """Device tables of a lidar model, beams sorted by elevation (descending) and padded to
+    a multiple of the tile side.
 
     Attributes:
       elevations, offsets: (Rp,) per sorted beam; padding beams have elevation -10 rad.
@@ -98,7 +101,7 @@ class LidarOptions:
 
     Attributes:
       pair_capacity: (tile, Gaussian) pair buffer of one pass.
-      column_tiles: column tiles (16 columns each) per pass; 0 = the whole spin in one pass.
+      column_tiles: column tiles (C.LIDAR_TILE_SIZE columns each) per pass; 0 = the whole spin in one pass.
       chunk, tile_batch: compositor settings (as RenderOptions).
       implementation: compositor (as RenderOptions).
       motion_bound: how binning bounds motion during the spin: "tight" (over the columns that see each
@@ -111,10 +114,6 @@ class LidarOptions:
     tile_batch: int = 32
     implementation: str = "auto"
     motion_bound: str = "tight"
-
-    def render_options(self) -> RenderOptions:
-        return RenderOptions(pair_capacity=self.pair_capacity, chunk=self.chunk,
-                             tile_batch=self.tile_batch, implementation=self.implementation)
 
 
 def column_tiles_for(tables: LidarTables, ray_chunk_size: int) -> int:
@@ -272,8 +271,8 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
     dtype = gaussians.static.means.dtype
     sg = jax.lax.stop_gradient
     rp, nc = tables.rows_padded, n_col_tiles * _SQRT_TILE
-    frames = _frame_pairs(actors, dtype)
-    g = _merge(gaussians, actors)
+    frames = frame_pairs(actors, dtype)
+    g = merge_gaussians(gaussians, actors)
     n = g.means.shape[0]
 
     with jax.named_scope("rays"):
@@ -328,20 +327,15 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
             rect_lo, rect_hi = jnp.stack([x_lo, y_lo], -1), jnp.stack([x_hi, y_hi], -1)
             ok2, depth, op2 = ok, r, opac
         binning = bin_gaussians(rect_lo, rect_hi, ok2, op2, depth, tx, ty,
-                                options.render_options(), tile_size=_SQRT_TILE)
+                                options.pair_capacity, tile_size=_SQRT_TILE)
         gids = jnp.where(binning.pair_gids >= n, binning.pair_gids - n, binning.pair_gids)
 
     with jax.named_scope("rasterize"):
         inten = gaussian_intensity(gaussians).astype(dtype)
         colors = jnp.stack([inten, jnp.zeros_like(inten), jnp.zeros_like(inten)], -1)
-        if n == 0:
-            acc = jnp.zeros(valid_t.shape + (3,), dtype)
-            trans_t = jnp.ones(valid_t.shape, dtype)
-            hit = jnp.zeros(valid_t.shape, dtype)
-        else:
-            acc, trans_t, hit = compositor(options.implementation)(
-                gids, binning.tile_start, binning.tile_counts, rays_t, valid_t, g.means, g.quats, g.scales, g.opacities, colors,
-                g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
+        acc, trans_t, hit = composite_tiles(options.implementation, gids, binning.tile_start, binning.tile_counts,
+                                            rays_t, valid_t, g.means, g.quats, g.scales, g.opacities, colors,
+                                            g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
 
     with jax.named_scope("points"):
         def untile(x):
@@ -360,7 +354,7 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
 
 
 # ----------------------------------------------------------------------------------------------
-# Whole spins (host loop over passes; the jit boundary belongs to the caller, see LidarCaster).
+# Whole spins: `nurec_jax.renderer.LidarCaster` (the jit owner) casts them in passes of `raycast_pass`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,55 +380,3 @@ class LidarSpin:
             keep &= rel <= distance_filter
         rows = np.nonzero(keep)[0]
         return self.points[keep], self.intensity[keep], rows.astype(np.uint16)
-
-
-_TRACES = [0]
-_PASS = counted_jit(raycast_pass, _TRACES, static_argnames=("n_col_tiles", "options"))
-
-
-class LidarCaster:
-    """Casts whole spins with a cached compiled pass function and power-of-two capacity growth."""
-
-    def __init__(self, options: LidarOptions = LidarOptions(), max_pair_capacity: int = 1 << 26):
-        self.options = options
-        self.max_pair_capacity = max_pair_capacity
-        self._caps: dict[tuple, tuple[int, int]] = {}
-
-    @property
-    def trace_count(self) -> int:
-        """How many times the pass function was traced (compiled) in this process (shared by every
-        caster, like the Renderer's)."""
-        return _TRACES[0]
-
-    def cast(self, gaussians: SceneGaussians, model: LidarModel, sensor_pose: PosePair,
-             actors: ActorPoses | None = None, *, ray_chunk_size: int = 1 << 62, cache_key: tuple = (),
-             check=None) -> LidarSpin:
-        """Casts one spin in passes of `ray_chunk_size` rays at most; `check()` (if given) runs before
-        each pass and may raise to stop early (cancellation)."""
-        dtype = gaussians.static.means.dtype
-        if actors is None:
-            actors = ActorPoses.hidden(len(gaussians.track_ids), dtype)
-        tables = lidar_tables(model, dtype)
-        n_ct = column_tiles_for(tables, ray_chunk_size)
-        key = (cache_key, model.static_key(), n_ct)
-        opts = dataclasses.replace(self.options, pair_capacity=self._caps.get(key, self.options.pair_capacity),
-                                   column_tiles=n_ct)
-        parts = []
-        c0 = 0
-        while c0 < tables.column_tiles:
-            if check is not None:
-                check()
-            out = _PASS(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
-            pairs = int(out.num_pairs)
-            if pairs > opts.pair_capacity:
-                new_pairs = grown_capacity(opts.pair_capacity, pairs, self.max_pair_capacity, "lidar pass")
-                opts = dataclasses.replace(opts, pair_capacity=new_pairs)
-                self._caps[key] = new_pairs
-                continue  # redo this pass with the larger bucket
-            parts.append(jax.tree_util.tree_map(np.asarray, (out.distance, out.alpha, out.intensity, out.points)))
-            c0 += n_ct
-        dist, alpha, inten, pts = (np.concatenate(x, axis=1)[:, : model.columns] for x in zip(*parts))
-        order = np.asarray(tables.ring)[: model.rows]  # sorted position -> ring id
-        inv = np.empty_like(order)
-        inv[order] = np.arange(order.size)
-        return LidarSpin(dist[inv], alpha[inv], inten[inv], pts[inv])

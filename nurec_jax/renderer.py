@@ -1,15 +1,20 @@
 """The jit boundary for rendering: compiled functions cached per static signature, capacities grown
 on overflow, and helpers that pose cameras and actors from a scene's recorded trajectory and tracks.
 
-`Renderer` is what the server and the CLIs use; research code may call `nurec_jax.render.render`
-directly under its own `jax.jit` / `jax.grad`.
+`Renderer` (camera frames) and `LidarCaster` (lidar spins) are what the server and the CLIs use; both
+keep their compiled functions at module level (one per static signature per process, shared by every
+instance), keep the capacity bucket found per (scene, sensor size) under a lock, and re-run a frame or
+pass that overflowed with the next sufficient power-of-two bucket. Research code may call
+`nurec_jax.render.render` or `nurec_jax.lidar.raycast_pass` directly under its own `jax.jit` / `jax.grad`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
+from typing import Any, ContextManager, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +22,8 @@ import numpy as np
 
 from nurec_jax import math as nmath
 from nurec_jax.cameras import Camera
+from nurec_jax.lidar import LidarOptions, LidarSpin, column_tiles_for, lidar_tables, raycast_pass
+from nurec_jax.lidar_models import LidarModel
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.poses import PosePair
 from nurec_jax.render import (ActorPoses, RenderOptions, RenderOutput, bin_frame, compose_frame, composite_frame,
@@ -24,6 +31,41 @@ from nurec_jax.render import (ActorPoses, RenderOptions, RenderOutput, bin_frame
 from nurec_jax.types import SceneGaussians
 
 _LOGGER = logging.getLogger(__name__)
+
+
+class Stage(Protocol):
+    """One timed stage (see `StageTimer`)."""
+
+    def wait(self, value: Any) -> Any:
+        """Returns `value`, first blocking on its device arrays if the timer measures device time."""
+
+
+class StageTimer(Protocol):
+    """What `Renderer.render(timer=...)` needs: `with timer.stage("compositing") as st: st.wait(out)`.
+    The server's `nurec_jax.server.timing.StageTimer` is one; `PrintTimer` below is a minimal one."""
+
+    def stage(self, name: str) -> ContextManager[Stage]:
+        """A context manager that times stage `name`."""
+
+
+class _Waiting:
+    def wait(self, value):
+        return jax.block_until_ready(value)
+
+
+class PrintTimer:
+    """A `StageTimer` that waits for every stage and records its wall milliseconds in `ms` (for scripts)."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        import time
+
+        t0 = time.perf_counter()
+        yield _Waiting()
+        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
 
 
 def grown_capacity(pair_capacity: int, pairs: int, max_pair_capacity: int, what: str = "frame") -> int:
@@ -114,9 +156,9 @@ class Renderer:
 
     def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
                actors: ActorPoses | None = None, *, disable_rolling_shutter: bool = False,
-               cache_key: tuple = (), timer=None) -> RenderOutput:
-        """Renders a frame, growing the pair bucket on overflow. With a `timer`
-        (`nurec_jax.server.timing.StageTimer`) the frame runs as four separately compiled, timed stages."""
+               cache_key: tuple = (), timer: StageTimer | None = None) -> RenderOutput:
+        """Renders a frame, growing the pair bucket on overflow. With a `timer` (any `StageTimer`) the frame
+        runs as four separately compiled, timed stages."""
         key = self._key(camera, cache_key)
         n_gaussians = gaussians.static.count + gaussians.dynamic.count
         opts = dataclasses.replace(self.options_for(camera, cache_key, n_gaussians),
@@ -136,6 +178,63 @@ class Renderer:
             with self._lock:
                 self._caps[key] = new_pairs
             opts = dataclasses.replace(opts, pair_capacity=new_pairs)
+
+
+_LIDAR_TRACES = [0]
+_LIDAR_PASS = counted_jit(raycast_pass, _LIDAR_TRACES, static_argnames=("n_col_tiles", "options"))
+
+
+class LidarCaster:
+    """Casts whole lidar spins (`nurec_jax.lidar`) in passes of column tiles, with the compiled pass
+    shared by every caster and the pair bucket grown on overflow (the Renderer's rules)."""
+
+    def __init__(self, options: LidarOptions = LidarOptions(), max_pair_capacity: int = 1 << 26):
+        self.options = options
+        self.max_pair_capacity = max_pair_capacity
+        self._caps: dict[tuple, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the pass function was traced (compiled) in this process (shared by every
+        caster, like the Renderer's)."""
+        return _LIDAR_TRACES[0]
+
+    def cast(self, gaussians: SceneGaussians, model: LidarModel, sensor_pose: PosePair,
+             actors: ActorPoses | None = None, *, ray_chunk_size: int = 1 << 62, cache_key: tuple = (),
+             check=None) -> LidarSpin:
+        """Casts one spin in passes of `ray_chunk_size` rays at most; `check()` (if given) runs before
+        each pass and may raise to stop early (cancellation)."""
+        dtype = gaussians.static.means.dtype
+        if actors is None:
+            actors = ActorPoses.hidden(len(gaussians.track_ids), dtype)
+        tables = lidar_tables(model, dtype)
+        n_ct = column_tiles_for(tables, ray_chunk_size)
+        key = (cache_key, model.static_key(), n_ct)
+        with self._lock:
+            caps = self._caps.get(key, self.options.pair_capacity)
+        opts = dataclasses.replace(self.options, pair_capacity=caps, column_tiles=n_ct)
+        parts = []
+        c0 = 0
+        while c0 < tables.column_tiles:
+            if check is not None:
+                check()
+            out = _LIDAR_PASS(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
+            pairs = int(out.num_pairs)
+            if pairs > opts.pair_capacity:
+                new_pairs = grown_capacity(opts.pair_capacity, pairs, self.max_pair_capacity, "lidar pass")
+                opts = dataclasses.replace(opts, pair_capacity=new_pairs)
+                _LOGGER.info("lidar capacity grown to %d pairs for %s", new_pairs, key)
+                with self._lock:
+                    self._caps[key] = new_pairs
+                continue  # redo this pass with the larger bucket
+            parts.append(jax.tree_util.tree_map(np.asarray, (out.distance, out.alpha, out.intensity, out.points)))
+            c0 += n_ct
+        dist, alpha, inten, pts = (np.concatenate(x, axis=1)[:, : model.columns] for x in zip(*parts))
+        order = np.asarray(tables.ring)[: model.rows]  # sorted position -> ring id
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        return LidarSpin(dist[inv], alpha[inv], inten[inv], pts[inv])
 
 
 def track_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], start_us: int, end_us: int,

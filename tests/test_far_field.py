@@ -182,7 +182,7 @@ def test_far_lidar_ranges_match_float64():
         pose = PosePair.from_matrices(geometry.make_transform(np.eye(3), _ORIGIN).astype(dtype))
         tables = lidar.lidar_tables(model, dtype)
         fn = jax.jit(lambda s, p: lidar.raycast_pass(s, tables, p, lidar.ActorPoses.hidden(0, dtype), jnp.int32(0),
-                                                     model.column_azimuths_rad.size // 16, opts))
+                                                     tables.column_tiles, opts))
         out = fn(scene, pose)
         return np.asarray(out.alpha, np.float64), np.asarray(out.distance, np.float64)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nurec_jax import cameras, lidar, lidar_models, sh
+from nurec_jax import renderer as RR
 from nurec_jax.metadata import OpenCVPinholeIntrinsics, ShutterType
 from nurec_jax.poses import Pose, PosePair
 from nurec_jax.render import RenderOptions, render
@@ -57,7 +58,7 @@ def pose_at(height=0.0, x=0.0, dtype=np.float32):
 
 @pytest.fixture(scope="module")
 def caster():
-    return lidar.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 16))
+    return RR.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 16))
 
 
 def test_ground_plane_ranges_per_beam(caster):
@@ -251,7 +252,7 @@ def test_tight_motion_bound_matches_the_whole_spin_bound(full):
     spins, pairs = {}, {}
     for bound in ("tight", "spin"):
         opts = lidar.LidarOptions(pair_capacity=1 << 18, motion_bound=bound)
-        spins[bound] = lidar.LidarCaster(opts).cast(scene, model, pose)
+        spins[bound] = RR.LidarCaster(opts).cast(scene, model, pose)
         tables = lidar.lidar_tables(model)
         out = jax.jit(lidar.raycast_pass, static_argnames=("n_col_tiles", "options"))(
             scene, tables, pose, lidar.ActorPoses.hidden(0), jnp.int32(0), n_col_tiles=tables.column_tiles,

@@ -21,7 +21,7 @@ Figures, per scene (each time the median over --repeats after --warmup untimed r
   fwd ms       ms per frame of `nurec_jax.render.render` under jax.jit.
   fwd+bwd ms   ms per jax.grad of mean(rgb) w.r.t. the camera translation and the static Gaussian
                means (so the backward compositor runs).
-  lidar ms     ms per spin of `nurec_jax.lidar.LidarCaster.cast` (--lidar, every
+  lidar ms     ms per spin of `nurec_jax.renderer.LidarCaster.cast` (--lidar, every
                --lidar_column_stride-th column), host copies of the result included; "returns" are
                rays with alpha > 0.8.
   peak MiB     the process's peak so far (it never goes down), printed after each measurement: the
@@ -248,7 +248,7 @@ def _bench_lidar(gaussians, view) -> float:
     pose = PosePair.from_matrices(*(np.asarray(view.meta.trajectory.pose_at(t) @ at_camera,
                                                np.float32) for t in (view.start_us, t1)))
     actors = RR.track_actor_poses(view.meta, gaussians.track_ids, view.start_us, t1)
-    caster = lidar.LidarCaster(lidar.LidarOptions(implementation=_IMPLEMENTATION.value),
+    caster = RR.LidarCaster(lidar.LidarOptions(implementation=_IMPLEMENTATION.value),
                                _MAX_PAIRS.value)
     ms, alpha = _timed(lambda: caster.cast(gaussians, model, pose, actors,
                                            ray_chunk_size=_LIDAR_RAY_CHUNK.value).alpha)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nurec_jax._proto import sensorsim_pb2, sensorsim_pb2_grpc
-from nurec_jax.lidar import LidarCaster
+from nurec_jax.renderer import LidarCaster
 from nurec_jax.render import RenderOptions
 from nurec_jax.renderer import Renderer
 from nurec_jax.scene import LoadOptions, Scene, load_scene

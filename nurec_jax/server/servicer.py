@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
-from nurec_jax.lidar import LidarCaster
+from nurec_jax.renderer import LidarCaster
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.renderer import Renderer
 from nurec_jax import assets
@@ -227,6 +227,10 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
 
     def _render_job(self, scene, job: requests.RGBJob, meta: SceneMetadata, call: _Call) -> bytes:
         """Render -> optional post-pass (--enable-difix) -> ego hood -> encode (protocol.md 6.7)."""
+        return self._finish_job(self._render_pixels(scene, job, meta, call), job, call)
+
+    def _render_pixels(self, scene, job: requests.RGBJob, meta: SceneMetadata, call: _Call) -> np.ndarray:
+        """The device part of a job: the render and the optional post-pass, as a host image."""
         timer = call.timer
         with timer.stage("setup"):
             actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
@@ -239,6 +243,11 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             if self.postprocessor is not None:
                 with timer.stage("postprocess"):
                     rgb = self.postprocessor(rgb)
+        return rgb
+
+    def _finish_job(self, rgb: np.ndarray, job: requests.RGBJob, call: _Call) -> bytes:
+        """The host part of a job: ego hood and encoding."""
+        timer = call.timer
         if job.ego_mask is not None:
             with timer.stage("ego_mask"):
                 rgb = self.ego_masks.composite(rgb, *job.ego_mask)
@@ -274,21 +283,35 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                                            f"items[0]'s {scene_id!r}; a batch renders one scene")
         meta = self._meta(scene_id, "items[0].request.scene_id")
         results = []
-        with self._scene(scene_id, call) as scene:
+
+        def fail(out, e):
+            out.success = False
+            out.error_message = errs.batch_error_message(e)
+            out.ClearField("result")
+
+        # Items render one after another on the device; each finished image is encoded on a host thread
+        # while the next renders (encoding a 1080p JPEG costs about as much as rendering it on a GPU).
+        with self._scene(scene_id, call) as scene, \
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+            pending = []
             for i, item in enumerate(request.items):
                 call.check()
                 out = sensorsim_pb2.BatchRGBRenderReturnItem(camera_name=item.camera_name)
+                results.append(out)
                 try:
                     job = self._prepare(meta, item.request, f"items[{i}].request.")
-                    out.result.image_bytes = self._render_job(scene, job, meta, call)
-                    out.success = True
+                    rgb = self._render_pixels(scene, job, meta, call)
+                    pending.append((out, encoder.submit(self._finish_job, rgb, job, call)))
                 except errs.Cancelled:
                     raise
                 except Exception as e:  # noqa: BLE001 - one bad item never fails the others
-                    out.success = False
-                    out.error_message = errs.batch_error_message(e)
-                    out.ClearField("result")
-                results.append(out)
+                    fail(out, e)
+            for out, fut in pending:
+                try:
+                    out.result.image_bytes = fut.result()
+                    out.success = True
+                except Exception as e:  # noqa: BLE001
+                    fail(out, e)
         return sensorsim_pb2.BatchRGBRenderReturn(items=results)
 
     def _cast_lidar(self, scene, job: requests.LidarJob, meta: SceneMetadata, call: _Call):

@@ -120,6 +120,7 @@ class StageTimer:
         self._ms: dict[str, float] = {}
         self._first: float | None = None
         self._last: float | None = None
+        self._lock = threading.Lock()  # a batch encodes one image on a host thread while the next renders
 
     def stage(self, name: str):
         """Context manager timing stage `name`; `as st` gives `st.wait(value) -> value`."""
@@ -128,11 +129,12 @@ class StageTimer:
         return _Stage(self if self.enabled else None, name, self._profiler.range(name))
 
     def _add(self, name: str, t0: float, t1: float) -> None:
-        self._ms[name] = self._ms.get(name, 0.0) + (t1 - t0) * 1e3
-        if self._first is None or t0 < self._first:
-            self._first = t0
-        if self._last is None or t1 > self._last:
-            self._last = t1
+        with self._lock:
+            self._ms[name] = self._ms.get(name, 0.0) + (t1 - t0) * 1e3
+            if self._first is None or t0 < self._first:
+                self._first = t0
+            if self._last is None or t1 > self._last:
+                self._last = t1
 
     def record(self) -> dict[str, float]:
         """{stage name: ms} in first-entry order (a copy; empty for a disabled timer)."""

@@ -14,6 +14,7 @@ import pytest
 import render_fixtures as fx
 import test_lidar as tl
 from nurec_jax import lidar
+from nurec_jax import renderer as RR
 from nurec_jax import render as R
 from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import PosePair
@@ -74,7 +75,7 @@ def test_lidar_spin_matches_reference():
     model = tl.small_model(tl.WALL_BEAMS, columns=32)
     scene = tl.make_scene(tl.wall(8.0, ripple=0.4), normal_axis=0)
     pose = PosePair.from_matrices(tl.pose_at(0.2, 0.0), tl.pose_at(0.2, 0.5))
-    spins = [lidar.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 14,
+    spins = [RR.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 14,
                                                   implementation=impl)).cast(scene, model, pose)
              for impl in ("reference", "pallas")]
     ref, pal = spins
