@@ -110,8 +110,8 @@ class LidarOptions:
 
     pair_capacity: int = 1 << 18
     column_tiles: int = 0
-    chunk: int = 32
-    tile_batch: int = 32
+    chunk: int = 16
+    tile_batch: int = 64
     implementation: str = "auto"
     motion_bound: str = "tight"
 

@@ -17,9 +17,10 @@ class RenderOptions:
     Attributes:
       pair_capacity: size of the (tile, Gaussian) pair buffer (the only capacity: tiles are ranges of the
         sorted pair list, so a long tile list costs no extra memory and never forces a recompile).
-      chunk: Gaussians composited per step.
+      chunk: Gaussians per unit of a tile's list (the Pallas kernel: per batch it loads).
       tile_batch: chunk-sized units of the pair list (of any tiles) composited side by side per step by the
-        reference compositor (32: measured best of 8 / 32 / 64 on the sample at 640x360, 2-core CPU).
+        reference compositor. 16 x 64 measured best of (8, 16, 32, 64) x (16, 32, 64, 128) on the sample
+        at 640x360, 2-core CPU (BUILD_NOTES, "Measured").
       rolling_shutter_iterations: fixed-point iterations when projecting under a rolling shutter.
       disable_rolling_shutter: render every pixel at the start pose (render-grpc's option).
       implementation: compositor: "reference" (plain jnp), "pallas" (the Triton kernel; interpret mode
@@ -31,8 +32,8 @@ class RenderOptions:
     """
 
     pair_capacity: int = 1 << 18
-    chunk: int = 32
-    tile_batch: int = 32
+    chunk: int = 16
+    tile_batch: int = 64
     rolling_shutter_iterations: int = C.ROLLING_SHUTTER_ITERATIONS
     disable_rolling_shutter: bool = False
     implementation: str = "auto"

@@ -146,8 +146,9 @@ class Renderer:
         return int(min(max(self.base_options.pair_capacity, nmath.next_pow2(int(estimate))), self.max_pair_capacity))
 
     def options_for(self, camera: Camera, cache_key: tuple = (), n_gaussians: int = 0) -> RenderOptions:
-        """The options (capacities found so far, else the first bucket for `n_gaussians`) frames of this
-        scene key and camera size render with."""
+        """The options frames of this scene key and camera size render with: the bucket of the last frame
+        rendered (grown where one overflowed), else the first bucket for `n_gaussians`. Code that jits
+        `render` itself (gradients) takes its options from here after one `render`."""
         with self._lock:
             caps = self._caps.get(self._key(camera, cache_key))
         if caps is None:
@@ -172,6 +173,8 @@ class Renderer:
                 out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer)
             pairs = int(out.num_pairs)
             if pairs <= opts.pair_capacity:
+                with self._lock:  # later frames and `options_for` start from the bucket that worked
+                    self._caps.setdefault(key, opts.pair_capacity)
                 return out
             new_pairs = grown_capacity(opts.pair_capacity, pairs, self.max_pair_capacity)
             _LOGGER.info("capacity grown to %d pairs for %s", new_pairs, key)

@@ -74,7 +74,14 @@ def _main(argv):
             cam = cameras.camera_at_resolution(native, w, 0)
             sizer = RR.Renderer()
             first = sizer.render(scene.gaussians, cam, pose, actors, cache_key=("b",))  # finds capacities
-            opts = sizer.options_for(cam, ("b",))
+            n_gaussians = scene.gaussians.static.count + scene.gaussians.dynamic.count
+            try:  # the bucket the Renderer renders with (older checkouts size it from the frame alone)
+                opts = sizer.options_for(cam, ("b",), n_gaussians)
+            except TypeError:
+                opts = sizer.options_for(cam, ("b",))
+            if int(first.num_pairs) > opts.pair_capacity:
+                raise SystemExit(f"{cam_id}: {int(first.num_pairs)} pairs overflow the timed bucket "
+                                 f"{opts.pair_capacity}: the figures would be of a clipped frame")
             fn = jax.jit(R.render, static_argnames=("options",))
             t0 = time.perf_counter()
             compiled = fn.lower(scene.gaussians, cam, pose, actors, options=opts).compile()
