@@ -451,8 +451,8 @@ def rasterize_tiles_ref(
     colors,  # [N, 3]
     frames,  # [N] int32 frame index of each Gaussian (0 = world)
     *,
-    chunk: int = 16,
-    tile_batch: int = 64,
+    chunk: int = C.COMPOSITE_CHUNK,
+    tile_batch: int = C.COMPOSITE_UNITS_PER_STEP,
 ):
     """Composites every tile. Returns (rgb [T, P, 3], transmittance [T, P], hit [T, P]).
 

@@ -108,10 +108,10 @@ class LidarOptions:
         Gaussian) or "spin" (over the whole spin; looser, for checks). See `_footprints`.
     """
 
-    pair_capacity: int = 1 << 18
+    pair_capacity: int = C.PAIR_CAPACITY
     column_tiles: int = 0
-    chunk: int = 16
-    tile_batch: int = 64
+    chunk: int = C.COMPOSITE_CHUNK
+    tile_batch: int = C.COMPOSITE_UNITS_PER_STEP
     implementation: str = "auto"
     motion_bound: str = "tight"
 

@@ -31,9 +31,9 @@ class RenderOptions:
         2.2x fewer (pixel, Gaussian) pairs than 16x16 on the sample (BUILD_NOTES, Renderer, "Tile size").
     """
 
-    pair_capacity: int = 1 << 18
-    chunk: int = 16
-    tile_batch: int = 64
+    pair_capacity: int = C.PAIR_CAPACITY
+    chunk: int = C.COMPOSITE_CHUNK
+    tile_batch: int = C.COMPOSITE_UNITS_PER_STEP
     rolling_shutter_iterations: int = C.ROLLING_SHUTTER_ITERATIONS
     disable_rolling_shutter: bool = False
     implementation: str = "auto"

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nurec_jax import constants as C
 from nurec_jax import math as nmath
 from nurec_jax.cameras import Camera
 from nurec_jax.lidar import LidarOptions, LidarSpin, column_tiles_for, lidar_tables, raycast_pass
@@ -105,8 +106,8 @@ class Renderer:
     frames start there. Nothing is ever silently clipped.
     """
 
-    def __init__(self, base_options: RenderOptions = RenderOptions(pair_capacity=1 << 16),
-                 max_pair_capacity: int = 1 << 26):
+    def __init__(self, base_options: RenderOptions = RenderOptions(pair_capacity=C.FIRST_PAIR_CAPACITY),
+                 max_pair_capacity: int = C.MAX_PAIR_CAPACITY):
         self.base_options = base_options
         self.max_pair_capacity = max_pair_capacity
         self._caps: dict[tuple, int] = {}
@@ -142,7 +143,7 @@ class Renderer:
         Gaussians span more tiles, and 4x with half the tile side. Never below `base_options.pair_capacity` nor above the maximum."""
         pixels = camera.width * camera.height / (640 * 360)
         tile = tile_size_for(self.base_options)
-        estimate = 4.0 * n_gaussians * max(1.0, pixels) * (8 / tile) ** 2
+        estimate = C.FIRST_PAIRS_PER_GAUSSIAN * n_gaussians * max(1.0, pixels) * (8 / tile) ** 2
         return int(min(max(self.base_options.pair_capacity, nmath.next_pow2(int(estimate))), self.max_pair_capacity))
 
     def options_for(self, camera: Camera, cache_key: tuple = (), n_gaussians: int = 0) -> RenderOptions:
@@ -191,7 +192,7 @@ class LidarCaster:
     """Casts whole lidar spins (`nurec_jax.lidar`) in passes of column tiles, with the compiled pass
     shared by every caster and the pair bucket grown on overflow (the Renderer's rules)."""
 
-    def __init__(self, options: LidarOptions = LidarOptions(), max_pair_capacity: int = 1 << 26):
+    def __init__(self, options: LidarOptions = LidarOptions(), max_pair_capacity: int = C.MAX_PAIR_CAPACITY):
         self.options = options
         self.max_pair_capacity = max_pair_capacity
         self._caps: dict[tuple, int] = {}
