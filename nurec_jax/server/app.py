@@ -110,6 +110,7 @@ class Server:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
         self._started = False
+        self._warm_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._terminated = threading.Event()
         self.serving = threading.Event()
@@ -159,7 +160,8 @@ class Server:
         if self.metrics_server is not None:
             self.metrics_port = self.metrics_server.start()
             _LOGGER.info("metrics: http://%s:%d/metrics", self.options.host, self.metrics_port)
-        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+        self._warm_thread = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
+        self._warm_thread.start()
         _LOGGER.info("serving SensorsimService on %s (port %d), %d scene(s)", self.address, self.port,
                      len(self.registry.ids()))
         return self.port
@@ -179,8 +181,8 @@ class Server:
             self.request_shutdown()
             return
         if not self._stopping.is_set():
-            self._call(self.health.set("", SERVING))
-            self._call(self.health.set(SERVICE_NAME, SERVING))
+            self._call(self.health.set("", SERVING), timeout=30)
+            self._call(self.health.set(SERVICE_NAME, SERVING), timeout=30)
             self.serving.set()
             _LOGGER.info("health: SERVING")
             if self.options.test_scenes_are_valid and self.options.warmup_compiles:
@@ -241,6 +243,8 @@ class Server:
         done = self._terminated.wait(timeout)
         if done:
             self._thread.join(timeout=5)
+            if self._warm_thread is not None:  # it stops between renders; let a render in progress end
+                self._warm_thread.join(timeout=60)
         return done
 
 
