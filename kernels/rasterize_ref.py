@@ -63,22 +63,29 @@ def eval3d_components(o, d, means, quats, scales):
     (chunk of Gaussians, pixels): XLA:CPU vectorises that; (..., 3)-shaped intermediates it does not,
     and eval3d is most of the compositing work.
     """
-    m = canonical_matrix(quats, scales)
-    dx, dy, dz = o[0] - means[0], o[1] - means[1], o[2] - means[2]
-    oc = tuple(mi[0] * dx + mi[1] * dy + mi[2] * dz for mi in m)
+    ray = _canonical_ray(o, d, means, canonical_matrix(quats, scales))
+    return jnp.exp(-0.5 * ray["d2"]), ray["t_star"]
+
+
+def _cross(a, b):
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def _canonical_ray(o, d, means, m):
+    """The ray in a Gaussian's canonical frame (m from `canonical_matrix`): the offset o - mean, o_c,
+    d_c, |d_c|^2, o_c.d_c, c = o_c x d_c, and from them t* and D^2 (shared by eval3d and its VJP)."""
+    diff = tuple(o[j] - means[j] for j in range(3))
+    oc = tuple(mi[0] * diff[0] + mi[1] * diff[1] + mi[2] * diff[2] for mi in m)
     dc = tuple(mi[0] * d[0] + mi[1] * d[1] + mi[2] * d[2] for mi in m)
     dd = dc[0] * dc[0] + dc[1] * dc[1] + dc[2] * dc[2]
     od = oc[0] * dc[0] + oc[1] * dc[1] + oc[2] * dc[2]
-    t_star = -od / dd
     # Squared distance of the ray to the centre in the canonical frame, |o_c x d_c|^2 / |d_c|^2. The
     # textbook |o_c|^2 - (o_c.d_c)^2/|d_c|^2 subtracts two numbers of size (distance / scale)^2 (1e8 for a
     # 1 cm Gaussian 100 m away) and float32 leaves noise; the cross product's error is only
     # eps * |o_c| * |d_c|, so distant content stays exact (tests/test_far_field.py).
-    cx = oc[1] * dc[2] - oc[2] * dc[1]
-    cy = oc[2] * dc[0] - oc[0] * dc[2]
-    cz = oc[0] * dc[1] - oc[1] * dc[0]
-    d2 = (cx * cx + cy * cy + cz * cz) / dd
-    return jnp.exp(-0.5 * d2), t_star
+    c = _cross(oc, dc)
+    d2 = (c[0] * c[0] + c[1] * c[1] + c[2] * c[2]) / dd
+    return dict(diff=diff, oc=oc, dc=dc, dd=dd, od=od, c=c, d2=d2, t_star=-od / dd)
 
 
 def alpha_of(response, t_star, opacity):
@@ -221,15 +228,15 @@ def _alpha_components(o, d, means, quats, scales, opacities):
     return alpha_of(resp, t_star, opacities[:, None]), t_star
 
 
+def _origin_direction(ray):
+    """[B, P, 6, K'] -> (origin, direction) component tuples of [B, P, K'] arrays."""
+    return tuple(ray[:, :, i] for i in range(3)), tuple(ray[:, :, 3 + i] for i in range(3))
+
+
 def _unit_alpha(rays_b, fr, means, quats, scales, opacities):
     """rays_b [B, P, F, 6], fr [B, K], params [B, K, ...] -> (alpha, t_star) [B, P, K]."""
-    ray = _unit_rays(rays_b, fr)
-    o, d = tuple(ray[:, :, i] for i in range(3)), tuple(ray[:, :, 3 + i] for i in range(3))
+    o, d = _origin_direction(_unit_rays(rays_b, fr))
     return _alpha_components(o, d, _components(means, 3), _components(quats, 4), _components(scales, 3), opacities)
-
-
-def _cross(a, b):
-    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
 
 
 def _unit_alpha_vjp(rays_b, fr, means, quats, scales, opacities):
@@ -237,18 +244,11 @@ def _unit_alpha_vjp(rays_b, fr, means, quats, scales, opacities):
     materialises dozens of full-size intermediates; this keeps the per-pixel work to the chain rule's
     few multiply-adds, and takes the per-Gaussian part, M(q, s), through `jax.vjp` on [B, K] arrays).
     `back((g_alpha, g_t))` returns cotangents of (rays_b, means, quats, scales, opacities)."""
-    ray = _unit_rays(rays_b, fr)
-    o, d = tuple(ray[:, :, i] for i in range(3)), tuple(ray[:, :, 3 + i] for i in range(3))
-    mc, qc, sc = _components(means, 3), _components(quats, 4), _components(scales, 3)
-    m, m_vjp = jax.vjp(canonical_matrix, qc, sc)
-    diff = tuple(o[j] - mc[j] for j in range(3))
-    oc = tuple(m[i][0] * diff[0] + m[i][1] * diff[1] + m[i][2] * diff[2] for i in range(3))
-    dc = tuple(m[i][0] * d[0] + m[i][1] * d[1] + m[i][2] * d[2] for i in range(3))
-    inv_dd = 1.0 / (dc[0] * dc[0] + dc[1] * dc[1] + dc[2] * dc[2])
-    od = oc[0] * dc[0] + oc[1] * dc[1] + oc[2] * dc[2]
-    t_star = -od * inv_dd
-    c = _cross(oc, dc)
-    d2 = (c[0] * c[0] + c[1] * c[1] + c[2] * c[2]) * inv_dd
+    o, d = _origin_direction(_unit_rays(rays_b, fr))
+    m, m_vjp = jax.vjp(canonical_matrix, _components(quats, 4), _components(scales, 3))
+    ray = _canonical_ray(o, d, _components(means, 3), m)
+    diff, oc, dc, c, d2, t_star = (ray[k] for k in ("diff", "oc", "dc", "c", "d2", "t_star"))
+    inv_dd = 1.0 / ray["dd"]
     resp = jnp.exp(-0.5 * d2)
     op = opacities[:, None]
     raw = op * resp

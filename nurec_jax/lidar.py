@@ -33,6 +33,7 @@ from nurec_jax.poses import Pose, PosePair
 from nurec_jax.binning import bin_gaussians
 from nurec_jax.compositing import composite_tiles
 from nurec_jax.frames import ActorPoses, frame_pairs, merge_gaussians
+from nurec_jax.projection import extent_sigmas
 from nurec_jax.types import SceneGaussians
 
 TILE = C.TILE_SIZE
@@ -175,11 +176,16 @@ def _angular_window(p_s, extent, turn, tables: LidarTables):
                        jnp.arcsin(jnp.clip(jnp.sin(jnp.minimum(rho, math.pi / 2)) /
                                            jnp.maximum(jnp.cos(alpha_g), 1e-6), 0.0, 1.0)))
     rho_az = rho_az + tables.max_offset
-    centre = tables.az0 + 0.5 * tables.step * (tables.columns - 1)
-    beta_c = centre + jnp.mod(beta_g - centre + math.pi, 2 * math.pi) - math.pi
+    beta_c = _unwrapped(beta_g, tables)
     u_a = (beta_c - rho_az - tables.az0) / tables.step
     u_b = (beta_c + rho_az - tables.az0) / tables.step
     return row_lo, row_hi, jnp.minimum(u_a, u_b), jnp.maximum(u_a, u_b), rho_az >= math.pi, r
+
+
+def _unwrapped(beta, tables: LidarTables):
+    """Azimuth `beta` unwrapped to within half a turn of the centre of the lidar's columns."""
+    centre = tables.az0 + 0.5 * tables.step * (tables.columns - 1)
+    return centre + jnp.mod(beta - centre + math.pi, 2 * math.pi) - math.pi
 
 
 def _footprints(g, tables: LidarTables, sensor_pose: PosePair, frames: PosePair, motion_bound: str):
@@ -206,9 +212,7 @@ def _footprints(g, tables: LidarTables, sensor_pose: PosePair, frames: PosePair,
     actor_motion = jnp.linalg.norm(f_pair.end.apply(g.means) - f_pair.start.apply(g.means), axis=-1)
     sensor_motion = jnp.linalg.norm(sensor_pose.end.trans - sensor_pose.start.trans)
     sensor_turn = _angle_between(sensor_pose.start.rotation(), sensor_pose.end.rotation())
-    opac = jnp.maximum(g.opacities, 1e-30)
-    k = jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
-    extent0 = k * jnp.max(g.scales, -1)
+    extent0 = extent_sigmas(g.opacities) * jnp.max(g.scales, -1)
     motion = actor_motion + sensor_motion
 
     def seen_at(tau):  # sensor-frame centres at per-Gaussian times tau [N]
@@ -216,9 +220,9 @@ def _footprints(g, tables: LidarTables, sensor_pose: PosePair, frames: PosePair,
 
     n = g.means.shape[0]
     # Whole-spin bound around the mid-spin position.
-    s_lo, s_hi, s_ulo, s_uhi, s_full, s_r = _angular_window(seen_at(jnp.full((n,), 0.5, dtype)), extent0 + motion,
-                                                           sensor_turn, tables)
     s_ext = extent0 + motion
+    s_lo, s_hi, s_ulo, s_uhi, s_full, s_r = _angular_window(seen_at(jnp.full((n,), 0.5, dtype)), s_ext, sensor_turn,
+                                                           tables)
     if motion_bound == "spin":
         return _wrapped(tables, s_lo, s_hi, s_ulo, s_uhi, s_full) + (s_r, s_ext)
     if motion_bound != "tight":
@@ -226,10 +230,7 @@ def _footprints(g, tables: LidarTables, sensor_pose: PosePair, frames: PosePair,
     last = max(tables.columns - 1, 1)
 
     def column_of(p_s):
-        beta = jnp.arctan2(p_s[:, 1], p_s[:, 0])
-        centre = tables.az0 + 0.5 * tables.step * (tables.columns - 1)
-        beta_c = centre + jnp.mod(beta - centre + math.pi, 2 * math.pi) - math.pi
-        return (beta_c - tables.az0) / tables.step
+        return (_unwrapped(jnp.arctan2(p_s[:, 1], p_s[:, 0]), tables) - tables.az0) / tables.step
 
     tau = jnp.full((n,), 0.5, dtype)
     for _ in range(C.LIDAR_SWEEP_ITERATIONS):

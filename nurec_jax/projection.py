@@ -20,6 +20,13 @@ from nurec_jax.poses import Pose, PosePair
 from nurec_jax.rays import PoseTable, level_of, pose_table, shutter_levels, shutter_tau
 
 
+def extent_sigmas(opacities):
+    """How many standard deviations out a Gaussian still reaches the alpha threshold: the opacity-aware
+    extent k = min(3.33, sqrt(2 ln(opacity / threshold))) of its footprint (camera tiles, lidar tiles)."""
+    opac = jnp.maximum(opacities, 1e-30)
+    return jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
+
+
 def in_image(uv, width, height, margin):
     mx, my = margin * width, margin * height
     return (uv[..., 0] >= -mx) & (uv[..., 0] <= width + mx) & (uv[..., 1] >= -my) & (uv[..., 1] <= height + my)
@@ -86,8 +93,7 @@ def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: M
     axes = nmath.quat_to_matrix(g.quats) * g.scales[:, None, :] * spread  # columns scaled
     offs = jnp.concatenate([jnp.zeros_like(axes[:, :, :1]), axes, -axes], axis=-1)  # [N, 3, 7]
     pts = g.means[:, None, :] + jnp.swapaxes(offs, 1, 2)  # [N, 7, 3]
-    opac = jnp.maximum(g.opacities, 1e-30)
-    k = jnp.minimum(C.MAX_EXTENT_SIGMA, jnp.sqrt(jnp.maximum(2.0 * jnp.log(opac / C.ALPHA_THRESHOLD), 0.0)))
+    k = extent_sigmas(g.opacities)
     wm = jnp.array([w0m] + [wi] * 6, pts.dtype)
     wc = jnp.array([w0c] + [wi] * 6, pts.dtype)
     big = jnp.asarray(jnp.inf, pts.dtype)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any, ContextManager, Protocol
 
 import jax
@@ -43,7 +44,7 @@ class Stage(Protocol):
 
 class StageTimer(Protocol):
     """What `Renderer.render(timer=...)` needs: `with timer.stage("compositing") as st: st.wait(out)`.
-    The server's `nurec_jax.server.timing.StageTimer` is one; `PrintTimer` below is a minimal one."""
+    The server's `nurec_jax.server.timing.StageTimer` is one; `RecordingTimer` below is a minimal one."""
 
     def stage(self, name: str) -> ContextManager[Stage]:
         """A context manager that times stage `name`."""
@@ -54,7 +55,7 @@ class _Waiting:
         return jax.block_until_ready(value)
 
 
-class PrintTimer:
+class RecordingTimer:
     """A `StageTimer` that waits for every stage and records its wall milliseconds in `ms` (for scripts)."""
 
     def __init__(self):
@@ -62,8 +63,6 @@ class PrintTimer:
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        import time
-
         t0 = time.perf_counter()
         yield _Waiting()
         self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
@@ -76,6 +75,34 @@ def grown_capacity(pair_capacity: int, pairs: int, max_pair_capacity: int, what:
     if new_pairs > max_pair_capacity:
         raise MemoryError(f"{what} needs {pairs} tile/Gaussian pairs, above the limit {max_pair_capacity}")
     return new_pairs
+
+
+class _Buckets:
+    """The pair bucket each (scene, sensor size) key renders with, shared by a jit owner's threads: the
+    first that worked is kept, an overflow grows it to the next sufficient power of two."""
+
+    def __init__(self, max_pair_capacity: int, what: str):
+        self.max_pair_capacity = max_pair_capacity
+        self._what = what
+        self._caps: dict[tuple, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, default=None):
+        with self._lock:
+            return self._caps.get(key, default)
+
+    def keep(self, key: tuple, pairs: int) -> None:
+        """Records the bucket a frame rendered with, unless one is known already."""
+        with self._lock:
+            self._caps.setdefault(key, pairs)
+
+    def grow(self, key: tuple, capacity: int, pairs: int) -> int:
+        """The bucket after one that held `capacity` overflowed with `pairs` (MemoryError past the maximum)."""
+        new_pairs = grown_capacity(capacity, pairs, self.max_pair_capacity, self._what)
+        _LOGGER.info("%s capacity grown to %d pairs for %s", self._what, new_pairs, key)
+        with self._lock:
+            self._caps[key] = new_pairs
+        return new_pairs
 
 
 def counted_jit(fn, counter: list, **jit_kwargs):
@@ -110,8 +137,7 @@ class Renderer:
                  max_pair_capacity: int = C.MAX_PAIR_CAPACITY):
         self.base_options = base_options
         self.max_pair_capacity = max_pair_capacity
-        self._caps: dict[tuple, int] = {}
-        self._lock = threading.Lock()
+        self._buckets = _Buckets(max_pair_capacity, "frame")
 
     @property
     def trace_count(self) -> int:
@@ -150,8 +176,7 @@ class Renderer:
         """The options frames of this scene key and camera size render with: the bucket of the last frame
         rendered (grown where one overflowed), else the first bucket for `n_gaussians`. Code that jits
         `render` itself (gradients) takes its options from here after one `render`."""
-        with self._lock:
-            caps = self._caps.get(self._key(camera, cache_key))
+        caps = self._buckets.get(self._key(camera, cache_key))
         if caps is None:
             caps = self.first_capacity(camera, n_gaussians)
         return dataclasses.replace(self.base_options, pair_capacity=caps)
@@ -174,14 +199,9 @@ class Renderer:
                 out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer)
             pairs = int(out.num_pairs)
             if pairs <= opts.pair_capacity:
-                with self._lock:  # later frames and `options_for` start from the bucket that worked
-                    self._caps.setdefault(key, opts.pair_capacity)
+                self._buckets.keep(key, opts.pair_capacity)  # later frames and `options_for` start there
                 return out
-            new_pairs = grown_capacity(opts.pair_capacity, pairs, self.max_pair_capacity)
-            _LOGGER.info("capacity grown to %d pairs for %s", new_pairs, key)
-            with self._lock:
-                self._caps[key] = new_pairs
-            opts = dataclasses.replace(opts, pair_capacity=new_pairs)
+            opts = dataclasses.replace(opts, pair_capacity=self._buckets.grow(key, opts.pair_capacity, pairs))
 
 
 _LIDAR_TRACES = [0]
@@ -195,8 +215,7 @@ class LidarCaster:
     def __init__(self, options: LidarOptions = LidarOptions(), max_pair_capacity: int = C.MAX_PAIR_CAPACITY):
         self.options = options
         self.max_pair_capacity = max_pair_capacity
-        self._caps: dict[tuple, int] = {}
-        self._lock = threading.Lock()
+        self._buckets = _Buckets(max_pair_capacity, "lidar pass")
 
     @property
     def trace_count(self) -> int:
@@ -215,9 +234,8 @@ class LidarCaster:
         tables = lidar_tables(model, dtype)
         n_ct = column_tiles_for(tables, ray_chunk_size)
         key = (cache_key, model.static_key(), n_ct)
-        with self._lock:
-            caps = self._caps.get(key, self.options.pair_capacity)
-        opts = dataclasses.replace(self.options, pair_capacity=caps, column_tiles=n_ct)
+        opts = dataclasses.replace(self.options, pair_capacity=self._buckets.get(key, self.options.pair_capacity),
+                                   column_tiles=n_ct)
         parts = []
         c0 = 0
         while c0 < tables.column_tiles:
@@ -226,11 +244,7 @@ class LidarCaster:
             out = _LIDAR_PASS(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
             pairs = int(out.num_pairs)
             if pairs > opts.pair_capacity:
-                new_pairs = grown_capacity(opts.pair_capacity, pairs, self.max_pair_capacity, "lidar pass")
-                opts = dataclasses.replace(opts, pair_capacity=new_pairs)
-                _LOGGER.info("lidar capacity grown to %d pairs for %s", new_pairs, key)
-                with self._lock:
-                    self._caps[key] = new_pairs
+                opts = dataclasses.replace(opts, pair_capacity=self._buckets.grow(key, opts.pair_capacity, pairs))
                 continue  # redo this pass with the larger bucket
             parts.append(jax.tree_util.tree_map(np.asarray, (out.distance, out.alpha, out.intensity, out.points)))
             c0 += n_ct

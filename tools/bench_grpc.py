@@ -52,13 +52,10 @@ def _free_port() -> int:
 def _start_server(python: str, scene: str, max_workers: int):
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", ""))
-    if not env["JAX_PLATFORMS"]:
-        env.pop("JAX_PLATFORMS")
     # cwd: a scratch folder, so the interpreter imports its own checkout's nurec_jax (editable install).
     proc = subprocess.Popen([python, "-m", "nurec_jax.cli.serve_grpc", f"--artifact_glob={scene}",
                              "--host=127.0.0.1", f"--port={port}", f"--max_workers={max_workers}"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(), env=env)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
     return proc, f"127.0.0.1:{port}", log.name
 
 

@@ -17,6 +17,7 @@ Figures (each names the device):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -86,7 +87,8 @@ def _peak_bytes():
 
 
 def _camera_figures(scene, n):
-    g = dataclass_replace(scene.gaussians, static=densified(scene.gaussians.static, n - scene.gaussians.dynamic.count))
+    g = dataclasses.replace(scene.gaussians,
+                            static=densified(scene.gaussians.static, n - scene.gaussians.dynamic.count))
     count = g.static.count + g.dynamic.count
     cam, pose, actors = _frame(scene, _WIDTH.value)
     r = RR.Renderer()
@@ -110,12 +112,6 @@ def _camera_figures(scene, n):
     return dict(gaussians=count, size=f"{cam.width}x{cam.height}", pairs=int(out.num_pairs),
                 first_frame_s=first_s, forward_ms=fwd, forward_backward_ms=fwd_bwd, grad_compile_s=grad_compile_s,
                 peak_device_bytes=_peak_bytes())
-
-
-def dataclass_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 def _compile_once(cache_dir):
