@@ -265,3 +265,11 @@ def test_tight_motion_bound_matches_the_whole_spin_bound(full):
     # A full circle sweeps 360 degrees per spin, so each Gaussian sees a small part of the motion; an
     # 80-degree scanner sees more of it and more Gaussians keep the whole-spin bound.
     assert pairs["tight"] < (0.7 if full else 0.95) * pairs["spin"], pairs
+
+
+def test_unknown_motion_bound_is_refused():
+    scene = make_scene(wall(x=6.0, step=1.0), 0)
+    tables = lidar.lidar_tables(small_model(np.linspace(5, -5, 8), columns=16))
+    with pytest.raises(ValueError, match="motion_bound must be 'tight' or 'spin', got 'loose'"):
+        lidar.raycast_pass(scene, tables, PosePair.from_matrices(pose_at(1.0)), lidar.ActorPoses.hidden(0),
+                           jnp.int32(0), tables.column_tiles, lidar.LidarOptions(motion_bound="loose"))
