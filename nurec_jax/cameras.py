@@ -1,7 +1,8 @@
 """Camera models as frozen pytree dataclasses: NVIDIA FTheta, OpenCV pinhole, OpenCV fisheye.
 
-Every model has `project(p_cam) -> (uv, valid)` and `unproject(uv) -> unit ray`, vectorised over
-leading axes and differentiable. Camera frame: OpenCV (x right, y down, z forward). Image
+Every model has `project(p_cam) -> (uv, valid)`, its component form `project_xyz(x, y, z) -> (u, v,
+valid)` (what the projection stage uses: arrays of one coordinate vectorise better on CPU than (..., 3)
+ones), and `unproject(uv) -> unit ray`, vectorised over leading axes and differentiable. Camera frame: OpenCV (x right, y down, z forward). Image
 coordinates are continuous with pixel (row i, column j) covering [j, j+1) x [i, i+1), so its centre
 is (j + 0.5, i + 0.5). FTheta principal points are stored by NuRec in the pixel-centre convention
 and get +0.5 when a camera is built; OpenCV principal points are used as given.
@@ -75,10 +76,16 @@ def _poly_inverse(c: jax.Array, y: jax.Array, x0: jax.Array, iterations: int = _
     return step(jax.lax.stop_gradient(x), c, dc, y)
 
 
-def _radius_and_angle(p: jax.Array):
+def _radius_and_angle(x, y, z):
     """rho = |(x, y)| (safe at 0) and the angle from the optical axis."""
-    rho = nmath.safe_norm(p[..., :2])
-    return rho, jnp.arctan2(rho, p[..., 2])
+    sq = x * x + y * y
+    rho = jnp.where(sq > 1e-20, jnp.sqrt(jnp.where(sq > 1e-20, sq, 1.0)), 0.0)
+    return rho, jnp.arctan2(rho, z)
+
+
+def _project_stacked(camera, p_cam):
+    u, v, ok = camera.project_xyz(p_cam[..., 0], p_cam[..., 1], p_cam[..., 2])
+    return jnp.stack([u, v], -1), ok
 
 
 def _safe_rho(rho):
@@ -144,15 +151,18 @@ class FThetaCamera:
         return _poly_inverse(self.fw_poly, r, _polyval(self.bw_poly, r))
 
     def project(self, p_cam):
-        rho, theta_full = _radius_and_angle(p_cam)
+        return _project_stacked(self, p_cam)
+
+    def project_xyz(self, x, y, z):
+        rho, theta_full = _radius_and_angle(x, y, z)
         theta = jnp.minimum(theta_full, self.max_angle)
         delta = self.distance_of_angle(theta)
         d0 = self.fw_poly[1] if self.reference == "forward" else 1.0 / self.bw_poly[1]
-        scale = _ratio_at_zero(delta, theta, d0) * _theta_over_rho(rho, p_cam[..., 2], theta)
-        x, y = scale * p_cam[..., 0], scale * p_cam[..., 1]
+        scale = _ratio_at_zero(delta, theta, d0) * _theta_over_rho(rho, z, theta)
+        x, y = scale * x, scale * y
         c, d, e = self._a()
-        uv = jnp.stack([c * x + d * y, e * x + y], -1) + self.principal_point
-        return uv, theta_full < self.max_angle
+        pp = self.principal_point
+        return c * x + d * y + pp[0], e * x + y + pp[1], theta_full < self.max_angle
 
     def unproject(self, uv):
         c, d, e = self._a()
@@ -207,12 +217,16 @@ class OpenCVPinholeCamera:
         return dr, dx, dy
 
     def project(self, p_cam):
-        z = p_cam[..., 2]
+        return _project_stacked(self, p_cam)
+
+    def project_xyz(self, x, y, z):
         zs = jnp.where(z > 1e-6, z, 1e-6)
-        xn, yn = p_cam[..., 0] / zs, p_cam[..., 1] / zs
+        xn, yn = x / zs, y / zs
         dr, dx, dy = self._distort(xn, yn)
-        uv = jnp.stack([xn * dr + dx, yn * dr + dy], -1) * self.focal_length + self.principal_point
-        return uv, (z > 1e-6) & (dr > 0.8) & (dr < 1.2)
+        f, pp = self.focal_length, self.principal_point
+        u = (xn * dr + dx) * f[0] + pp[0]
+        v = (yn * dr + dy) * f[1] + pp[1]
+        return u, v, (z > 1e-6) & (dr > 0.8) & (dr < 1.2)
 
     def unproject(self, uv):
         n = (uv - self.principal_point) / self.focal_length
@@ -250,12 +264,15 @@ class OpenCVFisheyeCamera:
         return jnp.stack([z, jnp.ones((), k.dtype), z, k[0], z, k[1], z, k[2], z, k[3]])
 
     def project(self, p_cam):
-        rho, theta_full = _radius_and_angle(p_cam)
+        return _project_stacked(self, p_cam)
+
+    def project_xyz(self, x, y, z):
+        rho, theta_full = _radius_and_angle(x, y, z)
         theta = jnp.minimum(theta_full, self.max_angle)
         delta = _polyval(self._coeffs(), theta)
-        s = _ratio_at_zero(delta, theta, 1.0) * _theta_over_rho(rho, p_cam[..., 2], theta)
-        uv = jnp.stack([s * p_cam[..., 0], s * p_cam[..., 1]], -1) * self.focal_length + self.principal_point
-        return uv, theta_full < self.max_angle
+        s = _ratio_at_zero(delta, theta, 1.0) * _theta_over_rho(rho, z, theta)
+        f, pp = self.focal_length, self.principal_point
+        return s * x * f[0] + pp[0], s * y * f[1] + pp[1], theta_full < self.max_angle
 
     def unproject(self, uv):
         n = (uv - self.principal_point) / self.focal_length

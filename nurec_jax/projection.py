@@ -28,8 +28,12 @@ def extent_sigmas(opacities):
 
 
 def in_image(uv, width, height, margin):
+    return in_image_uv(uv[..., 0], uv[..., 1], width, height, margin)
+
+
+def in_image_uv(u, v, width, height, margin):
     mx, my = margin * width, margin * height
-    return (uv[..., 0] >= -mx) & (uv[..., 0] <= width + mx) & (uv[..., 1] >= -my) & (uv[..., 1] <= height + my)
+    return (u >= -mx) & (u <= width + mx) & (v >= -my) & (v <= height + my)
 
 
 def frame_to_camera(cam_tab: PoseTable, frame_tab: PoseTable, level, frame_idx):
@@ -40,41 +44,69 @@ def frame_to_camera(cam_tab: PoseTable, frame_tab: PoseTable, level, frame_idx):
     return rot, trans
 
 
-def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx, x_local, shutter: int,
-                   iterations: int):
-    """Projects the sigma points x_local [N, S, 3] of each Gaussian (frame `frame_idx` [N]) under the
-    rolling-shutter fixed point (rendering.md 4).
+def _transform_xyz(rot, trans, xyz):
+    """rot [N, 3, 3] @ p + trans [N, 3] for points given as components xyz = (x, y, z), each [S, N]."""
+    x, y, z = xyz
+    r = jax.lax.optimization_barrier(tuple(jnp.moveaxis(rot.reshape(-1, 9), -1, 0)) + tuple(trans.T))
+    return tuple(r[3 * i] * x + r[3 * i + 1] * y + r[3 * i + 2] * z + r[9 + i] for i in range(3))
 
-    Returns a list of (uv [N, S, 2], valid [N, S]) estimates: under a global shutter one; under a rolling
-    shutter the projection at the exposure time the Gaussian's centre (sigma point 0) is seen at (the
-    fixed point tau = shutter(project(pose(tau), centre)), iterated on the centre alone), plus the
-    projections at the start and at the end of the exposure, whose union bounds the motion. Exposure
-    times are row (or column) quantised, so poses come from a per-row table, composed once per Gaussian.
+
+def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx, xyz, shutter: int,
+                   iterations: int):
+    """Projects the sigma points of each Gaussian (frame `frame_idx` [N]), given as components
+    xyz = (x, y, z) each [S, N] with the centre at s = 0, under the rolling-shutter fixed point
+    (rendering.md 4). Component arrays with the Gaussians on the minor axis vectorise on CPU, where
+    (..., 3) ones do not.
+
+    Returns a list of (u, v, valid), each [S, N]: under a global shutter one estimate; under a rolling
+    shutter the projection at the exposure time the Gaussian's centre is seen at (the fixed point
+    tau = shutter(project(pose(tau), centre)), iterated on the centre alone), plus the projections at
+    the start and at the end of the exposure, whose union bounds the motion. Exposure times are row (or
+    column) quantised, so poses come from a per-row table, composed once per Gaussian.
     """
     levels = shutter_levels(camera.width, camera.height, shutter)
-    dtype = x_local.dtype
+    dtype = xyz[0].dtype
     cam_tab = pose_table(sensor, levels, dtype, invert=True)  # world -> camera, [L]
     frame_tab = pose_table(frames, levels, dtype)  # frame -> world, [L, F]
-    n = x_local.shape[0]
+    n = xyz[0].shape[-1]
 
     def at(level, pts):
         rot, trans = frame_to_camera(cam_tab, frame_tab, level, frame_idx)
-        p_cam = nmath.matvec(rot[:, None], pts) + trans[:, None, :]
-        uv, ok = camera.project(p_cam)
-        return uv, ok & in_image(uv, camera.width, camera.height, C.UT_IMAGE_MARGIN)
+        p_cam = jax.lax.optimization_barrier(_transform_xyz(rot, trans, pts))
+        u, v, ok = camera.project_xyz(*p_cam)
+        ok = ok & in_image_uv(u, v, camera.width, camera.height, C.UT_IMAGE_MARGIN)
+        # Materialise each estimate once: without the barrier XLA:CPU fuses the projection into every
+        # consumer (mean, variance, validity, the fixed point's start) and recomputes it there.
+        return jax.lax.optimization_barrier((u, v, ok))
+
+    def level_at(u, v):
+        tau = shutter_tau(jnp.stack([u, v], -1), camera.width, camera.height, shutter)
+        return level_of(tau, levels)
 
     zero = jnp.zeros((n,), jnp.int32)
     if levels == 1:
-        return [at(zero, x_local)]
-    est = [at(zero, x_local), at(zero + levels - 1, x_local)]
-    centre = x_local[:, :1]
-    (uv0, ok0), (uv1, ok1) = ((uv[:, :1], ok[:, :1]) for uv, ok in est)
-    uv = jnp.where(ok0[..., None], uv0, uv1)
+        return [at(zero, xyz)]
+    est = [at(zero, xyz), at(zero + levels - 1, xyz)]
+    centre = tuple(c[:1] for c in xyz)
+    (u0, v0, ok0), (u1, v1, _) = est
+    u, v = jnp.where(ok0[0], u0[0], u1[0]), jnp.where(ok0[0], v0[0], v1[0])
     for _ in range(iterations):
-        level = level_of(shutter_tau(uv, camera.width, camera.height, shutter), levels)[:, 0]
-        uv, _ = at(level, centre)
-    level = level_of(shutter_tau(uv, camera.width, camera.height, shutter), levels)[:, 0]
-    return [at(level, x_local)] + est
+        u, v, _ = at(level_at(u, v), centre)
+        u, v = u[0], v[0]
+    return [at(level_at(u, v), xyz)] + est
+
+
+def sigma_points(g: MergedGaussians):
+    """The 7 unscented sigma points of every Gaussian in its own frame, as components (x, y, z) each
+    [7, N]: the centre, then centre +- each scaled principal axis (rendering.md 2.1)."""
+    lam = C.UT_ALPHA ** 2 * (3 + C.UT_KAPPA) - 3
+    spread = math.sqrt(3 + lam)
+    rot = nmath.quat_to_matrix(g.quats)  # column j is principal axis j
+    out = []
+    for i in range(3):
+        comp = (rot[:, i, :] * g.scales * spread).T  # [3, N]: component i of each scaled axis
+        out.append(g.means[:, i] + jnp.concatenate([jnp.zeros_like(comp[:1]), comp, -comp], axis=0))
+    return tuple(out)
 
 
 def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: MergedGaussians, shutter: int,
@@ -83,31 +115,30 @@ def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: M
 
     Returns (lo (N, 2), hi (N, 2), valid (N,)) in pixels. Under a rolling shutter the rectangle is
     the union of the fixed-point footprint and the start- and end-of-exposure footprints: the UT
-    footprint is only an estimate, and a fast-moving sensor shears the true one.
+    footprint is only an estimate, and a fast-moving sensor shears the true one. Only the diagonal of
+    the projected covariance is needed: the rectangle is axis-aligned.
     """
     lam = C.UT_ALPHA ** 2 * (3 + C.UT_KAPPA) - 3
-    spread = math.sqrt(3 + lam)
     w0m = lam / (3 + lam)
     w0c = w0m + (1 - C.UT_ALPHA ** 2 + C.UT_BETA)
     wi = 1.0 / (2 * (3 + lam))
-    axes = nmath.quat_to_matrix(g.quats) * g.scales[:, None, :] * spread  # columns scaled
-    offs = jnp.concatenate([jnp.zeros_like(axes[:, :, :1]), axes, -axes], axis=-1)  # [N, 3, 7]
-    pts = g.means[:, None, :] + jnp.swapaxes(offs, 1, 2)  # [N, 7, 3]
+    dtype = g.means.dtype
+    wm = jnp.array([w0m] + [wi] * 6, dtype)[:, None]
+    wc = jnp.array([w0c] + [wi] * 6, dtype)[:, None]
     k = extent_sigmas(g.opacities)
-    wm = jnp.array([w0m] + [wi] * 6, pts.dtype)
-    wc = jnp.array([w0c] + [wi] * 6, pts.dtype)
-    big = jnp.asarray(jnp.inf, pts.dtype)
+    big = jnp.asarray(jnp.inf, dtype)
     lo = hi = None
     valid = jnp.zeros(g.opacities.shape, bool)
-    for uv, ok in project_points(camera, sensor, frames, g.frames, pts, shutter, iterations):
-        mean = jnp.sum(wm[None, :, None] * uv, axis=1)
-        diff = uv - mean[:, None, :]
-        cov = jnp.einsum("k,nki,nkj->nij", wc, diff, diff)
-        var = jnp.stack([cov[:, 0, 0], cov[:, 1, 1]], -1) + C.COVARIANCE_DILATION
-        half = k[:, None] * jnp.sqrt(jnp.maximum(var, 0.0))
-        this_ok = jnp.any(ok, axis=1)
-        e_lo = jnp.where(this_ok[:, None], mean - half, big)
-        e_hi = jnp.where(this_ok[:, None], mean + half, -big)
+    for u, v, ok in project_points(camera, sensor, frames, g.frames, sigma_points(g), shutter, iterations):
+        this_ok = jnp.any(ok, axis=0)
+        e_lo, e_hi = [], []
+        for c in (u, v):
+            mean = jnp.sum(wm * c, axis=0)
+            var = jnp.sum(wc * jnp.square(c - mean), axis=0) + C.COVARIANCE_DILATION
+            half = k * jnp.sqrt(jnp.maximum(var, 0.0))
+            e_lo.append(jnp.where(this_ok, mean - half, big))
+            e_hi.append(jnp.where(this_ok, mean + half, -big))
+        e_lo, e_hi = jnp.stack(e_lo, -1), jnp.stack(e_hi, -1)
         lo = e_lo if lo is None else jnp.minimum(lo, e_lo)
         hi = e_hi if hi is None else jnp.maximum(hi, e_hi)
         valid = valid | this_ok

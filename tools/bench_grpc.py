@@ -53,7 +53,7 @@ def _start_server(python: str, scene: str, max_workers: int):
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     # cwd: a scratch folder, so the interpreter imports its own checkout's nurec_jax (editable install).
-    proc = subprocess.Popen([python, "-m", "nurec_jax.cli.serve_grpc", f"--artifact_glob={scene}",
+    proc = subprocess.Popen([os.path.abspath(python), "-m", "nurec_jax.cli.serve_grpc", f"--artifact_glob={scene}",
                              "--host=127.0.0.1", f"--port={port}", f"--max_workers={max_workers}"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
     return proc, f"127.0.0.1:{port}", log.name

@@ -46,7 +46,7 @@ def main() -> None:
             if args.baseline_python in argv:
                 argv.remove(args.baseline_python)
             print(f"timing the baseline with {args.baseline_python} ...", flush=True)
-            subprocess.run([args.baseline_python, os.path.abspath(__file__), *argv, f"--json-out={out}"],
+            subprocess.run([os.path.abspath(args.baseline_python), os.path.abspath(__file__), *argv, f"--json-out={out}"],
                            check=True, stdout=subprocess.DEVNULL, cwd=tmp)
             with open(out) as f:
                 base = json.load(f)

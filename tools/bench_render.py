@@ -44,7 +44,7 @@ def _baseline_rows(argv):
         out = os.path.join(tmp, "base.json")
         args = [a for a in argv[1:] if not a.startswith(("--baseline_python", "--json_out"))]
         print(f"measuring the baseline with {_BASELINE.value} ...", flush=True)
-        subprocess.run([_BASELINE.value, os.path.abspath(__file__), *args, f"--json_out={out}"], check=True,
+        subprocess.run([os.path.abspath(_BASELINE.value), os.path.abspath(__file__), *args, f"--json_out={out}"], check=True,
                        stdout=subprocess.DEVNULL, cwd=tmp)  # cwd: import the baseline's nurec_jax, not ours
         with open(out) as f:
             return {(r["camera"], r["size"]): r for r in json.load(f)}
