@@ -7,6 +7,7 @@ directory that this module creates.
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import zipfile
@@ -83,6 +84,20 @@ class Archive:
         except NotImplementedError as e:
             raise SceneFormatError(f"{where}: unsupported zip compression ({e})") from None
         return bytes(out)
+
+    def open(self, member: str, max_bytes: int | None = None):
+        """A seekable file object over one member, for members read in parts (a nested
+        `checkpoint.ckpt` zip). Stored members are read in place; a compressed one is inflated into
+        memory first (seeking in a deflate stream re-inflates it from the start), within the limit."""
+        limit = self.max_member_bytes if max_bytes is None else max_bytes
+        info = self._infos.get(posixpath.normpath(member))
+        if info is None:
+            raise SceneFormatError(f"{self.name}: member {member!r} is missing")
+        if info.file_size > limit:
+            raise SceneFormatError(f"{self.name}:{member}: {info.file_size} bytes exceeds the limit of {limit} bytes")
+        if info.compress_type == zipfile.ZIP_STORED:
+            return self._zip.open(info)
+        return io.BytesIO(self.read(member, limit))
 
     def usd_layers(self) -> list[str]:
         """USD layer members in archive order (the first is the root layer, per the USDZ spec)."""

@@ -133,6 +133,8 @@ def from_parameters(name: str, params: Mapping[str, Any]) -> LidarModel:
 
 
 def from_calibration(cal: LidarCalibration) -> LidarModel:
+    if not cal.model:
+        raise ValueError(f"lidar {cal.logical_id}: the scene file has no lidar model for it (lidar_model is null)")
     if cal.model != "row-offset-spinning":
         raise ValueError(f"lidar {cal.logical_id}: model {cal.model!r} is not supported (row-offset-spinning only)")
     return from_parameters(cal.logical_id, cal.parameters)

@@ -91,7 +91,7 @@ class OpenCVFisheyeIntrinsics:
 CameraIntrinsics = FThetaIntrinsics | OpenCVPinholeIntrinsics | OpenCVFisheyeIntrinsics
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity equality: `==` on its arrays would be ambiguous
 class CameraCalibration:
     """One camera of the ego rig.
 
@@ -102,6 +102,12 @@ class CameraCalibration:
       intrinsics: the camera model at its native resolution.
       frame_timestamps_us: (F, 2) int64 [start, end] exposure windows of the recorded frames.
       unique_sensor_idx: NRE's sensor index, or -1.
+      trajectory_idx: index (file order) of the rig trajectory the camera was recorded in.
+      sequence_id: the sequence (clip) id of that trajectory.
+      frame_T_rig_world: (F, 2, 4, 4) recorded rig -> world at each frame's start and end
+        (`cameras_frame_T_rig_worlds`), or None when the file has none for this camera.
+      linear_start_frame_index: index of the camera's first frame in the file's linear numbering of
+        all frames of all trajectories and cameras (`cameras_linear_start_frame_indices`), or -1.
     """
 
     logical_id: str
@@ -110,18 +116,31 @@ class CameraCalibration:
     intrinsics: CameraIntrinsics
     frame_timestamps_us: np.ndarray
     unique_sensor_idx: int = -1
+    trajectory_idx: int = 0
+    sequence_id: str = ""
+    frame_T_rig_world: np.ndarray | None = None
+    linear_start_frame_index: int = -1
+
+    def recorded_frame(self, start_us: int, end_us: int) -> int | None:
+        """The index of the recorded frame whose window is exactly [start_us, end_us], or None."""
+        w = self.frame_timestamps_us
+        if len(w) == 0:
+            return None
+        hit = np.flatnonzero((w[:, 0] == int(start_us)) & (w[:, 1] == int(end_us)))
+        return int(hit[0]) if hit.size else None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity equality, as CameraCalibration
 class LidarCalibration:
     """One lidar of the ego rig (`row-offset-spinning` model of NCore).
 
     Attributes:
       logical_id: e.g. `lidar_top_360fov`.
       T_sensor_rig: (4, 4) lidar -> rig.
-      model: the lidar model type string.
+      model: the lidar model type string; "" when the file has none (`"lidar_model": null`).
       parameters: the model parameters as stored (elevations, azimuths, spin rate, ...).
       frame_timestamps_us: (F, 2) int64 spin windows, possibly empty.
+      trajectory_idx, sequence_id, linear_start_frame_index, unique_sensor_idx: as for cameras.
     """
 
     logical_id: str
@@ -130,6 +149,10 @@ class LidarCalibration:
     model: str
     parameters: Mapping[str, Any]
     frame_timestamps_us: np.ndarray
+    trajectory_idx: int = 0
+    sequence_id: str = ""
+    linear_start_frame_index: int = -1
+    unique_sensor_idx: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +164,18 @@ class RigTrajectory:
       T_rig_world: (T, 4, 4) rig -> world poses.
       sequence_id: the clip id.
       rig_bbox: {"centroid": [x, y, z], "dim": [L, W, H], "rot": [r, p, y]} in the rig frame, or None.
+      trajectory_idx: its index in the file's `rig_trajectories` list (the gRPC trajectory_idx).
     """
 
     timestamps_us: np.ndarray
     T_rig_world: np.ndarray
     sequence_id: str = ""
     rig_bbox: Mapping[str, Any] | None = None
+    trajectory_idx: int = 0
+
+    @property
+    def time_range_us(self) -> tuple[int, int]:
+        return int(self.timestamps_us[0]), int(self.timestamps_us[-1])
 
     def pose_at(self, t_us) -> np.ndarray:
         """Rig -> world at `t_us` (lerp + slerp between samples, clamped at the ends)."""
@@ -197,15 +226,22 @@ class SceneMetadata:
     Attributes:
       scene_id: `metadata.yaml` scene_id, else the file stem.
       source: path of the scene file.
-      cameras: logical id -> calibration, in file order.
-      lidars: logical id -> calibration.
-      trajectory: the ego trajectory, or None for a plain Gaussian scene.
+      cameras: logical id -> calibration, in file order (the first calibration of each logical id
+        when several trajectories hold the same camera; `camera_list` has them all).
+      lidars: logical id -> calibration (likewise the first of each logical id).
+      trajectory: the ego trajectory (the file's first), or None for a plain Gaussian scene.
       tracks: clean track id -> track.
       world_to_nre: (4, 4) world -> NRE/scene frame of the static Gaussians (identity when absent).
       T_world_base: (4, 4) world -> ECEF, or None.
       time_range_us: (start, end) from metadata.yaml, else from the trajectory, or None.
       yaml: the raw metadata.yaml mapping (empty when absent).
       members: names of the archive members.
+      trajectories: every rig trajectory, in file order (`trajectories[i].trajectory_idx == i`).
+      camera_list: every camera calibration, in file order (a logical id may repeat, one per trajectory).
+      lidar_list: every lidar calibration, in file order.
+
+    Metadata built without the last three (older callers) gets them from `trajectory`, `cameras` and
+    `lidars`.
     """
 
     scene_id: str
@@ -219,6 +255,40 @@ class SceneMetadata:
     time_range_us: tuple[int, int] | None
     yaml: Mapping[str, Any]
     members: tuple[str, ...]
+    trajectories: tuple[RigTrajectory, ...] = ()
+    camera_list: tuple[CameraCalibration, ...] = ()
+    lidar_list: tuple[LidarCalibration, ...] = ()
+
+    def __post_init__(self):
+        if not self.trajectories and self.trajectory is not None:
+            object.__setattr__(self, "trajectories", (self.trajectory,))
+        if not self.camera_list and self.cameras:
+            object.__setattr__(self, "camera_list", tuple(self.cameras.values()))
+        if not self.lidar_list and self.lidars:
+            object.__setattr__(self, "lidar_list", tuple(self.lidars.values()))
+
+    def camera(self, logical_id: str, trajectory_idx: int | None = None) -> CameraCalibration:
+        """The calibration of camera `logical_id`: in trajectory `trajectory_idx`, or (None) the first
+        one in file order (`cameras[logical_id]`). Raises KeyError naming what is missing."""
+        if trajectory_idx is None:
+            if logical_id not in self.cameras:
+                raise KeyError(f"scene {self.scene_id!r} has no camera {logical_id!r} "
+                               f"(cameras: {', '.join(self.cameras) or 'none'})")
+            return self.cameras[logical_id]
+        for cal in self.camera_list:
+            if cal.logical_id == logical_id and cal.trajectory_idx == trajectory_idx:
+                return cal
+        held = sorted({c.trajectory_idx for c in self.camera_list if c.logical_id == logical_id})
+        raise KeyError(f"scene {self.scene_id!r} has no camera {logical_id!r} in trajectory {trajectory_idx} "
+                       f"(it is in trajectories {held or 'none'})")
+
+    def trajectory_of(self, sensor: CameraCalibration | LidarCalibration) -> RigTrajectory | None:
+        """The rig trajectory a sensor calibration belongs to (`trajectory` when its index names none)."""
+        if self.trajectory is None:
+            return None
+        if 0 <= sensor.trajectory_idx < len(self.trajectories):
+            return self.trajectories[sensor.trajectory_idx]
+        return self.trajectory
 
 
 def clean_track_id(track_id: Any) -> str:
@@ -371,12 +441,111 @@ def _frame_windows(value: Any, where: str) -> np.ndarray:
     return w
 
 
-def parse_rig_trajectories(doc: Any, member: str = "rig_trajectories.json"):
-    """Parses `rig_trajectories.json`.
+def _rigid_stack(value: Any, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """An array of rigid 4x4 transforms of `shape` + (4, 4), re-orthonormalised like `_rigid`."""
+    try:
+        m = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise SceneFormatError(f"{where}: not numeric 4x4 matrices ({e})") from None
+    if m.shape != shape + (4, 4):
+        raise SceneFormatError(f"{where}: expected shape {list(shape + (4, 4))}, got {list(m.shape)}")
+    if not np.all(np.isfinite(m)):
+        raise SceneFormatError(f"{where}: non-finite value")
+    flat = m.reshape(-1, 4, 4)
+    r = flat[:, :3, :3]
+    ortho = np.abs(r @ np.swapaxes(r, 1, 2) - np.eye(3)).max(axis=(1, 2)) > 1e-3
+    bottom = np.abs(flat[:, 3] - [0, 0, 0, 1]).max(axis=1) > 1e-8
+    bad = np.flatnonzero(ortho | bottom)
+    if bad.size:
+        idx = np.unravel_index(int(bad[0]), shape)
+        raise SceneFormatError(f"{where}{list(map(int, idx))}: not a rigid transform (rotation + translation)")
+    u, _, vt = np.linalg.svd(r)
+    flat = flat.copy()
+    flat[:, :3, :3] = u @ vt
+    return flat.reshape(m.shape)
 
-    Returns:
-      (cameras, lidars, trajectory, world_to_nre, T_world_base).
+
+@dataclasses.dataclass(frozen=True)
+class RigDocument:
+    """Everything `rig_trajectories.json` holds (see `parse_rig_document`).
+
+    Attributes:
+      trajectories: every rig trajectory, in file order (`trajectory_idx` = list index).
+      cameras: every camera calibration, in file order (unique sensor ids; logical ids may repeat).
+      lidars: every lidar calibration, in file order.
+      world_to_nre: (4, 4) world -> NRE frame (identity when absent).
+      T_world_base: (4, 4) world -> ECEF, or None.
     """
+
+    trajectories: tuple[RigTrajectory, ...]
+    cameras: tuple[CameraCalibration, ...]
+    lidars: tuple[LidarCalibration, ...]
+    world_to_nre: np.ndarray
+    T_world_base: np.ndarray | None
+
+    @staticmethod
+    def first_of_each(cals) -> dict[str, Any]:
+        """logical id -> the first calibration of that id (file order)."""
+        out: dict[str, Any] = {}
+        for cal in cals:
+            out.setdefault(cal.logical_id, cal)
+        return out
+
+
+def _parse_trajectory(t: Any, i: int, member: str) -> RigTrajectory:
+    where = f"{member}: rig_trajectories[{i}]"
+    if not isinstance(t, Mapping):
+        raise SceneFormatError(f"{where}: must be an object")
+    try:
+        ts = np.asarray(t.get("T_rig_world_timestamps_us", []), dtype=np.int64)
+    except (TypeError, ValueError):
+        raise SceneFormatError(f"{where}.T_rig_world_timestamps_us: expected a list of integers") from None
+    poses = t.get("T_rig_worlds") or []
+    if ts.ndim != 1 or len(ts) == 0 or len(poses) != len(ts):
+        raise SceneFormatError(
+            f"{where}: T_rig_world_timestamps_us ({ts.size}) and T_rig_worlds ({len(poses)}) "
+            "must be non-empty lists of equal length"
+        )
+    if np.any(np.diff(ts) <= 0):
+        raise SceneFormatError(f"{where}.T_rig_world_timestamps_us: not strictly increasing")
+    mats = np.stack([_rigid(p, f"{where}.T_rig_worlds[{k}]") for k, p in enumerate(poses)])
+    return RigTrajectory(ts, mats, str(t.get("sequence_id") or ""), t.get("rig_bbox"), i)
+
+
+def _owner(key: str, cal: Mapping[str, Any], trajectories: tuple[RigTrajectory, ...], where: str) -> int:
+    """The trajectory a calibration belongs to: the one of its `sequence_id`, else of its key's `@`
+    suffix, else the only one (0 when the file has none)."""
+    seq_ids = [t.sequence_id for t in trajectories]
+    for candidate in (cal.get("sequence_id"), key.split("@", 1)[1] if "@" in key else None):
+        if candidate and str(candidate) in seq_ids:
+            return seq_ids.index(str(candidate))
+    if len(trajectories) <= 1:
+        return 0
+    raise SceneFormatError(
+        f"{where}: belongs to no rig trajectory (sequence_id {cal.get('sequence_id')!r}, key {key!r}; "
+        f"trajectories: {seq_ids})"
+    )
+
+
+def _per_sensor(traj_doc: Mapping[str, Any], name: str, key: str, logical: str) -> Any:
+    """`traj_doc[name][key]` (the unique sensor id), falling back to the logical id."""
+    table = traj_doc.get(name) or {}
+    if not isinstance(table, Mapping):
+        return None
+    return table.get(key, table.get(logical))
+
+
+def _linear_start(value: Any, where: str) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise SceneFormatError(f"{where}: expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def parse_rig_document(doc: Any, member: str = "rig_trajectories.json") -> RigDocument:
+    """Parses `rig_trajectories.json`: every trajectory, and every calibration with the frame
+    windows, recorded frame poses and linear frame index of its own trajectory."""
     if not isinstance(doc, Mapping):
         raise SceneFormatError(f"{member}: top level must be an object")
     w2n = doc.get("world_to_nre", doc.get("world_to_scene"))
@@ -392,63 +561,93 @@ def parse_rig_trajectories(doc: Any, member: str = "rig_trajectories.json"):
     t_world_base = doc.get("T_world_base")
     t_world_base = None if t_world_base is None else _matrix(t_world_base, f"{member}: T_world_base")
 
-    trajs = doc.get("rig_trajectories") or []
-    if not isinstance(trajs, list):
+    traj_docs = doc.get("rig_trajectories") or []
+    if not isinstance(traj_docs, list):
         raise SceneFormatError(f"{member}: rig_trajectories must be a list")
-    trajectory = None
-    cam_windows: Mapping[str, Any] = {}
-    lidar_windows: Mapping[str, Any] = {}
-    if trajs:
-        t0 = trajs[0]
-        where = f"{member}: rig_trajectories[0]"
-        ts = np.asarray(t0.get("T_rig_world_timestamps_us", []), dtype=np.int64)
-        poses = t0.get("T_rig_worlds", [])
-        if ts.ndim != 1 or len(ts) == 0 or len(poses) != len(ts):
-            raise SceneFormatError(
-                f"{where}: T_rig_world_timestamps_us ({ts.size}) and T_rig_worlds ({len(poses)}) "
-                "must be non-empty lists of equal length"
-            )
-        if np.any(np.diff(ts) <= 0):
-            raise SceneFormatError(f"{where}.T_rig_world_timestamps_us: not strictly increasing")
-        mats = np.stack([_rigid(p, f"{where}.T_rig_worlds[{i}]") for i, p in enumerate(poses)])
-        trajectory = RigTrajectory(ts, mats, str(t0.get("sequence_id", "")), t0.get("rig_bbox"))
-        cam_windows = t0.get("cameras_frame_timestamps_us") or {}
-        lidar_windows = t0.get("lidars_frame_timestamps_us") or {}
+    trajectories = tuple(_parse_trajectory(t, i, member) for i, t in enumerate(traj_docs))
 
-    cameras: dict[str, CameraCalibration] = {}
-    for key, cal in (doc.get("camera_calibrations") or {}).items():
-        where = f"{member}: camera_calibrations[{key!r}]"
+    def sensor_common(key, cal, kind, windows_name, starts_name):
+        where = f"{member}: {kind}_calibrations[{key!r}]"
         if not isinstance(cal, Mapping):
             raise SceneFormatError(f"{where}: must be an object")
         logical = str(cal.get("logical_sensor_name") or key.split("@")[0])
-        cameras[logical] = CameraCalibration(
+        idx = _owner(key, cal, trajectories, where)
+        tdoc = traj_docs[idx] if trajectories else {}
+        tw = f"{member}: rig_trajectories[{idx}]"
+        windows = _frame_windows(_per_sensor(tdoc, windows_name, key, logical), f"{tw}.{windows_name}[{key!r}]")
+        start = _linear_start(_per_sensor(tdoc, starts_name, key, logical), f"{tw}.{starts_name}[{key!r}]")
+        seq = trajectories[idx].sequence_id if trajectories else str(cal.get("sequence_id") or "")
+        try:
+            usi = int(cal.get("unique_sensor_idx", -1))
+        except (TypeError, ValueError):
+            raise SceneFormatError(f"{where}.unique_sensor_idx: expected an integer") from None
+        return where, logical, idx, tdoc, tw, windows, start, seq, usi
+
+    cameras: list[CameraCalibration] = []
+    cals = doc.get("camera_calibrations") or {}
+    if not isinstance(cals, Mapping):
+        raise SceneFormatError(f"{member}: camera_calibrations must be an object")
+    for key, cal in cals.items():
+        where, logical, idx, tdoc, tw, windows, start, seq, usi = sensor_common(
+            key, cal, "camera", "cameras_frame_timestamps_us", "cameras_linear_start_frame_indices")
+        recorded = _per_sensor(tdoc, "cameras_frame_T_rig_worlds", key, logical)
+        frame_poses = None
+        if recorded is not None and not isinstance(recorded, list):
+            raise SceneFormatError(f"{tw}.cameras_frame_T_rig_worlds[{key!r}]: expected [[T_start, T_end], ...]")
+        if recorded:
+            frame_poses = _rigid_stack(recorded, (len(windows), 2), f"{tw}.cameras_frame_T_rig_worlds[{key!r}]")
+        cameras.append(CameraCalibration(
             logical_id=logical,
             key=key,
             T_sensor_rig=_rigid(cal.get("T_sensor_rig"), f"{where}.T_sensor_rig"),
             intrinsics=parse_camera_model(cal.get("camera_model"), f"{where}.camera_model"),
-            frame_timestamps_us=_frame_windows(
-                cam_windows.get(key, cam_windows.get(logical)), f"{member}: cameras_frame_timestamps_us[{key!r}]"
-            ),
-            unique_sensor_idx=int(cal.get("unique_sensor_idx", -1)),
-        )
-    lidars: dict[str, LidarCalibration] = {}
-    for key, cal in (doc.get("lidar_calibrations") or {}).items():
-        where = f"{member}: lidar_calibrations[{key!r}]"
-        if not isinstance(cal, Mapping):
-            raise SceneFormatError(f"{where}: must be an object")
-        logical = str(cal.get("logical_sensor_name") or key.split("@")[0])
-        model = cal.get("lidar_model") or {}
-        lidars[logical] = LidarCalibration(
+            frame_timestamps_us=windows,
+            unique_sensor_idx=usi,
+            trajectory_idx=idx,
+            sequence_id=seq,
+            frame_T_rig_world=frame_poses,
+            linear_start_frame_index=start,
+        ))
+    lidars: list[LidarCalibration] = []
+    cals = doc.get("lidar_calibrations") or {}
+    if not isinstance(cals, Mapping):
+        raise SceneFormatError(f"{member}: lidar_calibrations must be an object")
+    for key, cal in cals.items():
+        where, logical, idx, tdoc, tw, windows, start, seq, usi = sensor_common(
+            key, cal, "lidar", "lidars_frame_timestamps_us", "lidars_linear_start_frame_indices")
+        model = cal.get("lidar_model")
+        if model is None:  # NuRec writes null for lidars it has no model of
+            model = {}
+        if not isinstance(model, Mapping):
+            raise SceneFormatError(f"{where}.lidar_model: expected an object or null, got {model!r}")
+        params = model.get("parameters")
+        if params is not None and not isinstance(params, Mapping):
+            raise SceneFormatError(f"{where}.lidar_model.parameters: expected an object, got {type(params).__name__}")
+        lidars.append(LidarCalibration(
             logical_id=logical,
             key=key,
             T_sensor_rig=_rigid(cal.get("T_sensor_rig"), f"{where}.T_sensor_rig"),
-            model=str(model.get("type", "")),
-            parameters=dict(model.get("parameters") or {}),
-            frame_timestamps_us=_frame_windows(
-                lidar_windows.get(key, lidar_windows.get(logical)), f"{member}: lidars_frame_timestamps_us[{key!r}]"
-            ),
-        )
-    return cameras, lidars, trajectory, world_to_nre, t_world_base
+            model=str(model.get("type") or ""),
+            parameters=dict(params or {}),
+            frame_timestamps_us=windows,
+            trajectory_idx=idx,
+            sequence_id=seq,
+            linear_start_frame_index=start,
+            unique_sensor_idx=usi,
+        ))
+    return RigDocument(trajectories, tuple(cameras), tuple(lidars), world_to_nre, t_world_base)
+
+
+def parse_rig_trajectories(doc: Any, member: str = "rig_trajectories.json"):
+    """Parses `rig_trajectories.json` (the single-trajectory view of `parse_rig_document`).
+
+    Returns:
+      (cameras, lidars, trajectory, world_to_nre, T_world_base): logical id -> the first calibration
+      of that id, likewise for lidars, and the first trajectory (or None).
+    """
+    rig = parse_rig_document(doc, member)
+    return (RigDocument.first_of_each(rig.cameras), RigDocument.first_of_each(rig.lidars),
+            rig.trajectories[0] if rig.trajectories else None, rig.world_to_nre, rig.T_world_base)
 
 
 def _flags_str(value: Any) -> str:
@@ -458,15 +657,34 @@ def _flags_str(value: Any) -> str:
 
 
 def parse_sequence_tracks(doc: Any, member: str = "sequence_tracks.json") -> dict[str, Track]:
-    """Parses `sequence_tracks.json` (exactly one sequence; its key is ignored)."""
+    """Parses `sequence_tracks.json`: the tracks of every sequence, merged (one sequence per rig
+    trajectory). A track id in two sequences must hold the same data there (it is kept once)."""
     if not isinstance(doc, Mapping):
         raise SceneFormatError(f"{member}: top level must be an object")
-    if len(doc) == 0:
-        return {}
-    if len(doc) != 1:
-        raise SceneFormatError(f"{member}: expected exactly one sequence, found {len(doc)}: {list(doc)}")
-    (seq_key, seq), = doc.items()
+    tracks: dict[str, Track] = {}
+    origin: dict[str, str] = {}
+    for seq_key, seq in doc.items():
+        for tid, track in _parse_sequence(seq_key, seq, member).items():
+            if tid in tracks:
+                if not _same_track(tracks[tid], track):
+                    raise SceneFormatError(
+                        f"{member}: track {tid!r} is in sequences {origin[tid]!r} and {seq_key!r} with different "
+                        "data")
+                continue
+            tracks[tid] = track
+            origin[tid] = seq_key
+    return tracks
+
+
+def _same_track(a: Track, b: Track) -> bool:
+    return (a.label == b.label and a.flags == b.flags and np.array_equal(a.timestamps_us, b.timestamps_us)
+            and np.array_equal(a.T_object_world, b.T_object_world) and np.array_equal(a.dims, b.dims))
+
+
+def _parse_sequence(seq_key: str, seq: Any, member: str) -> dict[str, Track]:
     where = f"{member}: [{seq_key!r}]"
+    if seq is not None and not isinstance(seq, Mapping):
+        raise SceneFormatError(f"{where}: must be an object")
     td = (seq or {}).get("tracks_data")
     if not isinstance(td, Mapping):
         raise SceneFormatError(f"{where}.tracks_data: missing")
@@ -507,3 +725,33 @@ def parse_sequence_tracks(doc: Any, member: str = "sequence_tracks.json") -> dic
             tid, str(lists["tracks_label_class"][i]), _flags_str(lists["tracks_flags"][i]), ts, mats, d
         )
     return tracks
+
+
+def metadata_lines(meta: SceneMetadata) -> list[str]:
+    """Human-readable lines (indented two spaces) on a scene's rig trajectories, cameras and lidars:
+    each trajectory with its sequence id, poses and duration, each camera with its trajectory index
+    and frame count (and whether the file recorded per-frame rig poses for it)."""
+    lines = []
+    trajectories = meta.trajectories if meta.trajectory is not None else ()
+    if not trajectories:
+        lines.append("  ego trajectory: none (any time interval is accepted)")
+    for traj in trajectories:
+        ts = traj.timestamps_us
+        dist = float(np.sum(np.linalg.norm(np.diff(traj.T_rig_world[:, :3, 3], axis=0), axis=1)))
+        label = "ego trajectory" if len(trajectories) == 1 else f"ego trajectory {traj.trajectory_idx}"
+        lines.append(
+            f"  {label}: {len(ts)} poses over {(ts[-1] - ts[0]) / 1e6:.2f} s, {dist:.1f} m "
+            f"[{ts[0]} .. {ts[-1]} µs]" + (f" sequence {traj.sequence_id!r}" if traj.sequence_id else "")
+        )
+    for cam in meta.camera_list:
+        intr = cam.intrinsics
+        extra = ", recorded frame poses" if cam.frame_T_rig_world is not None else ""
+        lines.append(
+            f"  camera {cam.logical_id:<28} {intr.model:<15} {intr.resolution[0]}x{intr.resolution[1]} "
+            f"{intr.shutter_type.name:<22} trajectory {cam.trajectory_idx}: {len(cam.frame_timestamps_us)} "
+            f"frames{extra}"
+        )
+    for lid in meta.lidar_list:
+        lines.append(f"  lidar  {lid.logical_id:<28} {lid.model or '(no lidar model)'} "
+                     f"trajectory {lid.trajectory_idx}: {len(lid.frame_timestamps_us)} spins")
+    return lines

@@ -65,6 +65,7 @@ class HostLayer:
     dropped: int
     colour_convention: str
     lidar_intensity: np.ndarray | None = None  # (N,) the layer's lidar feature (channel 0), if it has one
+    approximation: str = ""  # what this layer's render leaves out of NuRec's model, "" when nothing
 
     @property
     def count(self) -> int:
@@ -73,13 +74,27 @@ class HostLayer:
 
 @dataclasses.dataclass(frozen=True)
 class Payload:
-    """A decoded `.nurec` payload."""
+    """A decoded NuRec model state (a `.nurec` payload or a `checkpoint.ckpt`).
+
+    Attributes:
+      version: `nre_data.version` (payloads) or the config's `version` (checkpoints), or "".
+      config: the model config (`nre_data.config`, or `model` of `parsed_config.yaml`).
+      layers: the decoded layers.
+      sky_cubemap: (6, S, S, 3) float32, or None.
+      skipped_layers: layers not loaded.
+      notes: what was approximated or skipped, one sentence each (also logged).
+      ppisp: the PPISP post-processing tensors by name (`exposure_params`, ...), empty when absent.
+      ppisp_per_frame: whether the config enables PPISP's per-frame terms.
+    """
 
     version: str
     config: Mapping[str, Any]
     layers: tuple[HostLayer, ...]
     sky_cubemap: np.ndarray | None  # (6, S, S, 3) float32
     skipped_layers: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    ppisp: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    ppisp_per_frame: bool = False
 
 
 def gunzip_limited(data: bytes, limit: int, where: str) -> bytes:
@@ -152,12 +167,37 @@ def decode_tensor(state: Mapping[str, Any], key: str, where: str) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _layer_names(config: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
+class StateSource:
+    """The tensors and plain values of one NuRec model state, under payload keys
+    (`.gaussians_nodes.<layer>.<param>`, `._extra_state`, `.background.textures`, ...).
+
+    `.nurec` payloads (raw bytes plus `.shape` siblings) and `checkpoint.ckpt` state dicts (tensors
+    under `model.`-prefixed keys) both present themselves this way, so one decoder serves both.
+    """
+
+    def __init__(self, entries: Mapping[str, Any], where: str):
+        self.entries = entries
+        self.where = where
+
+    def keys(self) -> list[str]:
+        return [k for k in self.entries if isinstance(k, str) and not k.endswith(".shape")]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def array(self, key: str) -> np.ndarray:
+        return decode_tensor(self.entries, key, self.where)
+
+    def value(self, key: str, default: Any = None) -> Any:
+        return self.entries.get(key, default)
+
+
+def _layer_names(config: Mapping[str, Any], state: StateSource) -> list[str]:
     names: list[str] = []
     layers_cfg = config.get("layers") if isinstance(config, Mapping) else None
     if isinstance(layers_cfg, Mapping):
         names.extend(str(n) for n in layers_cfg)
-    for key in state:
+    for key in state.keys():
         if isinstance(key, str) and key.startswith(_LAYER_PREFIX):
             name = key[len(_LAYER_PREFIX):].split(".", 1)[0]
             if name not in names:
@@ -206,25 +246,65 @@ def activated_layer(name: str, positions, rotations, log_scales, logits, coeffs,
     )
 
 
-def _decode_layer(
-    name: str, cfg: Mapping[str, Any], state: Mapping[str, Any], obj_track_ids: Mapping[str, Any], where: str
-) -> HostLayer | None:
+def config_number(cfg: Mapping[str, Any], key: str, where: str, kind=int, default=None):
+    """cfg[key] as an int or float; a value that is not a number raises SceneFormatError naming `where.key`."""
+    value = cfg.get(key, default) if isinstance(cfg, Mapping) else default
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SceneFormatError(f"{where}.{key}: expected a number, got {str(value)[:60]!r}")
+    try:
+        number = float(value)
+        if not math.isfinite(number) or (kind is int and number != int(number)):
+            raise ValueError
+    except ValueError:
+        raise SceneFormatError(f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, "
+                               f"got {str(value)[:60]!r}") from None
+    return kind(number)
+
+
+def _active_degree(state: StateSource, pre: str, present: set[str], where: str) -> int | None:
+    """The layer's active SH degree (`n_active_features`): a tensor of its own before NuRec
+    26.4.111, an entry of the layer's `_extra_state` dict since."""
+    extra = state.value(pre + "_extra_state")
+    if isinstance(extra, Mapping) and "n_active_features" in extra:
+        return config_number(extra, "n_active_features", f"{where} {pre}_extra_state")
+    if "n_active_features" in present:
+        return int(state.array(pre + "n_active_features").reshape(-1)[0])
+    return None
+
+
+_DEFORMABLE_NOTE = ("layer {name!r}: deformable actors rendered rigidly attached to their tracks "
+                    "(NuRec's deformation network is not evaluated)")
+
+
+class _Skip(Exception):
+    """A layer that cannot be loaded but must not fail the scene (deformable actors)."""
+
+
+def _decode_layer(name: str, cfg: Mapping[str, Any], state: StateSource, obj_track_ids: Mapping[str, Any],
+                  where: str, config_where: str) -> HostLayer:
     pre = f"{_LAYER_PREFIX}{name}."
     wl = f"{where}: layer {name!r}"
-    present = {k[len(pre):] for k in state if isinstance(k, str) and k.startswith(pre)}
+    wc = f"{config_where}.layers.{name}"
+    deformable = "deformable" in name or str(cfg.get("name", "")).startswith("deformable")
+    present = {k[len(pre):] for k in state.keys() if k.startswith(pre)}
     missing = [p for p in _REQUIRED if p not in present]
-    if missing and "deformable" in name:
-        return None
+    if missing and deformable:
+        raise _Skip(f"layer {name!r} skipped: deformable layer without tensors {missing}")
     if missing:
         raise SceneFormatError(f"{wl}: missing tensors {missing}")
     for field, allowed in _SUPPORTED_ACTIVATIONS.items():
         value = cfg.get(field, allowed[0])
         if value not in allowed:
             raise UnsupportedSceneError(f"{wl}: unsupported {field} {value!r} (supported: {list(allowed)})")
-    if "deformable" in name and "gaussian_cuboid_ids" not in present:
-        return None  # deformable actors need a deformation model nurec-jax does not implement
+    if deformable and "gaussian_cuboid_ids" not in present:
+        raise _Skip(f"layer {name!r} skipped: deformable layer without gaussian_cuboid_ids (cannot be placed)")
+    raw_ids = obj_track_ids.get(name)
+    if deformable and not isinstance(raw_ids, (list, tuple)):
+        raise _Skip(f"layer {name!r} skipped: ._extra_state.obj_track_ids has no track list for it")
 
-    t = lambda p: decode_tensor(state, pre + p, where).astype(np.float64)  # noqa: E731
+    t = lambda p: state.array(pre + p).astype(np.float64)  # noqa: E731
     pos, rot, scl = t("positions"), t("rotations"), t("scales")
     dens, alb = t("densities"), t("features_albedo")
     n = pos.shape[0]
@@ -243,7 +323,9 @@ def _decode_layer(
     dc = alb[:, 0, :]
 
     particle = cfg.get("particle") or {}
-    degree_cfg = particle.get("radiance_sph_degree")
+    if not isinstance(particle, Mapping):
+        raise SceneFormatError(f"{wc}.particle: must be a map")
+    degree_cfg = config_number(particle, "radiance_sph_degree", f"{wc}.particle")
     if "features_specular" in present:
         spec = t("features_specular")
         if spec.ndim != 2 or spec.shape[0] != n or spec.shape[1] % 3:
@@ -256,15 +338,17 @@ def _decode_layer(
         spec = spec.reshape(n, k, 3)
     else:
         deg_stored, spec = 0, np.zeros((n, 0, 3))
-    if degree_cfg is not None and int(degree_cfg) != deg_stored:
+    if degree_cfg is not None and degree_cfg != deg_stored:
         raise SceneFormatError(
             f"{wl}: config radiance_sph_degree={degree_cfg} but features_specular holds degree {deg_stored}"
         )
     degree = deg_stored
-    if "n_active_features" in present:
-        active = int(decode_tensor(state, pre + "n_active_features", where).reshape(-1)[0])
+    active = _active_degree(state, pre, present, where)
+    if active is not None:
         degree = max(0, min(degree, active))
-    o0 = bool(particle.get("radiance_sph_O0", False))
+    o0 = particle.get("radiance_sph_O0", False)
+    if not isinstance(o0, (bool, int)):
+        raise SceneFormatError(f"{wc}.particle.radiance_sph_O0: expected true or false, got {str(o0)[:60]!r}")
     if o0:
         # NuRec O0 layers: the DC coefficient *is* the radiance (no basis scaling, no +0.5).
         # Convert to the 3DGS convention, 0.5 + C0 * dc_3dgs = dc  =>  dc_3dgs = (dc - 0.5) / C0.
@@ -275,10 +359,9 @@ def _decode_layer(
     track_ids: tuple[str, ...] = ()
     rigid = "gaussian_cuboid_ids" in present
     if rigid:
-        cuboid_ids = decode_tensor(state, pre + "gaussian_cuboid_ids", where).reshape(-1).astype(np.int32)
+        cuboid_ids = state.array(pre + "gaussian_cuboid_ids").reshape(-1).astype(np.int32)
         if cuboid_ids.shape != (n,):
             raise SceneFormatError(f"{wl}: gaussian_cuboid_ids has {cuboid_ids.size} entries for {n} Gaussians")
-        raw_ids = obj_track_ids.get(name)
         if not isinstance(raw_ids, (list, tuple)):
             raise SceneFormatError(f"{where}: ._extra_state.obj_track_ids has no track list for rigid layer {name!r}")
         track_ids = tuple(str(x).split("@")[0] for x in raw_ids)
@@ -289,46 +372,115 @@ def _decode_layer(
             )
     lidar = None
     if "lidar_extra_signal" in present:
-        sig = decode_tensor(state, pre + "lidar_extra_signal", where)
+        sig = state.array(pre + "lidar_extra_signal")
         if sig.size:  # NRE: channel 0 is intensity, no activation (rendering.md 5.1)
             if sig.shape[0] != n:
                 raise SceneFormatError(f"{wl}: lidar_extra_signal has shape {list(sig.shape)} for {n} Gaussians")
             lidar = sig.reshape(n, -1)[:, 0].astype(np.float32)
-    return activated_layer(name, pos, rot, scl, dens, coeffs, degree,
-                           colour_convention="radiance_sph_O0" if o0 else "3dgs", rigid=rigid,
-                           cuboid_ids=cuboid_ids, track_ids=track_ids, where=wl, lidar_intensity=lidar)
+    layer = activated_layer(name, pos, rot, scl, dens, coeffs, degree,
+                            colour_convention="radiance_sph_O0" if o0 else "3dgs", rigid=rigid,
+                            cuboid_ids=cuboid_ids, track_ids=track_ids, where=wl, lidar_intensity=lidar)
+    if deformable:
+        layer = dataclasses.replace(layer, approximation=_DEFORMABLE_NOTE.format(name=name))
+    return layer
+
+
+_PPISP_PARAMS = ("exposure_params", "vignetting_params", "color_params", "crf_params")
+
+
+def _read_sky(state: StateSource, config: Mapping[str, Any], where: str, notes: list[str]) -> np.ndarray | None:
+    background = config.get("background") if isinstance(config, Mapping) else None
+    kind = background.get("envmap_type", "cubemap") if isinstance(background, Mapping) else "cubemap"
+    if ".background.textures" not in state:
+        return None
+    tex = state.array(".background.textures")
+    if str(kind) != "cubemap" or tex.ndim == 4 and tex.shape[0] == 1 and tex.shape[1] != 6:
+        notes.append(f"sky: {kind!s} environment map of shape {list(tex.shape)} is not supported (only cubemaps "
+                     "[1, 6, S, S, 3]); the sky is rendered as the constant background colour")
+        return None
+    if tex.ndim == 5 and tex.shape[0] == 1:
+        tex = tex[0]
+    if tex.ndim != 4 or tex.shape[0] != 6 or tex.shape[3] != 3 or tex.shape[1] != tex.shape[2]:
+        raise SceneFormatError(f"{where}: .background.textures has shape {list(tex.shape)}, expected a cubemap "
+                               "[1, 6, S, S, 3]")
+    return np.nan_to_num(tex.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+
+
+def _read_post_processing(state: StateSource, config: Mapping[str, Any], where: str,
+                          notes: list[str]) -> tuple[dict[str, np.ndarray], bool]:
+    """The first PPISP module's tensors (`.post_processings.<i>.ppisp.*`) and its per-frame flag."""
+    prefixes = sorted({k.split(".ppisp.")[0] for k in state.keys()
+                       if k.startswith(".post_processings.") and ".ppisp." in k})
+    arrays: dict[str, np.ndarray] = {}
+    if prefixes:
+        pre = prefixes[0] + ".ppisp."
+        arrays = {p: state.array(pre + p).astype(np.float32) for p in _PPISP_PARAMS if pre + p in state}
+        if len(prefixes) > 1:
+            notes.append(f"post-processing: {len(prefixes)} PPISP modules; only {prefixes[0]} is applied")
+    cfg = config.get("post_processing") if isinstance(config, Mapping) else None
+    per_frame = False
+    if isinstance(cfg, Mapping):
+        for key, entry in sorted(cfg.items(), key=lambda kv: str(kv[0])):
+            if not isinstance(entry, Mapping):
+                continue
+            if "ppisp" in str(entry.get("name", "")):
+                per_frame = bool(entry.get("per_frame_ppisp_enabled", False))
+            elif entry.get("name"):
+                notes.append(f"post-processing {key!s}: {str(entry.get('name'))[:60]!r} is not implemented; "
+                             "colours will differ from NuRec's renders")
+    appearance = config.get("appearance_embedding") if isinstance(config, Mapping) else None
+    app_name = appearance.get("name") if isinstance(appearance, Mapping) else appearance
+    if app_name not in (None, "", "skip-appearance"):
+        notes.append(f"appearance embedding {str(app_name)[:60]!r} is not applied; colours will differ from "
+                     "NuRec's renders")
+    return arrays, per_frame
+
+
+def decode_state(state: StateSource, config: Mapping[str, Any], version: str, where: str,
+                 config_where: str | None = None) -> Payload:
+    """Decodes a NuRec model state (payload keys, see StateSource) into activated numpy layers.
+
+    `where` names the state in messages; `config_where` the config's file and key path (default
+    `<where>: config`, the payload's own `nre_data.config`)."""
+    config_where = config_where or f"{where}: config"
+    if not isinstance(config, Mapping):
+        raise SceneFormatError(f"{where}: the model config must be a map")
+    layers_cfg = config.get("layers") or {}
+    if not isinstance(layers_cfg, Mapping):
+        raise SceneFormatError(f"{config_where}.layers must be a map")
+    extra = state.value("._extra_state") or {}
+    obj_track_ids = (extra.get("obj_track_ids") or {}) if isinstance(extra, Mapping) else {}
+    if not isinstance(obj_track_ids, Mapping):
+        raise SceneFormatError(f"{where}: ._extra_state.obj_track_ids must be a map of layer -> track ids")
+    layers: list[HostLayer] = []
+    skipped: list[str] = []
+    notes: list[str] = []
+    for name in _layer_names(config, state):
+        cfg = layers_cfg.get(name) or {}
+        if not isinstance(cfg, Mapping):
+            raise SceneFormatError(f"{config_where}.layers.{name} must be a map")
+        try:
+            layer = _decode_layer(name, cfg, state, obj_track_ids, where, config_where)
+        except _Skip as e:
+            notes.append(str(e))
+            skipped.append(name)
+            continue
+        layers.append(layer)
+        if layer.approximation:  # reported with the layer (LayerSummary), logged here
+            _LOGGER.warning("%s: %s", where, layer.approximation)
+    if not layers:
+        raise SceneFormatError(f"{where}: no Gaussian layers (.gaussians_nodes.<layer>.*) in the model state")
+    sky = _read_sky(state, config, where, notes)
+    ppisp, per_frame = _read_post_processing(state, config, where, notes)
+    for note in notes:
+        _LOGGER.warning("%s: %s", where, note)
+    return Payload(version, config, tuple(layers), sky, tuple(skipped), tuple(notes), ppisp, per_frame)
 
 
 def decode_payload(data: bytes, where: str, max_bytes: int) -> Payload:
     """Decodes one `.nurec` member into activated numpy layers and the sky cubemap."""
     nre = unpack_nre_data(gunzip_limited(data, max_bytes, where), where)
-    state = nre["state_dict"]
     config = nre.get("config") or {}
     if not isinstance(config, Mapping):
         raise SceneFormatError(f"{where}: nre_data.config must be a map")
-    layers_cfg = config.get("layers") or {}
-    extra = state.get("._extra_state") or {}
-    obj_track_ids = extra.get("obj_track_ids") or {} if isinstance(extra, Mapping) else {}
-    layers: list[HostLayer] = []
-    skipped: list[str] = []
-    for name in _layer_names(config, state):
-        cfg = layers_cfg.get(name) or {}
-        if not isinstance(cfg, Mapping):
-            raise SceneFormatError(f"{where}: config.layers.{name} must be a map")
-        layer = _decode_layer(name, cfg, state, obj_track_ids, where)
-        if layer is None:
-            _LOGGER.warning("%s: layer %r skipped (deformable actors are not supported)", where, name)
-            skipped.append(name)
-        else:
-            layers.append(layer)
-    if not layers:
-        raise SceneFormatError(f"{where}: no Gaussian layers (.gaussians_nodes.<layer>.*) in the payload")
-    sky = None
-    if ".background.textures" in state:
-        tex = decode_tensor(state, ".background.textures", where)
-        if tex.ndim == 5 and tex.shape[0] == 1:
-            tex = tex[0]
-        if tex.ndim != 4 or tex.shape[0] != 6 or tex.shape[3] != 3 or tex.shape[1] != tex.shape[2]:
-            raise SceneFormatError(f"{where}: .background.textures has shape {list(tex.shape)}, expected [1, 6, S, S, 3]")
-        sky = np.nan_to_num(tex.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    return Payload(str(nre.get("version", "")), config, tuple(layers), sky, tuple(skipped))
+    return decode_state(StateSource(nre["state_dict"], where), config, str(nre.get("version", "")), where)

@@ -8,7 +8,8 @@
      culling; depth key; SH colours.
   3. `nurec_jax.binning`: (tile, Gaussian) pairs in a fixed-capacity buffer, one sort, per-tile ranges.
   4. `nurec_jax.compositing`: per tile eval3d + front-to-back compositing (`nurec_jax.kernels`).
-  5. `nurec_jax.compose`: sky behind, alpha and depth, tiles -> image.
+  5. `nurec_jax.compose`: sky behind, alpha and depth, tiles -> image; then the scene's PPISP camera
+     post-processing (`nurec_jax.ppisp`), when it has one.
 
 The stage functions here (`prepare_frame` = 1 + 2, `bin_frame`, `composite_frame`, `compose_frame`) are
 what the Renderer compiles, together as `render` or one by one when timing stages.
@@ -31,7 +32,9 @@ from nurec_jax.cameras import Camera
 from nurec_jax.compose import RenderOutput, compose_image, sky_color  # noqa: F401
 from nurec_jax.compositing import composite_tiles, compositor  # noqa: F401
 from nurec_jax.frames import ActorPoses, MergedGaussians, checked_actors, frame_pairs, merge_gaussians
+from nurec_jax import ppisp as ppisp_lib
 from nurec_jax.poses import PosePair
+from nurec_jax.ppisp import IspIndex, Ppisp
 from nurec_jax.projection import project_gaussians, project_points, unscented_footprint  # noqa: F401
 from nurec_jax.rays import camera_rays, effective_shutter, pixel_grid, shutter_tau, untile  # noqa: F401
 from nurec_jax.render_options import RenderOptions, resolved_implementation, tile_size_for  # noqa: F401
@@ -89,9 +92,16 @@ def composite_frame(prep: FramePrep, binning: Binning, camera: Camera, options: 
                                g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
 
 
-def compose_frame(sky: Sky, camera: Camera, prep: FramePrep, binning: Binning, rgb, trans, hit) -> RenderOutput:
-    """Stage "compose": sky behind, alpha and depth, tiles -> image."""
-    return compose_image(sky, camera, prep.direction, rgb, trans, hit, binning.num_pairs, binning.max_tile_pairs)
+def compose_frame(sky: Sky, camera: Camera, prep: FramePrep, binning: Binning, rgb, trans, hit,
+                  ppisp: Ppisp | None = None, isp: IspIndex | None = None) -> RenderOutput:
+    """Stage "compose": sky behind, alpha and depth, tiles -> image, then the scene's PPISP camera
+    post-processing (when it has one) for the camera and frame `isp` names (None: neither)."""
+    out = compose_image(sky, camera, prep.direction, rgb, trans, hit, binning.num_pairs, binning.max_tile_pairs)
+    if ppisp is None:
+        return out
+    isp = IspIndex.of() if isp is None else isp
+    with jax.named_scope("ppisp"):
+        return dataclasses.replace(out, rgb=ppisp_lib.apply(ppisp, out.rgb, isp.camera, isp.frame))
 
 
 def render(
@@ -100,6 +110,7 @@ def render(
     sensor_pose: PosePair,
     actors: ActorPoses | None = None,
     options: RenderOptions = RenderOptions(),
+    isp: IspIndex | None = None,
 ) -> RenderOutput:
     """Renders one camera frame: `prepare_frame`, `bin_frame`, `composite_frame`, `compose_frame`.
 
@@ -109,6 +120,8 @@ def render(
       sensor_pose: camera -> world poses at the start and end of the exposure.
       actors: object -> world poses of each track (`gaussians.track_ids` order); None hides all actors.
       options: static configuration.
+      isp: the camera and frame whose PPISP post-processing applies, for scenes that have one
+        (`gaussians.ppisp`); None: neither (display gamma, no per-frame terms).
 
     Returns:
       RenderOutput; check `num_pairs` against `options.pair_capacity` (the Renderer does).
@@ -119,4 +132,4 @@ def render(
     prep = prepare_frame(gaussians, camera, sensor_pose, actors, options)
     binning = bin_frame(prep, camera, options)
     rgb, trans, hit = composite_frame(prep, binning, camera, options)
-    return compose_frame(gaussians.sky, camera, prep, binning, rgb, trans, hit)
+    return compose_frame(gaussians.sky, camera, prep, binning, rgb, trans, hit, gaussians.ppisp, isp)

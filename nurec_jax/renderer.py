@@ -28,6 +28,7 @@ from nurec_jax.lidar import LidarOptions, LidarSpin, column_tiles_for, lidar_tab
 from nurec_jax.lidar_models import LidarModel
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.poses import PosePair
+from nurec_jax.ppisp import IspIndex
 from nurec_jax.render import (ActorPoses, RenderOptions, RenderOutput, bin_frame, compose_frame, composite_frame,
                               prepare_frame, render, tile_size_for)
 from nurec_jax.types import SceneGaussians
@@ -145,7 +146,7 @@ class Renderer:
         are shared by every Renderer, so a second instance reuses the first one's executables."""
         return _TRACES[0]
 
-    def _render_staged(self, gaussians, camera, sensor_pose, actors, options, timer) -> RenderOutput:
+    def _render_staged(self, gaussians, camera, sensor_pose, actors, options, timer, isp) -> RenderOutput:
         """`render` as four separately compiled stages, each timed (and waited for when the timer
         synchronizes): projection, binning, compositing, compose. Same result; for profiling."""
         f = _STAGES
@@ -156,7 +157,7 @@ class Renderer:
         with timer.stage("compositing") as st:
             rgb, trans, hit = st.wait(f["compositing"](prep, binning, camera, options=options))
         with timer.stage("compose") as st:
-            return st.wait(f["compose"](gaussians.sky, camera, prep, binning, rgb, trans, hit))
+            return st.wait(f["compose"](gaussians.sky, camera, prep, binning, rgb, trans, hit, gaussians.ppisp, isp))
 
     @staticmethod
     def _key(camera: Camera, cache_key: tuple) -> tuple:
@@ -183,20 +184,23 @@ class Renderer:
 
     def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
                actors: ActorPoses | None = None, *, disable_rolling_shutter: bool = False,
-               cache_key: tuple = (), timer: StageTimer | None = None) -> RenderOutput:
+               cache_key: tuple = (), timer: StageTimer | None = None, isp: IspIndex | None = None) -> RenderOutput:
         """Renders a frame, growing the pair bucket on overflow. With a `timer` (any `StageTimer`) the frame
-        runs as four separately compiled, timed stages."""
+        runs as four separately compiled, timed stages. `isp` selects the camera and frame of the scene's
+        PPISP post-processing (see `isp_index`); ignored for scenes without one."""
         key = self._key(camera, cache_key)
         n_gaussians = gaussians.static.count + gaussians.dynamic.count
         opts = dataclasses.replace(self.options_for(camera, cache_key, n_gaussians),
                                    disable_rolling_shutter=disable_rolling_shutter)
         if actors is None:
             actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)
+        # One argument structure per scene kind, so every caller shares one compiled function.
+        isp = None if gaussians.ppisp is None else (IspIndex.of() if isp is None else isp)
         while True:
             if timer is None:
-                out = _RENDER(gaussians, camera, sensor_pose, actors, options=opts)
+                out = _RENDER(gaussians, camera, sensor_pose, actors, options=opts, isp=isp)
             else:
-                out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer)
+                out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer, isp)
             pairs = int(out.num_pairs)
             if pairs <= opts.pair_capacity:
                 self._buckets.keep(key, opts.pair_capacity)  # later frames and `options_for` start there
@@ -287,12 +291,50 @@ def track_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], start
                       jnp.asarray(vis))
 
 
+def isp_index(metadata: SceneMetadata, camera_id: str | None, end_us: int, *, per_frame: bool = False,
+              trajectory_idx: int | None = None) -> IspIndex:
+    """The PPISP camera and frame of a render of camera `camera_id` (None: a camera the scene does not
+    know) at exposure end `end_us`.
+
+    Camera: the calibration's `unique_sensor_idx`, else its position in `camera_calibrations`.
+    Frame (only when the scene enables per-frame PPISP): the camera's recorded frame whose exposure end
+    is nearest `end_us`, numbered from the camera's `cameras_linear_start_frame_indices` entry; -1
+    when that entry is missing. An unknown camera gets (-1, -1).
+    """
+    if camera_id is None:
+        return IspIndex.of()
+    try:
+        cal = metadata.camera(camera_id, trajectory_idx)
+    except KeyError:
+        try:
+            cal = metadata.camera(camera_id)
+        except KeyError:
+            return IspIndex.of()
+    camera = cal.unique_sensor_idx if cal.unique_sensor_idx >= 0 else metadata.camera_list.index(cal)
+    frame = -1
+    windows = np.asarray(cal.frame_timestamps_us).reshape(-1, 2)
+    if per_frame and cal.linear_start_frame_index >= 0 and len(windows):
+        frame = cal.linear_start_frame_index + int(np.argmin(np.abs(windows[:, 1] - int(end_us))))
+    return IspIndex.of(camera, frame)
+
+
 def rig_camera_poses(metadata: SceneMetadata, camera_id: str, start_us: int, end_us: int,
-                     dtype=np.float32) -> PosePair:
-    """Camera -> world at an exposure's start and end from the recorded ego trajectory."""
-    if metadata.trajectory is None:
-        raise ValueError(f"scene {metadata.scene_id!r} has no ego trajectory")
-    cal = metadata.cameras[camera_id]
-    start = metadata.trajectory.pose_at(start_us) @ cal.T_sensor_rig
-    end = metadata.trajectory.pose_at(end_us) @ cal.T_sensor_rig
+                     dtype=np.float32, trajectory_idx: int | None = None) -> PosePair:
+    """Camera -> world at an exposure's start and end.
+
+    The calibration is `metadata.camera(camera_id, trajectory_idx)` (None: the first of that logical
+    id). When (start_us, end_us) is exactly one of its recorded frame windows and the file recorded
+    the rig pose of that frame (`cameras_frame_T_rig_worlds`), those poses are used; otherwise the
+    rig trajectory the camera belongs to is interpolated."""
+    cal = metadata.camera(camera_id, trajectory_idx)
+    frame = cal.recorded_frame(start_us, end_us) if cal.frame_T_rig_world is not None else None
+    if frame is not None:
+        rig_start, rig_end = cal.frame_T_rig_world[frame]
+    else:
+        trajectory = metadata.trajectory_of(cal)
+        if trajectory is None:
+            raise ValueError(f"scene {metadata.scene_id!r} has no ego trajectory")
+        rig_start, rig_end = trajectory.pose_at(start_us), trajectory.pose_at(end_us)
+    start = rig_start @ cal.T_sensor_rig
+    end = rig_end @ cal.T_sensor_rig
     return PosePair.from_matrices(start.astype(dtype), end.astype(dtype))

@@ -18,14 +18,14 @@ import tempfile
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from nurec_jax import geometry, usd_stage
+from nurec_jax import checkpoint, geometry, usd_stage
+from nurec_jax import ppisp as ppisp_lib
 from nurec_jax.archive import Archive
 from nurec_jax.errors import SceneFormatError
-from nurec_jax.metadata import SceneMetadata, parse_rig_trajectories, parse_sequence_tracks
+from nurec_jax.metadata import SceneMetadata, parse_sequence_tracks
 from nurec_jax.payload import HostLayer, decode_payload
 from nurec_jax.ply import read_ply_gaussians
 from nurec_jax.types import Gaussians, SceneGaussians, Sky
@@ -58,6 +58,7 @@ class LayerSummary:
     dropped: int
     sh_degree: int
     colour_convention: str
+    approximation: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,8 @@ class LoadReport:
       dropped_gaussians: total Gaussians dropped for non-finite or degenerate values.
       skipped_layers: layers not loaded (deformable actors).
       warnings: anything else worth telling the user.
+      post_processing: what camera post-processing renders apply ("" for none).
+      ppisp_per_frame: whether PPISP's per-frame terms (exposure, colour) are enabled.
     """
 
     payload_version: str
@@ -79,6 +82,8 @@ class LoadReport:
     dropped_gaussians: int
     skipped_layers: tuple[str, ...]
     warnings: tuple[str, ...]
+    post_processing: str = ""
+    ppisp_per_frame: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +95,7 @@ class HostScene:
     rigid_layers: tuple[HostLayer, ...]  # cuboid-local frames
     sky_cubemap: np.ndarray | None
     report: LoadReport
+    ppisp: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # PPISP tensors by name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +133,20 @@ def _metadata_from_archive(archive: Archive, path: str) -> SceneMetadata:
             raise SceneFormatError(f"{archive.name}:metadata.yaml: invalid YAML ({e})") from None
         if not isinstance(meta_yaml, Mapping):
             raise SceneFormatError(f"{archive.name}:metadata.yaml: top level must be a mapping")
-    cameras, lidars, trajectory, world_to_nre, t_world_base = {}, {}, None, np.eye(4), None
+    from nurec_jax.metadata import RigDocument, parse_rig_document
+
+    rig = RigDocument((), (), (), np.eye(4), None)
     if archive.has("rig_trajectories.json"):
-        cameras, lidars, trajectory, world_to_nre, t_world_base = parse_rig_trajectories(
+        rig = parse_rig_document(
             _read_json(archive, "rig_trajectories.json"), f"{archive.name}:rig_trajectories.json"
         )
+    trajectory = rig.trajectories[0] if rig.trajectories else None
     tracks = {}
     if archive.has("sequence_tracks.json"):
         tracks = parse_sequence_tracks(
             _read_json(archive, "sequence_tracks.json"), f"{archive.name}:sequence_tracks.json"
         )
-    scene_id = str(meta_yaml.get("scene_id") or stem)
+    scene_id = str(meta_yaml.get("scene_id") or _data_info_sequence_id(archive) or stem)
     time_range = None
     tr = meta_yaml.get("time_range")
     if isinstance(tr, Mapping) and "start" in tr and "end" in tr:
@@ -145,28 +154,42 @@ def _metadata_from_archive(archive: Archive, path: str) -> SceneMetadata:
             time_range = (int(tr["start"]), int(tr["end"]))
         except (TypeError, ValueError):
             raise SceneFormatError(f"{archive.name}:metadata.yaml: time_range must hold integer µs") from None
-    elif trajectory is not None:
-        time_range = (int(trajectory.timestamps_us[0]), int(trajectory.timestamps_us[-1]))
+    elif rig.trajectories:  # the union of every trajectory's range
+        time_range = (min(t.time_range_us[0] for t in rig.trajectories),
+                      max(t.time_range_us[1] for t in rig.trajectories))
     return SceneMetadata(
         scene_id=scene_id,
         source=path,
-        cameras=cameras,
-        lidars=lidars,
+        cameras=RigDocument.first_of_each(rig.cameras),
+        lidars=RigDocument.first_of_each(rig.lidars),
         trajectory=trajectory,
         tracks=tracks,
-        world_to_nre=world_to_nre,
-        T_world_base=t_world_base,
+        world_to_nre=rig.world_to_nre,
+        T_world_base=rig.T_world_base,
         time_range_us=time_range,
         yaml=dict(meta_yaml),
         members=archive.members,
+        trajectories=rig.trajectories,
+        camera_list=rig.cameras,
+        lidar_list=rig.lidars,
     )
+
+
+def _data_info_sequence_id(archive: Archive) -> str:
+    """`data_info.json`'s `sequence_id` when it is a non-empty string, else "" (a member that is not
+    valid JSON is a SceneFormatError; a missing member or other content is ignored)."""
+    if not archive.has("data_info.json"):
+        return ""
+    info = _read_json(archive, "data_info.json")
+    seq = info.get("sequence_id") if isinstance(info, Mapping) else None
+    return seq.strip() if isinstance(seq, str) else ""
 
 
 def _plain_metadata(path: str) -> SceneMetadata:
     return SceneMetadata(
         scene_id=os.path.splitext(os.path.basename(path))[0], source=path, cameras={}, lidars={},
         trajectory=None, tracks={}, world_to_nre=np.eye(4), T_world_base=None, time_range_us=None,
-        yaml={}, members=(),
+        yaml={}, members=(), trajectories=(), camera_list=(), lidar_list=(),
     )
 
 
@@ -262,12 +285,15 @@ def _load_usdz_gaussians(archive: Archive, meta: SceneMetadata, options: LoadOpt
         nurec = [m for m in archive.members if m.lower().endswith(".nurec")]
         if "volume.nurec" in nurec:
             nurec = ["volume.nurec"]
+        if not nurec and archive.has(checkpoint.CHECKPOINT_MEMBER):
+            # NuRec training's default artifact: the model state only as a Lightning checkpoint.
+            nurec = [checkpoint.CHECKPOINT_MEMBER]
         if not nurec:
             raise SceneFormatError(
                 f"{archive.name}: no NuRec volume (no prim with omni:nurec:isNuRecVolume, no "
-                f"{usd_stage.PARTICLE_FIELD_TYPE} prim and no .nurec member)"
+                f"{usd_stage.PARTICLE_FIELD_TYPE} prim, no .nurec member and no {checkpoint.CHECKPOINT_MEMBER})"
             )
-        if usd_members:
+        if usd_members and nurec != [checkpoint.CHECKPOINT_MEMBER]:
             warnings.append(f"no NuRec Volume prim in the USD layers; using payload member(s) {nurec}")
         payload_refs = [(m, np.eye(4)) for m in nurec]
         sources = list(nurec)
@@ -284,17 +310,24 @@ def _load_usdz_gaussians(archive: Archive, meta: SceneMetadata, options: LoadOpt
     version = ""
     skipped: list[str] = []
     decoded: dict[str, Any] = {}
+    post = None
     for member, t_stage_volume in payload_refs:
         where = f"{archive.name}:{member}"
         if member not in decoded:
-            decoded[member] = decode_payload(
-                archive.read(member, options.max_payload_bytes), where, options.max_payload_bytes
-            )
+            if member == checkpoint.CHECKPOINT_MEMBER:
+                decoded[member] = checkpoint.decode_checkpoint(archive, options.max_payload_bytes)
+            else:
+                decoded[member] = decode_payload(
+                    archive.read(member, options.max_payload_bytes), where, options.max_payload_bytes
+                )
+            warnings.extend(decoded[member].notes)
         payload = decoded[member]
         version = version or payload.version
         skipped.extend(payload.skipped_layers)
         if sky is None:
             sky = payload.sky_cubemap
+        if post is None and payload.ppisp:
+            post = (payload.ppisp, payload.ppisp_per_frame, where)
         t_world_payload = nre_to_world @ t_stage_volume
         for layer in payload.layers:
             if layer.rigid:
@@ -303,7 +336,7 @@ def _load_usdz_gaussians(archive: Archive, meta: SceneMetadata, options: LoadOpt
                 static.append(_transform_layer(layer, t_world_payload, f"{where}: layer {layer.name!r}"))
     # ParticleField prims are already in stage (= world) coordinates.
     static.extend(particle_layers)
-    return static, rigid, sky, version, sources, skipped, warnings
+    return static, rigid, sky, version, sources, skipped, warnings, post
 
 
 def load_host_scene(path: str | os.PathLike, options: LoadOptions = LoadOptions()) -> HostScene:
@@ -315,10 +348,12 @@ def load_host_scene(path: str | os.PathLike, options: LoadOptions = LoadOptions(
     version = ""
     sky = None
     rigid: list[HostLayer] = []
+    post = None
     if lower.endswith(".usdz"):
         with Archive(path, options.max_member_bytes) as archive:
             meta = _metadata_from_archive(archive, path)
-            static, rigid, sky, version, sources, skipped, warnings = _load_usdz_gaussians(archive, meta, options)
+            static, rigid, sky, version, sources, skipped, warnings, post = _load_usdz_gaussians(
+                archive, meta, options)
     elif lower.endswith(".ply"):
         meta = read_scene_metadata(path, options)
         static, sources = [read_ply_gaussians(path, options.max_member_bytes)], [os.path.basename(path)]
@@ -341,17 +376,27 @@ def load_host_scene(path: str | os.PathLike, options: LoadOptions = LoadOptions(
         if unknown and meta.tracks:
             warnings.append(f"layer {layer.name!r}: tracks {unknown} have Gaussians but no sequence_tracks entry")
     layers = static + rigid
+    ppisp_arrays, per_frame, post_text = {}, False, ""
+    if post is not None:
+        ppisp_arrays, per_frame, where = post
+        ppisp_lib.Ppisp.from_state(ppisp_arrays, where)  # validates shapes now, not at put_scene
+        n_cam = ppisp_arrays["crf_params"].shape[0]
+        post_text = (f"PPISP: per-camera vignetting and response curve ({n_cam} cameras)"
+                     + (", per-frame exposure and colour" if per_frame else "; per-frame terms off"))
     report = LoadReport(
         payload_version=version,
         sources=tuple(sources),
         layers=tuple(
-            LayerSummary(l.name, l.rigid, l.count, l.dropped, l.sh_degree, l.colour_convention) for l in layers
+            LayerSummary(l.name, l.rigid, l.count, l.dropped, l.sh_degree, l.colour_convention, l.approximation)
+            for l in layers
         ),
         dropped_gaussians=sum(l.dropped for l in layers),
         skipped_layers=tuple(skipped),
         warnings=tuple(warnings),
+        post_processing=post_text,
+        ppisp_per_frame=per_frame,
     )
-    return HostScene(meta, tuple(static), tuple(rigid), sky, report)
+    return HostScene(meta, tuple(static), tuple(rigid), sky, report, ppisp_arrays)
 
 
 def _empty_gaussians(degree: int) -> Gaussians:
@@ -397,6 +442,7 @@ def put_scene(host: HostScene, device: jax.Device | None = None, options: LoadOp
         track_ids=tuple(track_ids),
         static_intensity=_joined_intensity(host.static_layers),
         dynamic_intensity=_joined_intensity(host.rigid_layers),
+        ppisp=ppisp_lib.Ppisp.from_state(host.ppisp, host.metadata.source) if host.ppisp else None,
     )
     tree = jax.device_put(tree, device)
     return Scene(host.metadata, tree, host.report)
@@ -420,27 +466,17 @@ def describe(scene: Scene | HostScene) -> str:
     for l in r.layers:
         kind = "rigid actors, cuboid-local" if l.rigid else "static, world frame"
         lines.append(f"    {l.name:<16} {l.count:>9}  SH degree {l.sh_degree}  [{kind}; colour {l.colour_convention}]")
+        if l.approximation:
+            lines.append(f"      approximated: {l.approximation}")
     if r.skipped_layers:
         lines.append(f"  skipped layers: {', '.join(r.skipped_layers)}")
+    if r.post_processing:
+        lines.append(f"  post-processing: {r.post_processing}")
     cube = scene.sky_cubemap if isinstance(scene, HostScene) else scene.gaussians.sky.cubemap
     lines.append(f"  sky: {'constant colour' if cube is None else f'cubemap {tuple(cube.shape[1:3])}'}")
-    if m.trajectory is not None:
-        ts = m.trajectory.timestamps_us
-        dist = float(np.sum(np.linalg.norm(np.diff(m.trajectory.T_rig_world[:, :3, 3], axis=0), axis=1)))
-        lines.append(
-            f"  ego trajectory: {len(ts)} poses over {(ts[-1] - ts[0]) / 1e6:.2f} s, {dist:.1f} m "
-            f"[{ts[0]} .. {ts[-1]} µs]"
-        )
-    else:
-        lines.append("  ego trajectory: none (any time interval is accepted)")
-    for cam in m.cameras.values():
-        intr = cam.intrinsics
-        lines.append(
-            f"  camera {cam.logical_id:<28} {intr.model:<15} {intr.resolution[0]}x{intr.resolution[1]} "
-            f"{intr.shutter_type.name:<22} {len(cam.frame_timestamps_us)} frames"
-        )
-    for lid in m.lidars.values():
-        lines.append(f"  lidar  {lid.logical_id:<28} {lid.model}")
+    from nurec_jax.metadata import metadata_lines
+
+    lines.extend(metadata_lines(m))  # trajectories, cameras (with trajectory idx), lidars
     if m.tracks:
         labels: dict[str, int] = {}
         for t in m.tracks.values():

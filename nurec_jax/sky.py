@@ -1,14 +1,16 @@
 """Sky cubemap convention.
 
 NuRec stores the sky as `.background.textures` [1, 6, S, S, 3], faces +X, -X, +Y, -Y, +Z, -Z
-(OpenGL order). How scene directions map onto the GL cube is not public (scene_format.md 3.5:
-two third-party readers differ by a 180° yaw). nurec-jax uses
+(OpenGL order). NuRec's own renderer (its source is public in NVIDIA's instant-nurec repository)
+maps a direction d of the sky (NRE) frame, z up, onto the GL cube as
 
-    gl = (d_y, d_z, d_x)     for a direction d in the sky (NRE) frame, z up,
+    gl = (-d_y, d_z, -d_x)
 
-so GL +Y is up, and OpenGL's per-face (sc, tc) rules pick the texel (row = tc, column = sc).
-World directions are first rotated into the sky frame with `Sky.rotation_world_to_sky`.
-Both functions accept numpy or jax.numpy (`xp`), so generator and renderer share them.
+so GL +Y is up and GL -Z looks along the scene's +x, then samples the cube with OpenGL's per-face
+(sc, tc) rules (row = tc, column = sc). (Two third-party readers had disagreed by a 180° yaw;
+the one matching NuRec is kept.) World directions are first rotated into the sky frame with
+`Sky.rotation_world_to_sky`. Both functions accept numpy or jax.numpy (`xp`), so generator and
+renderer share them.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ _FACES = (
 
 
 def to_gl(d, xp=np):
-    return xp.stack([d[..., 1], d[..., 2], d[..., 0]], axis=-1)
+    return xp.stack([-d[..., 1], d[..., 2], -d[..., 0]], axis=-1)
 
 
 def from_gl(g, xp=np):
-    return xp.stack([g[..., 2], g[..., 0], g[..., 1]], axis=-1)
+    return xp.stack([-g[..., 2], -g[..., 0], g[..., 1]], axis=-1)
 
 
 def direction_to_face_uv(d, xp=np):

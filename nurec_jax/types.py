@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nurec_jax.ppisp import Ppisp
+
 
 def _static(**kwargs):
     return dataclasses.field(metadata=dict(static=True), **kwargs)
@@ -112,6 +114,7 @@ class SceneGaussians:
       track_ids: clean track ids (no `@suffix`) of the actor groups, static.
       static_intensity, dynamic_intensity: (N,) / (M,) lidar intensity per Gaussian from the scene's
         lidar feature (NaN where a layer has none), or None when no layer has one.
+      ppisp: the scene's PPISP camera post-processing (`nurec_jax.ppisp.Ppisp`), or None.
     """
 
     static: Gaussians
@@ -123,6 +126,7 @@ class SceneGaussians:
     track_ids: tuple[str, ...] = _static(default=())
     static_intensity: jax.Array | None = None
     dynamic_intensity: jax.Array | None = None
+    ppisp: Ppisp | None = None
 
     def layer(self, name: str) -> Gaussians:
         """The Gaussians of one static layer (host-side helper; not for use under jit)."""

@@ -17,8 +17,9 @@ def test_scene_info_cli_reports_bad_file(tmp_path):
     bad.write_bytes(b"nope")
     out = subprocess.run([sys.executable, "-m", "nurec_jax.cli.scene_info", f"--scene={bad}"],
                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
-    assert out.returncode != 0
+    assert out.returncode == 1
     assert "broken.usdz: not a zip archive" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def _render_cli(*args):

@@ -81,7 +81,7 @@ def test_unknown_implementation_is_refused():
 
 def test_sky_cubemap_behind_an_empty_scene():
     """With no Gaussians every pixel shows the cubemap face its world ray points to (nurec_jax.sky
-    convention: world +x -> GL +Z face 4, world +z (up) -> GL +Y face 2, world +y -> GL +X face 0)."""
+    convention, NuRec's: world +x -> GL -Z face 5, world +z (up) -> GL +Y face 2, world +y -> GL -X face 1)."""
     from nurec_jax import cameras, geometry
     from nurec_jax.metadata import OpenCVPinholeIntrinsics
     from nurec_jax.types import Gaussians, SceneGaussians, Sky
@@ -94,8 +94,8 @@ def test_sky_cubemap_behind_an_empty_scene():
     cam = cameras.camera_from_intrinsics(OpenCVPinholeIntrinsics((16, 16), ShutterType.GLOBAL, (8.0, 8.0),
                                                                  (16.0, 16.0)))
     forward = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # OpenCV camera looking along world +x
-    for look, face in ((np.eye(3), 4), (geometry.quat_wxyz_to_matrix(np.array([np.cos(np.pi / 4), 0, 0,
-                                                                                 np.sin(np.pi / 4)])), 0)):
+    for look, face in ((np.eye(3), 5), (geometry.quat_wxyz_to_matrix(np.array([np.cos(np.pi / 4), 0, 0,
+                                                                                 np.sin(np.pi / 4)])), 1)):
         T = geometry.make_transform(look @ forward, [1.0, 2.0, 3.0]).astype(np.float32)
         out = _render(scene, cam, PosePair.from_matrices(T), None, options=_OPTS)
         np.testing.assert_allclose(np.asarray(out.rgb)[8, 8], faces[face], atol=1e-6)

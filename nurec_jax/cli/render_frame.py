@@ -11,6 +11,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from nurec_jax.cli.scene_errors import one_line_scene_errors
+
 _SCENE = flags.DEFINE_string("scene", None, "Scene file; default: the bundled sample scene.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Where PNG files are written.")
 _CAMERAS = flags.DEFINE_list("cameras", None, "Camera logical ids (default: every camera of the scene).")
@@ -18,6 +20,9 @@ _FRAMES = flags.DEFINE_list("frames", ["0"], "Recorded frame indices of each cam
 _WIDTH = flags.DEFINE_integer("width", 480, "Output width; the height keeps the camera's aspect (NuRec's rule).")
 _DISABLE_RS = flags.DEFINE_bool("disable_rolling_shutter", False, "Render every pixel at the start pose.")
 _DEPTH = flags.DEFINE_bool("depth", False, "Also write a depth image (metres / 80 as grey levels).")
+_TRAJECTORY = flags.DEFINE_integer(
+    "trajectory_idx", None, "Rig trajectory (index in rig_trajectories.json) whose cameras to render; default: "
+    "the first calibration of each camera.")
 
 
 def _main(argv):
@@ -31,26 +36,34 @@ def _main(argv):
     meta = scene.metadata
     if meta.trajectory is None:
         raise app.UsageError(f"scene {meta.scene_id!r} has no ego trajectory to take camera poses from")
-    cam_ids = _CAMERAS.value or list(meta.cameras)
-    unknown = [c for c in cam_ids if c not in meta.cameras]
+    traj = _TRAJECTORY.value
+    if traj is not None and not 0 <= traj < len(meta.trajectories):
+        raise app.UsageError(f"--trajectory_idx={traj}: the scene has trajectories 0..{len(meta.trajectories) - 1}")
+    known = list(meta.cameras) if traj is None else [c.logical_id for c in meta.camera_list if c.trajectory_idx == traj]
+    cam_ids = _CAMERAS.value or known
+    unknown = [c for c in cam_ids if c not in known]
     if unknown:
-        raise app.UsageError(f"unknown camera(s) {unknown}; the scene has {list(meta.cameras)}")
+        raise app.UsageError(f"unknown camera(s) {unknown}; the scene has {known}"
+                             + ("" if traj is None else f" in trajectory {traj}"))
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     r = renderer.Renderer()
     for cam_id in cam_ids:
-        cal = meta.cameras[cam_id]
+        cal = meta.camera(cam_id, traj)
         cam = cameras.camera_at_resolution(cameras.camera_from_intrinsics(cal.intrinsics), _WIDTH.value, 0)
         for frame in (int(f) for f in _FRAMES.value):
             if not 0 <= frame < len(cal.frame_timestamps_us):
                 raise app.UsageError(f"{cam_id} has frames 0..{len(cal.frame_timestamps_us) - 1}, not {frame}")
             s_us, e_us = (int(t) for t in cal.frame_timestamps_us[frame])
-            pose = renderer.rig_camera_poses(meta, cam_id, s_us, e_us)
+            pose = renderer.rig_camera_poses(meta, cam_id, s_us, e_us, trajectory_idx=traj)
             actors = renderer.track_actor_poses(meta, scene.gaussians.track_ids, s_us, e_us)
             start = time.perf_counter()
+            isp = renderer.isp_index(meta, cam_id, e_us, per_frame=scene.report.ppisp_per_frame,
+                                     trajectory_idx=traj)
             out = r.render(scene.gaussians, cam, pose, actors, disable_rolling_shutter=_DISABLE_RS.value,
-                           cache_key=(meta.scene_id,))
+                           cache_key=(meta.scene_id,), isp=isp)
             rgb = np.asarray(out.rgb)
-            name = os.path.join(_OUTPUT_DIR.value, f"{meta.scene_id}_{cam_id}_{frame:04d}.png")
+            tag = "" if traj is None else f"_t{traj}"
+            name = os.path.join(_OUTPUT_DIR.value, f"{meta.scene_id}_{cam_id}{tag}_{frame:04d}.png")
             Image.fromarray((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)).save(name)
             if _DEPTH.value:
                 d = np.clip(np.asarray(out.depth) / 80.0, 0, 1)
@@ -59,7 +72,7 @@ def _main(argv):
 
 
 def main():
-    app.run(_main)
+    app.run(one_line_scene_errors(_main))
 
 
 if __name__ == "__main__":

@@ -169,7 +169,9 @@ def _main(argv):
     except grpc.RpcError as e:
         print(f"render-grpc: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    by_id = {c.logical_id: c for c in cams.available_cameras}
+    by_id = {}
+    for c in cams.available_cameras:  # the first calibration of each logical id (one per trajectory)
+        by_id.setdefault(c.logical_id, c)
     unknown = [c for c in _CAMERA.value if c not in by_id]
     if unknown:
         print(f"render-grpc: unknown camera(s) {unknown}; the scene has {sorted(by_id)}", file=sys.stderr)
@@ -177,7 +179,9 @@ def _main(argv):
     if not trajs.available_trajectories:
         print("render-grpc: the scene has no ego trajectory to walk", file=sys.stderr)
         return 1
-    rig_ts, rig_mats = _trajectory(trajs.available_trajectories[0].trajectory)
+    # Each camera (and lidar) walks the trajectory it belongs to (AvailableCamera.trajectory_idx).
+    rig_by_idx = {t.trajectory_idx: _trajectory(t.trajectory) for t in trajs.available_trajectories}
+    first_rig = _trajectory(trajs.available_trajectories[0].trajectory)
     hoods = {(m.ego_mask_id.rig_config_id, m.ego_mask_id.camera_logical_id) for m in masks.ego_mask_metadata}
 
     edit = None
@@ -205,7 +209,11 @@ def _main(argv):
         if _DISABLE_RS.value:
             spec.shutter_type = sensorsim_pb2.GLOBAL
         rig_to_cam = _pose_to_matrix(cam.rig_to_camera)  # camera -> rig (protocol.md 7.3)
-        cal = scene_meta.cameras.get(cam_id)
+        rig_ts, rig_mats = rig_by_idx.get(cam.trajectory_idx, first_rig)
+        try:
+            cal = scene_meta.camera(cam_id, cam.trajectory_idx)
+        except KeyError:
+            cal = scene_meta.cameras.get(cam_id)
         if cal is not None and len(cal.frame_timestamps_us):
             windows = [(int(s), int(e)) for s, e in cal.frame_timestamps_us]
         else:
@@ -231,17 +239,19 @@ def _main(argv):
 
     lidar_jobs = []
     if _LIDAR.value:
-        lidar_cals = list(scene_meta.lidars.values())
+        lidar_cals = list(scene_meta.lidar_list)
         if _LIDAR_ID.value is not None:
             lidar_cals = [c for c in lidar_cals if c.logical_id == _LIDAR_ID.value]
             if not lidar_cals:
                 print(f"render-grpc: the scene has no lidar {_LIDAR_ID.value!r} "
                       f"({sorted(scene_meta.lidars) or 'none'})", file=sys.stderr)
                 return 1
+        rig_ts, rig_mats = first_rig
         if lidar_cals:
             lcal = lidar_cals[0]
             lidar_id, t_lidar_rig = lcal.logical_id, lcal.T_sensor_rig
             windows = [(int(a), int(b)) for a, b in lcal.frame_timestamps_us]
+            rig_ts, rig_mats = rig_by_idx.get(lcal.trajectory_idx, first_rig)
         else:  # no mount in the scene: a roof lidar 1.9 m above the rig origin, one spin per 100 ms
             lidar_id, t_lidar_rig = "lidar", np.eye(4)
             t_lidar_rig[2, 3] = 1.9

@@ -10,6 +10,8 @@ import time
 
 from absl import app, flags
 
+from nurec_jax.cli.scene_errors import one_line_scene_errors
+
 _SCENE = flags.DEFINE_string("scene", None, "Scene file (.usdz, .ply, .usd*); default: the bundled sample.")
 _METADATA_ONLY = flags.DEFINE_bool("metadata_only", False, "Read metadata only; do not decode Gaussians.")
 _MAX_PAYLOAD_MB = flags.DEFINE_integer("max_payload_mb", 8192, "Largest decompressed payload accepted (MiB).")
@@ -18,6 +20,7 @@ _MAX_PAYLOAD_MB = flags.DEFINE_integer("max_payload_mb", 8192, "Largest decompre
 def _main(argv):
     del argv
     from nurec_jax import data, scene
+    from nurec_jax.metadata import metadata_lines
 
     path = _SCENE.value or data.sample_scene_path()
     options = scene.LoadOptions(max_payload_bytes=_MAX_PAYLOAD_MB.value << 20,
@@ -25,10 +28,10 @@ def _main(argv):
     start = time.perf_counter()
     if _METADATA_ONLY.value:
         meta = scene.read_scene_metadata(path, options)
-        print(f"scene {meta.scene_id!r}: {len(meta.cameras)} cameras, {len(meta.lidars)} lidars, "
-              f"{len(meta.tracks)} tracks, trajectory: {meta.trajectory is not None}")
-        for cam in meta.cameras.values():
-            print(f"  camera {cam.logical_id} ({cam.intrinsics.model})")
+        print(f"scene {meta.scene_id!r}: {len(meta.camera_list)} cameras, {len(meta.lidar_list)} lidars, "
+              f"{len(meta.tracks)} tracks, trajectories: {len(meta.trajectories)}")
+        for line in metadata_lines(meta):
+            print(line)
     else:
         loaded = scene.load_scene(path, options)
         print(scene.describe(loaded))
@@ -36,7 +39,7 @@ def _main(argv):
 
 
 def main():
-    app.run(_main)
+    app.run(one_line_scene_errors(_main))
 
 
 if __name__ == "__main__":

@@ -96,10 +96,14 @@ def camera_spec_from_intrinsics(logical_id: str, intr) -> sensorsim_pb2.CameraSp
 
 
 def available_camera(cal: CameraCalibration) -> sensorsim_pb2.AvailableCamerasReturn.AvailableCamera:
-    """`rig_to_camera` carries camera -> rig (T_sensor_rig), as NRE fills it (protocol.md 7.3)."""
+    """`rig_to_camera` carries camera -> rig (T_sensor_rig), as NRE fills it (protocol.md 7.3).
+    `trajectory_idx` (also in the intrinsics' CameraSpec, so a copied spec names the same calibration)
+    is the index of the rig trajectory the camera belongs to (NRE left both 0)."""
+    spec = camera_spec_from_intrinsics(cal.logical_id, cal.intrinsics)
+    spec.trajectory_idx = cal.trajectory_idx
     return sensorsim_pb2.AvailableCamerasReturn.AvailableCamera(
-        intrinsics=camera_spec_from_intrinsics(cal.logical_id, cal.intrinsics),
-        rig_to_camera=se3_to_grpc_pose(cal.T_sensor_rig), logical_id=cal.logical_id)
+        intrinsics=spec, rig_to_camera=se3_to_grpc_pose(cal.T_sensor_rig), logical_id=cal.logical_id,
+        trajectory_idx=cal.trajectory_idx)
 
 
 def _positive_focal(p, field: str) -> tuple[float, float]:

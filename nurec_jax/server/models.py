@@ -58,6 +58,11 @@ class ModelCache:
         with self._lock:
             return [LoadedScene(sid, s.users) for sid, s in self._slots.items() if s.scene is not None]
 
+    def resident(self) -> list[Scene]:
+        """The resident scenes themselves (for reports; do not render from them without `use`)."""
+        with self._lock:
+            return [s.scene for s in self._slots.values() if s.scene is not None]
+
     def is_loaded(self, scene_id: str) -> bool:
         with self._lock:
             s = self._slots.get(scene_id)

@@ -18,7 +18,7 @@ from nurec_jax.poses import PosePair
 from nurec_jax.render import ActorPoses
 from nurec_jax.renderer import track_actor_poses
 from nurec_jax.server import convert, images
-from nurec_jax.server.errors import InvalidArgument, NotFound, OutOfRange
+from nurec_jax.server.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 
 # Largest output accepted: 16384 pixels a side and 64 megapixels (a 4K frame is 8.3 MP).
 MAX_SIDE = 16384
@@ -40,6 +40,8 @@ class RGBJob:
       actor_overrides: track id -> (T_start, T_end) object -> world, or None (actors follow their tracks).
       image_format, image_quality: the encoding.
       ego_mask: (rig_config_id, camera_logical_id) of the hood to composite, or None.
+      logical_id, trajectory_idx: the camera the request names (it selects the scene's PPISP
+        camera curve; "" for none).
     """
 
     camera: Camera
@@ -50,6 +52,8 @@ class RGBJob:
     image_format: int
     image_quality: float
     ego_mask: tuple[str, str] | None
+    logical_id: str = ""
+    trajectory_idx: int = 0
 
 
 def _pose_matrix(pose_msg, field: str) -> np.ndarray:
@@ -67,8 +71,23 @@ def pose_pair(msg, field: str, owner) -> tuple[np.ndarray, np.ndarray]:
     return _pose_matrix(msg.start_pose, f"{field}.start_pose"), _pose_matrix(msg.end_pose, f"{field}.end_pose")
 
 
+def _merged_ranges(metadata: SceneMetadata) -> list[tuple[int, int]]:
+    """The half-open [first, last + 1) ranges of every rig trajectory, overlapping ones joined."""
+    ranges = sorted((int(t.timestamps_us[0]), int(t.timestamps_us[-1]) + 1) for t in metadata.trajectories) \
+        or [(int(metadata.trajectory.timestamps_us[0]), int(metadata.trajectory.timestamps_us[-1]) + 1)]
+    merged = [ranges[0]]
+    for a, b in ranges[1:]:
+        if a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
 def check_interval(metadata: SceneMetadata, start_us: int, end_us: int, prefix: str = "") -> None:
-    """[start, end) must be non-empty and inside [first rig timestamp, last + 1) (protocol.md 7.4).
+    """[start, end) must be non-empty and inside [first rig timestamp, last + 1) (protocol.md 7.4) of a
+    rig trajectory: with several trajectories, inside the union of their ranges (a request need not
+    name its trajectory: NRE clients never set trajectory_idx).
 
     A scene without an ego trajectory (a plain Gaussian file) accepts any non-empty interval."""
     if end_us <= start_us:
@@ -77,12 +96,30 @@ def check_interval(metadata: SceneMetadata, start_us: int, end_us: int, prefix: 
             f"the interval is half-open: to render at an instant t use [t, t+1)")
     if metadata.trajectory is None:
         return
-    first = int(metadata.trajectory.timestamps_us[0])
-    last = int(metadata.trajectory.timestamps_us[-1])
-    if start_us < first or end_us > last + 1:
+    ranges = _merged_ranges(metadata)
+    if not any(a <= start_us and end_us <= b for a, b in ranges):
+        shown = ", ".join(f"[{a}, {b})" for a, b in ranges)
         raise OutOfRange(
             f"{prefix}[frame_start_us, frame_end_us) = [{start_us}, {end_us}) is outside the time range of scene "
-            f"{metadata.scene_id!r}: [{first}, {last + 1}); to render at an instant t use [t, t+1)")
+            f"{metadata.scene_id!r}: {shown}; to render at an instant t use [t, t+1)")
+
+
+def scene_camera(metadata: SceneMetadata, logical_id: str, trajectory_idx: int, field: str):
+    """The calibration a CameraSpec names: `logical_id` in trajectory `trajectory_idx`. Index 0 (the
+    proto default: NRE clients never set it) also finds a camera that only one other trajectory holds."""
+    matches = [c for c in metadata.camera_list if c.logical_id == logical_id]
+    if not matches:
+        raise NotFound(f"{field}.logical_id: camera {logical_id!r} is not in scene {metadata.scene_id!r} "
+                       f"(cameras: {', '.join(metadata.cameras) or 'none'}); send full intrinsics for a "
+                       f"novel camera")
+    for cal in matches:
+        if cal.trajectory_idx == trajectory_idx:
+            return cal
+    held = sorted({c.trajectory_idx for c in matches})
+    if trajectory_idx == 0 and len(held) == 1:
+        return matches[0]
+    raise InvalidArgument(f"{field}.trajectory_idx: camera {logical_id!r} is not in trajectory {trajectory_idx} "
+                          f"of scene {metadata.scene_id!r}; it is in trajectories {held}")
 
 
 def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix: str = "") -> Camera:
@@ -95,15 +132,15 @@ def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix
         intr = convert.intrinsics_from_camera_spec(spec, field)
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
+    traj_idx = int(spec.trajectory_idx)
+    n_traj = len(metadata.trajectories)
+    if traj_idx and traj_idx >= n_traj:
+        raise InvalidArgument(f"{field}.trajectory_idx: {traj_idx} names no rig trajectory of scene "
+                              f"{metadata.scene_id!r} (it has {n_traj}" + (f": 0..{n_traj - 1})" if n_traj else ")"))
     if intr is None:
         if not spec.logical_id:
             raise InvalidArgument(f"{field}: neither a camera_param nor a logical_id is set")
-        cal = metadata.cameras.get(spec.logical_id)
-        if cal is None:
-            raise NotFound(f"{field}.logical_id: camera {spec.logical_id!r} is not in scene {metadata.scene_id!r} "
-                           f"(cameras: {', '.join(metadata.cameras) or 'none'}); send full intrinsics for a "
-                           f"novel camera")
-        intr = cal.intrinsics
+        intr = scene_camera(metadata, spec.logical_id, traj_idx, field).intrinsics
     if req_w < 0 or req_h < 0:
         raise InvalidArgument(f"{prefix}resolution_w/resolution_h: negative")
     if req_w == 0 and req_h == 0:
@@ -158,7 +195,8 @@ def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, pref
         ego = (request.ego_mask_id.rig_config_id, cam_id)
     pose = PosePair.from_matrices(t_start.astype(np.float32), t_end.astype(np.float32))
     return RGBJob(camera, pose, start_us, end_us, overrides, int(request.image_format),
-                  float(request.image_quality), ego)
+                  float(request.image_quality), ego, request.camera_intrinsics.logical_id,
+                  int(request.camera_intrinsics.trajectory_idx))
 
 
 def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job) -> ActorPoses:
@@ -203,10 +241,14 @@ def lidar_model_for(metadata: SceneMetadata, lidar_type: int, prefix: str = ""):
         name = sensorsim_pb2.LidarDeviceType.Name(lidar_type)
     except ValueError:
         raise InvalidArgument(f"{prefix}lidar_config.lidar_type: unknown value {lidar_type}") from None
-    cals = list(metadata.lidars.values())
+    cals = list(metadata.lidar_list)
     chosen = next((c for c in cals if str(c.parameters.get("device", "")).upper() == name), None)
     if chosen is None and lidar_type == sensorsim_pb2.PANDAR128 and cals:
-        chosen = cals[0]
+        chosen = next((c for c in cals if c.model), cals[0])
+    if chosen is not None and not chosen.model:
+        raise FailedPrecondition(
+            f"{prefix}lidar_config.lidar_type: {name} renders scene lidar {chosen.key!r}, which has no lidar "
+            f"model in rig_trajectories.json (lidar_model is null); this scene cannot render it")
     if chosen is not None:
         try:
             return lidar_models.from_calibration(chosen)

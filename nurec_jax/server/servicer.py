@@ -26,10 +26,9 @@ import grpc
 import numpy as np
 
 from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
-from nurec_jax.renderer import LidarCaster
-from nurec_jax.metadata import SceneMetadata
-from nurec_jax.renderer import Renderer
 from nurec_jax import assets
+from nurec_jax.metadata import SceneMetadata
+from nurec_jax.renderer import LidarCaster, Renderer, isp_index
 from nurec_jax.server import convert, editing, images, metrics_http, requests, timing
 from nurec_jax.server import errors as errs
 from nurec_jax.server.editing import EditError, SceneEditor
@@ -103,6 +102,23 @@ class Stats:
             self.status[code.name] += 1
             if method in ("render_rgb", "batch_render_rgb", "render_aggregated"):
                 self.latencies_s.append(seconds)
+
+
+def scene_report_strings(scene) -> dict[str, str]:
+    """What loading a resident scene read, approximated and skipped, as `scenes.<id>.*` config keys."""
+    r, key = scene.report, f"scenes.{scene.scene_id}"
+    out = {f"{key}.sources": ", ".join(r.sources),
+           f"{key}.layers": ", ".join(f"{l.name}:{l.count}" for l in r.layers)}
+    if r.post_processing:
+        out[f"{key}.post_processing"] = r.post_processing
+    approximated = [l.approximation for l in r.layers if l.approximation]
+    if approximated:
+        out[f"{key}.approximated"] = "; ".join(approximated)
+    if r.skipped_layers:
+        out[f"{key}.skipped_layers"] = ", ".join(r.skipped_layers)
+    if r.warnings:
+        out[f"{key}.warnings"] = "; ".join(r.warnings)
+    return out
 
 
 def _rpc(pool: str):
@@ -234,10 +250,14 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         timer = call.timer
         with timer.stage("setup"):
             actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
+            isp = None
+            if scene.gaussians.ppisp is not None:  # the named camera's PPISP curve (none for a novel camera)
+                isp = isp_index(meta, job.logical_id or None, job.end_us, per_frame=scene.report.ppisp_per_frame,
+                                trajectory_idx=job.trajectory_idx)
         with self._on_device(call):
             with timer.stage("render") as st:
                 out = st.wait(self.renderer.render(scene.gaussians, job.camera, job.sensor_pose, actors,
-                                                   cache_key=(meta.scene_id,),
+                                                   cache_key=(meta.scene_id,), isp=isp,
                                                    timer=timer if self._staged_timing else None))
                 rgb = np.asarray(out.rgb)
             if self.postprocessor is not None:
@@ -393,6 +413,8 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                 for stage, st in stages.items():
                     config[f"timing.{method}.{stage}.p50_ms"] = f"{st['p50_ms']:.3f}"
         config.update(self.warmup.as_strings())
+        for scene in self.models.resident():
+            config.update(scene_report_strings(scene))
         return sensorsim_pb2.ServerConfig(server_config=config)
 
     @_rpc("meta")
@@ -416,16 +438,18 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     @_rpc("meta")
     def get_available_cameras(self, request, call):
         meta = self._meta(request.scene_id)
+        # Every calibration (one per camera and trajectory), each with its trajectory's index.
         return sensorsim_pb2.AvailableCamerasReturn(
-            available_cameras=[convert.available_camera(cal) for cal in meta.cameras.values()])
+            available_cameras=[convert.available_camera(cal) for cal in meta.camera_list])
 
     @_rpc("meta")
     def get_available_trajectories(self, request, call):
         meta = self._meta(request.scene_id)
         out = sensorsim_pb2.AvailableTrajectoriesReturn()
         if meta.trajectory is not None:
-            out.available_trajectories.add(trajectory_idx=0, trajectory=convert.trajectory_to_proto(
-                meta.trajectory.timestamps_us, meta.trajectory.T_rig_world))
+            for idx, traj in enumerate(meta.trajectories):  # trajectory_idx = index in rig_trajectories.json
+                out.available_trajectories.add(trajectory_idx=idx, trajectory=convert.trajectory_to_proto(
+                    traj.timestamps_us, traj.T_rig_world))
         return out
 
     @_rpc("meta")

@@ -40,13 +40,15 @@ class WarmupStatus:
 
 
 def camera_jobs(meta: SceneMetadata, height: int = 0):
-    """(camera id, camera at `height` (0: native), sensor poses, exposure (start, end) us) for every camera."""
-    for cam_id, cal in sorted(meta.cameras.items()):
+    """(camera id, camera at `height` (0: native), sensor poses, exposure (start, end) us) for every camera
+    calibration (a logical id held by several trajectories comes once per trajectory)."""
+    for cal in sorted(meta.camera_list, key=lambda c: (c.logical_id, c.trajectory_idx)):
+        cam_id = cal.logical_id
         cam = cameras.camera_at_resolution(cameras.camera_from_intrinsics(cal.intrinsics), 0, height)
         stamps = np.asarray(cal.frame_timestamps_us).reshape(-1, 2)
-        if meta.trajectory is not None and len(stamps):
+        if meta.trajectory_of(cal) is not None and len(stamps):
             s_us, e_us = (int(t) for t in stamps[len(stamps) // 2])
-            pose = rig_camera_poses(meta, cam_id, s_us, e_us)
+            pose = rig_camera_poses(meta, cam_id, s_us, e_us, trajectory_idx=cal.trajectory_idx)
         else:  # any pose compiles the same function
             s_us = e_us = 0
             pose = PosePair.from_matrices(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32))
@@ -58,7 +60,7 @@ def warm_up(scene_ids, registry, models, renderer, device_lock: threading.Lock, 
     """Renders every camera of every scene once at output `height` (0: native; see the module docstring)."""
     t0 = time.perf_counter()
     plan = [(sid, registry.metadata(sid)) for sid in scene_ids]
-    status.planned = sum(len(meta.cameras) for _, meta in plan)
+    status.planned = sum(len(meta.camera_list) for _, meta in plan)
     status.state = "running"
     try:
         for sid, meta in plan:
