@@ -184,3 +184,36 @@ def test_bad_camera_calibration_names_the_key(tmp_path):
     with pytest.raises(SceneFormatError, match=r"camera_calibrations\['cam@x'\].camera_model.parameters.max_angle: "
                                                r"4.0 not in \(0, pi\]"):
         nurec_jax.read_scene_metadata(_scene(tmp_path, members))
+
+
+def test_non_cubemap_sky_and_unknown_colour_models_load_with_clear_warnings(tmp_path):
+    state = _good_state()
+    hm.tensor(state, ".background.textures", np.full((1, 8, 16, 3), 0.5))  # equirectangular [1, H, W, 3]
+    config = {"background": {"name": "sky-env-map", "envmap_type": "equirectangular"},
+              "appearance_embedding": {"name": "per-frame-appearance"},
+              "post_processing": {"a": {"name": "tonemap-post-processing"}}}
+    path = _scene(tmp_path, [("volume.nurec", hm.payload(state, config))])
+    host = nurec_jax.load_host_scene(path)
+    assert host.sky_cubemap is None
+    text = " | ".join(host.report.warnings)
+    assert "sky: equirectangular environment map of shape [1, 8, 16, 3] is not supported" in text
+    assert "appearance embedding 'per-frame-appearance' is not applied" in text
+    assert "post-processing a: 'tonemap-post-processing' is not implemented" in text
+
+
+def test_deformable_layers_never_fail_the_scene(tmp_path):
+    rng = np.random.default_rng(1)
+    state = _good_state()
+    hm.gaussian_layer(state, "dynamic_deformables", 6, rng, degree=1, cuboid_ids=np.zeros(6, np.int32))
+    # No obj_track_ids entry for it: skipped with a warning, the rest loads.
+    path = _scene(tmp_path, [("volume.nurec", hm.payload(state, {}))])
+    host = nurec_jax.load_host_scene(path)
+    assert host.report.skipped_layers == ("dynamic_deformables",)
+    assert any("obj_track_ids has no track list" in w for w in host.report.warnings)
+    # With its track list it renders rigidly attached to its track, and says so.
+    state["._extra_state"] = {"obj_track_ids": {"dynamic_deformables": ["4@seq"]}}
+    path = _scene(tmp_path, [("volume.nurec", hm.payload(state, {}))], name="t.usdz")
+    host = nurec_jax.load_host_scene(path)
+    (layer,) = host.rigid_layers
+    assert layer.name == "dynamic_deformables" and layer.track_ids == ("4",)
+    assert "rigidly attached" in host.report.layers[-1].approximation
