@@ -1,5 +1,6 @@
-"""A light copy of the sample scene for server tests: every k-th Gaussian of each layer, enlarged so
-surfaces stay closed, same cameras, trajectory and tracks, optionally under another scene id."""
+"""A light copy of the sample scene for server tests and load scripts: every k-th Gaussian of each
+layer, enlarged so surfaces stay closed, same cameras, trajectory and tracks, optionally under
+another scene id."""
 
 from __future__ import annotations
 
