@@ -28,6 +28,14 @@ _ARTIFACT = flags.DEFINE_string("artifact_path", None, "The scene .usdz (its id 
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where images are written.")
 _HOST = flags.DEFINE_string("host", "localhost", "Server host.")
 _PORT = flags.DEFINE_integer("port", 8080, "Server port.")
+_TLS_CA = flags.DEFINE_string("tls_ca_file", None, "Connect with TLS, verifying the server against this PEM CA.")
+_TLS_CERT = flags.DEFINE_string("tls_cert_file", None, "Client certificate (PEM) for an mTLS server; connects "
+                                "with TLS (needs --tls-key-file).")
+_TLS_KEY = flags.DEFINE_string("tls_key_file", None, "Private key (PEM, unencrypted) of --tls-cert-file.")
+_TLS_NAME = flags.DEFINE_string("tls_server_name", None, "Name to check the server certificate against instead "
+                                "of --host (e.g. localhost when connecting by address).")
+_TOKEN_FILE = flags.DEFINE_string("auth_token_file", None, "File holding the server's token, sent as "
+                                  "'authorization: Bearer <token>' on every call.")
 _HEIGHT = flags.DEFINE_integer("height", 300, "Output height (width follows the camera's aspect, NuRec's rule).")
 _CAMERA = flags.DEFINE_list("camera_id", ["camera_front_wide_120fov"], "Camera logical id(s), comma separated.")
 _FORMAT = flags.DEFINE_enum("image_format", "jpeg", ["png", "jpeg"], "Image format.")
@@ -144,9 +152,18 @@ def _main(argv):
     path = os.path.abspath(_ARTIFACT.value)
     scene_meta = read_scene_metadata(path)
     scene_id = scene_meta.scene_id
+    from nurec_jax.server import auth
+
     limit = 64 << 20
-    channel = grpc.insecure_channel(f"{_HOST.value}:{_PORT.value}", options=[
-        ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
+    try:
+        channel = auth.client_channel(
+            f"{_HOST.value}:{_PORT.value}",
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+            ca_file=_TLS_CA.value or None, cert_file=_TLS_CERT.value or None, key_file=_TLS_KEY.value or None,
+            server_name=_TLS_NAME.value or None, token_file=_TOKEN_FILE.value or None)
+    except ValueError as e:
+        print(f"render-grpc: {e}", file=sys.stderr)
+        return 2
     stub = sensorsim_pb2_grpc.SensorsimServiceStub(channel)
     timeout = _TIMEOUT.value
     try:
@@ -382,7 +399,8 @@ def _edit_request(value: str, scene_id: str):
     return req
 
 
-_OWN_FLAGS = ("artifact_path", "edit_assets", "output_dir", "host", "port", "height", "camera_id", "image_format", "frame_step",
+_OWN_FLAGS = ("artifact_path", "edit_assets", "output_dir", "host", "port", "tls_ca_file", "tls_cert_file",
+              "tls_key_file", "tls_server_name", "auth_token_file", "height", "camera_id", "image_format", "frame_step",
               "max_frames", "disable_rolling_shutter", "demo_actor_transform", "shutdown_server_on_completion",
               "rig_name", "frame_naming", "sequential", "concurrency", "video_format", "video_fps", "timeout_s",
               "lidar", "lidar_id", "lidar_type", "lidar_format", "lidar_frame_step", "lidar_raydrop_threshold",

@@ -83,6 +83,17 @@ _COMPILE_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", "~/.cache/nurec-jax/jax-compilation-cache",
     "JAX's persistent compilation cache, so a restarted server does not compile again; empty: off.")
 _GRACE = flags.DEFINE_float("shutdown_grace_s", _D.shutdown_grace_s, "How long in-flight calls may finish.")
+# Who may call. Without these the port is plaintext and open, as NuRec's is (bind it to localhost).
+_TLS_CERT = flags.DEFINE_string("tls_cert_file", None, "PEM certificate chain: serve TLS (needs --tls-key-file).")
+_TLS_KEY = flags.DEFINE_string("tls_key_file", None, "PEM private key of --tls-cert-file (unencrypted).")
+_TLS_CLIENT_CA = flags.DEFINE_string("tls_client_ca_file", None,
+                                     "mTLS: refuse clients without a certificate signed by this PEM CA "
+                                     "(needs --tls-cert-file).")
+_TOKEN_FILE = flags.DEFINE_string("auth_token_file", None,
+                                  "File holding a token; every call but health must send the metadata "
+                                  "'authorization: Bearer <token>' (UNAUTHENTICATED otherwise).")
+_REMOTE_SHUTDOWN = flags.DEFINE_boolean("allow_remote_shutdown", _D.allow_remote_shutdown,
+                                        "Accept shut_down from non-loopback peers (default: PERMISSION_DENIED).")
 
 
 def options_from_flags() -> opt.ServerOptions:
@@ -102,7 +113,10 @@ def options_from_flags() -> opt.ServerOptions:
         initial_pair_capacity=_PAIR_CAP.value,
         max_pair_capacity=_MAX_PAIRS.value, lidar_repeated_fields=_LIDAR_REPEATED.value,
         compilation_cache_dir=_COMPILE_CACHE.value or None, warmup_compiles=_WARMUP.value,
-        warmup_height=_WARMUP_H.value, profiling_trace_dir=_TRACE_DIR.value, metrics_port=_METRICS_PORT.value)
+        warmup_height=_WARMUP_H.value, profiling_trace_dir=_TRACE_DIR.value, metrics_port=_METRICS_PORT.value,
+        tls_cert_file=_TLS_CERT.value or None, tls_key_file=_TLS_KEY.value or None,
+        tls_client_ca_file=_TLS_CLIENT_CA.value or None, auth_token_file=_TOKEN_FILE.value or None,
+        allow_remote_shutdown=_REMOTE_SHUTDOWN.value)
 
 
 def _main(argv):

@@ -5,6 +5,11 @@ drive it from ordinary synchronous code. It registers SensorsimService, the stan
 (for "" and the SensorsimService name) and server reflection. Health is NOT_SERVING until the
 start-up warm-up (`--test-scenes-are-valid`) is done, and flips back to NOT_SERVING on shutdown,
 before in-flight calls are allowed to finish.
+
+Who may call (`auth.py`): the port speaks TLS with `--tls-cert-file/--tls-key-file` (and demands client
+certificates signed by `--tls-client-ca-file`); with `--auth-token-file` an interceptor refuses every call
+but health that lacks the bearer token (reflection included). The extra `--health-port` stays plaintext
+and open: it serves only health, for probes that speak neither TLS nor tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from nurec_jax.server.ego_masks import EgoMasks
 from nurec_jax.server.models import ModelCache
 from nurec_jax.server.options import ServerOptions
 from nurec_jax.server.registry import SceneRegistry, discover_artifacts
-from nurec_jax.server import metrics_http, postprocess, timing, warmup
+from nurec_jax.server import auth, metrics_http, postprocess, timing, warmup
 from nurec_jax.server.servicer import SensorsimServicer
 
 _LOGGER = logging.getLogger(__name__)
@@ -61,6 +66,10 @@ class Server:
         if options.compilation_cache_dir:
             enable_compilation_cache(options.compilation_cache_dir)
         self.address = address or f"{options.host}:{options.port}"
+        # Read once at start so a bad file stops the server here, naming its flag.
+        self._credentials = None if options.tls_cert_file is None else auth.server_credentials(
+            options.tls_cert_file, options.tls_key_file, options.tls_client_ca_file)
+        self._token = None if options.auth_token_file is None else auth.read_token(options.auth_token_file)
         artifacts, broken = ({}, {}) if options.artifact_glob is None else discover_artifacts(
             options.artifact_glob, load_options)
         if options.test_scenes_are_valid and broken:
@@ -123,7 +132,8 @@ class Server:
     async def _start(self) -> int:
         msg = [("grpc.max_send_message_length", self.options.max_message_bytes),
                ("grpc.max_receive_message_length", self.options.max_message_bytes)]
-        self._server = grpc.aio.server(options=msg)
+        interceptors = [auth.BearerTokenInterceptor(self._token)] if self._token is not None else None
+        self._server = grpc.aio.server(options=msg, interceptors=interceptors)
         sensorsim_pb2_grpc.add_SensorsimServiceServicer_to_server(self.servicer, self._server)
         self.health = health.aio.HealthServicer()
         await self.health.set("", NOT_SERVING)
@@ -131,7 +141,11 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        port = self._server.add_insecure_port(self.address)
+        try:
+            port = (self._server.add_insecure_port(self.address) if self._credentials is None
+                    else self._server.add_secure_port(self.address, self._credentials))
+        except RuntimeError as e:  # grpc.aio raises instead of returning 0 on some failures
+            raise OSError(f"could not bind {self.address}: {e}") from None
         if port == 0:
             raise OSError(f"could not bind {self.address}")
         self._health_server = None
@@ -162,8 +176,14 @@ class Server:
             _LOGGER.info("metrics: http://%s:%d/metrics", self.options.host, self.metrics_port)
         self._warm_thread = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
         self._warm_thread.start()
-        _LOGGER.info("serving SensorsimService on %s (port %d), %d scene(s)", self.address, self.port,
-                     len(self.registry.ids()))
+        _LOGGER.info("serving SensorsimService on %s (port %d, %s%s), %d scene(s)", self.address, self.port,
+                     "plaintext" if self._credentials is None else
+                     ("mTLS" if self.options.tls_client_ca_file else "TLS"),
+                     ", bearer token" if self._token is not None else "", len(self.registry.ids()))
+        warning = auth.exposure_warning(self.address, self._credentials is not None, self._token is not None,
+                                        self.options.tls_client_ca_file is not None)
+        if warning is not None:
+            _LOGGER.warning(warning)
         return self.port
 
     def _warm_up(self) -> None:

@@ -56,6 +56,12 @@ class ServerOptions:
     max_pair_capacity: int = 1 << 26
     shutdown_grace_s: float = 30.0
     metadata_threads: int = 4
+    # Security (nurec-jax)
+    tls_cert_file: str | None = None  # PEM certificate chain: serve TLS instead of plaintext
+    tls_key_file: str | None = None  # PEM private key of tls_cert_file
+    tls_client_ca_file: str | None = None  # mTLS: clients must present a certificate signed by this CA
+    auth_token_file: str | None = None  # a file holding the token clients send as "authorization: Bearer <t>"
+    allow_remote_shutdown: bool = False  # accept shut_down from non-loopback peers
 
     def validate(self) -> None:
         """Raises ValueError naming the flag for values out of range or features not built yet."""
@@ -89,6 +95,22 @@ class ServerOptions:
             raise ValueError(f"--egocar-hood-dir {self.egocar_hood_dir!r} is not a directory")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        # Security (nurec-jax): refuse half-configured TLS and unreadable files at start.
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-key-file needs --tls-cert-file (the certificate the key belongs to)")
+        if self.tls_cert_file is not None and self.tls_key_file is None:
+            raise ValueError("--tls-cert-file needs --tls-key-file (the certificate's private key)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file (client certificates "
+                             "are checked in the TLS handshake)")
+        from nurec_jax.server import auth
+
+        if self.tls_cert_file is not None:
+            auth.check_key_pair(self.tls_cert_file, self.tls_key_file)
+        if self.tls_client_ca_file is not None:
+            auth.check_ca(self.tls_client_ca_file, "--tls-client-ca-file")
+        if self.auth_token_file is not None:
+            auth.read_token(self.auth_token_file)
         if self.enable_harmonizer:
             raise ValueError("--enable-harmonizer: NRE's harmonizer network is not available in nurec-jax; use "
                              "--enable-difix with a nurec-jax post-processing model instead (BUILD_NOTES.md)")

@@ -428,12 +428,26 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                                                   reusable_instance_count=1) for s in self.models.loaded()]
         return sensorsim_pb2.LoadedScenesReturn(scenes=entries, loaded_instance_capacity=self.models.capacity)
 
-    @_rpc("meta")
-    def shut_down(self, request, call):
-        _LOGGER.info("shut_down requested by a client")
-        if self.on_shut_down is not None:
-            self.on_shut_down()
-        return common_pb2.Empty()
+    async def shut_down(self, request, context):
+        # Only callers on this machine may stop the server (render-grpc --shutdown-server-on-completion
+        # runs next to it), unless --allow-remote-shutdown. The peer is only known here, on the loop.
+        from nurec_jax.server.auth import is_loopback_peer
+
+        peer = context.peer()
+        if not (self.options.allow_remote_shutdown or is_loopback_peer(peer)):
+            _LOGGER.warning("shut_down refused for remote peer %r", peer)
+            self.stats.record("shut_down", grpc.StatusCode.PERMISSION_DENIED, 0.0)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "shut_down: only loopback peers may stop this server (start it with "
+                                "--allow-remote-shutdown to accept remote peers)")
+
+        def shut_down(servicer, request, call):  # the name is the RPC's, for stats
+            _LOGGER.info("shut_down requested by %s", peer)
+            if servicer.on_shut_down is not None:
+                servicer.on_shut_down()
+            return common_pb2.Empty()
+
+        return await self._handle(shut_down, "meta", request, context)
 
     @_rpc("meta")
     def get_available_cameras(self, request, call):
