@@ -311,16 +311,9 @@ def _matrix(value: Any, where: str) -> np.ndarray:
 
 
 def _rigid(value: Any, where: str) -> np.ndarray:
+    """One rigid 4x4 transform (see `_rigid_stack`)."""
     m = _matrix(value, where)
-    if not np.allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-3) or not np.allclose(
-        m[3], [0, 0, 0, 1]
-    ):
-        raise SceneFormatError(f"{where}: not a rigid transform (rotation + translation)")
-    # Re-orthonormalise: JSON round trips leave ~1e-7 drift that slerp would amplify.
-    u, _, vt = np.linalg.svd(m[:3, :3])
-    m = m.copy()
-    m[:3, :3] = u @ vt
-    return m
+    return _rigid_stack(m, (), where)
 
 
 def parse_floats(value: Any, where: str, length: int | None = None, pad: int | None = None,
@@ -442,7 +435,9 @@ def _frame_windows(value: Any, where: str) -> np.ndarray:
 
 
 def _rigid_stack(value: Any, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """An array of rigid 4x4 transforms of `shape` + (4, 4), re-orthonormalised like `_rigid`."""
+    """An array of rigid 4x4 transforms of `shape` + (4, 4): rotation rows orthonormal within 1e-3 and
+    the bottom row (0, 0, 0, 1), then re-orthonormalised (JSON round trips leave ~1e-7 drift that
+    slerp would amplify). Errors name the first bad entry's index."""
     try:
         m = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -453,12 +448,12 @@ def _rigid_stack(value: Any, shape: tuple[int, ...], where: str) -> np.ndarray:
         raise SceneFormatError(f"{where}: non-finite value")
     flat = m.reshape(-1, 4, 4)
     r = flat[:, :3, :3]
-    ortho = np.abs(r @ np.swapaxes(r, 1, 2) - np.eye(3)).max(axis=(1, 2)) > 1e-3
-    bottom = np.abs(flat[:, 3] - [0, 0, 0, 1]).max(axis=1) > 1e-8
+    ortho = ~np.isclose(r @ np.swapaxes(r, 1, 2), np.eye(3), atol=1e-3).all(axis=(1, 2))
+    bottom = ~np.isclose(flat[:, 3], [0, 0, 0, 1]).all(axis=1)
     bad = np.flatnonzero(ortho | bottom)
     if bad.size:
-        idx = np.unravel_index(int(bad[0]), shape)
-        raise SceneFormatError(f"{where}{list(map(int, idx))}: not a rigid transform (rotation + translation)")
+        idx = "".join(f"[{int(i)}]" for i in np.unravel_index(int(bad[0]), shape))
+        raise SceneFormatError(f"{where}{idx}: not a rigid transform (rotation + translation)")
     u, _, vt = np.linalg.svd(r)
     flat = flat.copy()
     flat[:, :3, :3] = u @ vt
@@ -508,7 +503,7 @@ def _parse_trajectory(t: Any, i: int, member: str) -> RigTrajectory:
         )
     if np.any(np.diff(ts) <= 0):
         raise SceneFormatError(f"{where}.T_rig_world_timestamps_us: not strictly increasing")
-    mats = np.stack([_rigid(p, f"{where}.T_rig_worlds[{k}]") for k, p in enumerate(poses)])
+    mats = _rigid_stack(poses, (len(ts),), f"{where}.T_rig_worlds")
     return RigTrajectory(ts, mats, str(t.get("sequence_id") or ""), t.get("rig_bbox"), i)
 
 

@@ -98,15 +98,18 @@ class Ppisp:
           SceneFormatError: a tensor is missing, has the wrong shape, disagrees with the others on
             F or C, has no camera (C = 0), or holds non-finite values; the message names the key.
         """
-        sizes: dict[str, tuple[int, str]] = {}  # "F" / "C" -> (size, key it was read from)
-        out = {}
-        for name, pattern in _SHAPES.items():
-            a = _checked(arrays, prefix + name, pattern, sizes, where)
-            out[name] = jnp.asarray(a, dtype)
-        if sizes["C"][0] < 1:
-            key, shape = prefix + "crf_params", out["crf_params"].shape
-            raise SceneFormatError(f"{where}: {key!r} has shape {shape}; need at least one camera")
-        return cls(**out)
+        return cls(**{name: jnp.asarray(a, dtype) for name, a in checked_state(arrays, where, prefix).items()})
+
+
+def checked_state(arrays: Mapping[str, np.ndarray], where: str, prefix: str = "") -> dict[str, np.ndarray]:
+    """The four PPISP tensors `arrays[prefix + name]`, by name, after the checks `Ppisp.from_state`
+    documents (numpy only: a host-side loader validates without touching a device)."""
+    sizes: dict[str, tuple[int, str]] = {}  # "F" / "C" -> (size, key it was read from)
+    out = {name: _checked(arrays, prefix + name, pattern, sizes, where) for name, pattern in _SHAPES.items()}
+    if sizes["C"][0] < 1:
+        key, shape = prefix + "crf_params", out["crf_params"].shape
+        raise SceneFormatError(f"{where}: {key!r} has shape {shape}; need at least one camera")
+    return out
 
 
 @jax.tree_util.register_dataclass

@@ -25,7 +25,7 @@ from nurec_jax import checkpoint, geometry, usd_stage
 from nurec_jax import ppisp as ppisp_lib
 from nurec_jax.archive import Archive
 from nurec_jax.errors import SceneFormatError
-from nurec_jax.metadata import SceneMetadata, parse_sequence_tracks
+from nurec_jax.metadata import RigDocument, SceneMetadata, metadata_lines, parse_rig_document, parse_sequence_tracks
 from nurec_jax.payload import HostLayer, decode_payload
 from nurec_jax.ply import read_ply_gaussians
 from nurec_jax.types import Gaussians, SceneGaussians, Sky
@@ -133,8 +133,6 @@ def _metadata_from_archive(archive: Archive, path: str) -> SceneMetadata:
             raise SceneFormatError(f"{archive.name}:metadata.yaml: invalid YAML ({e})") from None
         if not isinstance(meta_yaml, Mapping):
             raise SceneFormatError(f"{archive.name}:metadata.yaml: top level must be a mapping")
-    from nurec_jax.metadata import RigDocument, parse_rig_document
-
     rig = RigDocument((), (), (), np.eye(4), None)
     if archive.has("rig_trajectories.json"):
         rig = parse_rig_document(
@@ -378,8 +376,8 @@ def load_host_scene(path: str | os.PathLike, options: LoadOptions = LoadOptions(
     layers = static + rigid
     ppisp_arrays, per_frame, post_text = {}, False, ""
     if post is not None:
-        ppisp_arrays, per_frame, where = post
-        ppisp_lib.Ppisp.from_state(ppisp_arrays, where)  # validates shapes now, not at put_scene
+        arrays, per_frame, where = post
+        ppisp_arrays = ppisp_lib.checked_state(arrays, where)  # refused at load, not at put_scene
         n_cam = ppisp_arrays["crf_params"].shape[0]
         post_text = (f"PPISP: per-camera vignetting and response curve ({n_cam} cameras)"
                      + (", per-frame exposure and colour" if per_frame else "; per-frame terms off"))
@@ -474,8 +472,6 @@ def describe(scene: Scene | HostScene) -> str:
         lines.append(f"  post-processing: {r.post_processing}")
     cube = scene.sky_cubemap if isinstance(scene, HostScene) else scene.gaussians.sky.cubemap
     lines.append(f"  sky: {'constant colour' if cube is None else f'cubemap {tuple(cube.shape[1:3])}'}")
-    from nurec_jax.metadata import metadata_lines
-
     lines.extend(metadata_lines(m))  # trajectories, cameras (with trajectory idx), lidars
     if m.tracks:
         labels: dict[str, int] = {}

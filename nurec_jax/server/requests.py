@@ -73,8 +73,7 @@ def pose_pair(msg, field: str, owner) -> tuple[np.ndarray, np.ndarray]:
 
 def _merged_ranges(metadata: SceneMetadata) -> list[tuple[int, int]]:
     """The half-open [first, last + 1) ranges of every rig trajectory, overlapping ones joined."""
-    ranges = sorted((int(t.timestamps_us[0]), int(t.timestamps_us[-1]) + 1) for t in metadata.trajectories) \
-        or [(int(metadata.trajectory.timestamps_us[0]), int(metadata.trajectory.timestamps_us[-1]) + 1)]
+    ranges = sorted((first, last + 1) for first, last in (t.time_range_us for t in metadata.trajectories))
     merged = [ranges[0]]
     for a, b in ranges[1:]:
         if a <= merged[-1][1]:
