@@ -20,16 +20,15 @@ import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
-import yaml
 
-from nurec_jax.archive import Archive
+from nurec_jax.archive import Archive, check_zip_members
 from nurec_jax.errors import SceneFormatError
 from nurec_jax.payload import Payload, StateSource, decode_state
 from nurec_jax.torch_checkpoint import LazyTensor, load_checkpoint, state_dict_arrays
 
 CHECKPOINT_MEMBER = "checkpoint.ckpt"
 CONFIG_MEMBER = "parsed_config.yaml"
-_CONFIG_LIMIT = 64 << 20
+_CONFIG_LIMIT = 8 << 20  # a real parsed_config.yaml is tens of KB; bounded (while inflating) before parsing
 _MODEL_PREFIX = "model."
 
 
@@ -70,10 +69,7 @@ def read_model_config(archive: Archive, notes: list[str]) -> tuple[Mapping[str, 
         notes.append(f"no {CONFIG_MEMBER}: layer settings taken from the tensors alone (default activations, "
                      "SH degree from the stored width, 3DGS colour convention)")
         return {}, ""
-    try:
-        doc = yaml.safe_load(archive.read(CONFIG_MEMBER, _CONFIG_LIMIT))
-    except yaml.YAMLError as e:
-        raise SceneFormatError(f"{where}: invalid YAML ({str(e)[:200]})") from None
+    doc = archive.read_yaml(CONFIG_MEMBER, getattr(archive, "max_yaml_bytes", _CONFIG_LIMIT))
     if not isinstance(doc, Mapping):
         raise SceneFormatError(f"{where}: top level must be a mapping")
     model = doc.get("model")
@@ -84,12 +80,34 @@ def read_model_config(archive: Archive, notes: list[str]) -> tuple[Mapping[str, 
     return model, str(doc.get("version", "") or "")
 
 
+def _check_inner_zip(f, archive: Archive, where: str, max_bytes: int) -> None:
+    import zipfile
+
+    start = f.tell()
+    size = f.seek(0, 2)
+    f.seek(start)
+    try:
+        inner = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # load_checkpoint says what is wrong with it
+    try:
+        limits = dataclasses.replace(archive.limits, member_bytes=min(max_bytes, archive.limits.member_bytes),
+                                     total_bytes=max(0, archive.limits.total_bytes - archive.inflated + size))
+        # (the container's own bytes were counted when it was opened; its members are those bytes)
+        check_zip_members(inner, limits, where, size)
+    finally:
+        f.seek(start)
+
+
 def decode_checkpoint(archive: Archive, max_bytes: int) -> Payload:
     """Decodes the archive's `checkpoint.ckpt` (with `parsed_config.yaml`) like a `.nurec` payload."""
     where = f"{archive.name}:{CHECKPOINT_MEMBER}"
     notes: list[str] = []
     config, version = read_model_config(archive, notes)
     with archive.open(CHECKPOINT_MEMBER, max_bytes) as f:
+        # The checkpoint's own reader stops at each inner member's declared size, so checking the inner
+        # headers against what is left of the archive's limits bounds what it inflates.
+        _check_inner_zip(f, archive, where, max_bytes)
         obj = load_checkpoint(f, where=where, max_member_bytes=max_bytes)
         state = state_dict_arrays(obj)
         if not isinstance(state, Mapping) or not state:

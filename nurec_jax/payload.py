@@ -7,6 +7,7 @@ activations the layer config names and returns render-ready arrays (types.Gaussi
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import zlib
@@ -97,30 +98,44 @@ class Payload:
     ppisp_per_frame: bool = False
 
 
-def gunzip_limited(data: bytes, limit: int, where: str) -> bytes:
-    """Gunzips `data`, refusing to produce more than `limit` bytes (gzip bombs)."""
+def gunzip_limited(data: bytes, limit: int, where: str, max_ratio: float | None = None,
+                   ratio_floor: int = 0) -> bytes:
+    """Gunzips `data`, refusing to produce more than `limit` bytes, or (with `max_ratio`) more than
+    `max_ratio` times the compressed size once past `ratio_floor` bytes (gzip bombs). A refused stream
+    drops its partial output before raising, so a kept error holds no buffer."""
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = bytearray()
-    pending = data
+    out = io.BytesIO()
+    produced = 0
+    pending, buf = data, b""
+    ratio_cap = None if not max_ratio else max(ratio_floor, int(max_ratio * max(1, len(data))))
+    problem = None
     try:
         while True:
             buf = d.decompress(pending, 1 << 20)
-            out += buf
-            if len(out) > limit:
-                raise SceneFormatError(
-                    f"{where}: decompressed payload exceeds the limit of {limit} bytes "
-                    "(raise max_payload_bytes if the scene is genuine)"
-                )
+            produced += len(buf)
+            if produced > limit:
+                problem = (f"{where}: decompressed payload exceeds the limit of {limit} bytes "
+                           "(raise max_payload_bytes if the scene is genuine)")
+                break
+            if ratio_cap is not None and produced > ratio_cap:
+                problem = (f"{where}: gzip stream inflates more than {max_ratio:.0f}:1 ({len(data)} compressed bytes "
+                           f"gave {produced} and counting), over the inflation ratio limit (a gzip bomb?)")
+                break
+            out.write(buf)
             if d.eof:
                 break
             pending = d.unconsumed_tail
             if not pending and not buf:
                 break
     except zlib.error as e:
-        raise SceneFormatError(f"{where}: not a valid gzip stream ({e})") from None
-    if not d.eof:
-        raise SceneFormatError(f"{where}: gzip stream is truncated")
-    return bytes(out)
+        problem = f"{where}: not a valid gzip stream ({e})"
+    if problem is None and not d.eof:
+        problem = f"{where}: gzip stream is truncated"
+    if problem is not None:
+        del buf, pending
+        out.close()
+        raise SceneFormatError(problem)
+    return out.getvalue()
 
 
 def unpack_nre_data(raw: bytes, where: str) -> Mapping[str, Any]:
@@ -477,9 +492,11 @@ def decode_state(state: StateSource, config: Mapping[str, Any], version: str, wh
     return Payload(version, config, tuple(layers), sky, tuple(skipped), tuple(notes), ppisp, per_frame)
 
 
-def decode_payload(data: bytes, where: str, max_bytes: int) -> Payload:
-    """Decodes one `.nurec` member into activated numpy layers and the sky cubemap."""
-    nre = unpack_nre_data(gunzip_limited(data, max_bytes, where), where)
+def decode_payload(data: bytes, where: str, max_bytes: int, max_ratio: float | None = None,
+                   ratio_floor: int = 0) -> Payload:
+    """Decodes one `.nurec` member into activated numpy layers and the sky cubemap (`max_ratio`,
+    `ratio_floor`: the gzip layer's inflation ratio limit, see `gunzip_limited`)."""
+    nre = unpack_nre_data(gunzip_limited(data, max_bytes, where, max_ratio, ratio_floor), where)
     config = nre.get("config") or {}
     if not isinstance(config, Mapping):
         raise SceneFormatError(f"{where}: nre_data.config must be a map")

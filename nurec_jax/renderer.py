@@ -2,14 +2,16 @@
 on overflow, and helpers that pose cameras and actors from a scene's recorded trajectory and tracks.
 
 `Renderer` (camera frames) and `LidarCaster` (lidar spins) are what the server and the CLIs use; both
-keep their compiled functions at module level (one per static signature per process, shared by every
-instance), keep the capacity bucket found per (scene, sensor size) under a lock, and re-run a frame or
-pass that overflowed with the next sufficient power-of-two bucket. Research code may call
+keep their compiled functions in `COMPILED`, one bounded process-wide LRU of executables (one per
+static signature, shared by every instance; evicted ones are freed), keep the capacity bucket found per
+(scene, sensor size) under a lock, and re-run a frame or pass that overflowed with the next sufficient
+power-of-two bucket. Research code may call
 `nurec_jax.render.render` or `nurec_jax.lidar.raycast_pass` directly under its own `jax.jit` / `jax.grad`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -80,36 +82,47 @@ def grown_capacity(pair_capacity: int, pairs: int, max_pair_capacity: int, what:
 
 class _Buckets:
     """The pair bucket each (scene, sensor size) key renders with, shared by a jit owner's threads: the
-    first that worked is kept, an overflow grows it to the next sufficient power of two."""
+    first that worked is kept, an overflow grows it to the next sufficient power of two. The most
+    recently used `max_keys` keys are remembered (clients choose sizes freely; a forgotten key starts
+    again from its first bucket)."""
 
-    def __init__(self, max_pair_capacity: int, what: str):
+    def __init__(self, max_pair_capacity: int, what: str, max_keys: int = 4096):
         self.max_pair_capacity = max_pair_capacity
         self._what = what
-        self._caps: dict[tuple, int] = {}
+        self._max_keys = max_keys
+        self._caps: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: tuple, default=None):
         with self._lock:
+            if key in self._caps:
+                self._caps.move_to_end(key)
             return self._caps.get(key, default)
+
+    def _set_locked(self, key: tuple, pairs: int) -> None:
+        self._caps[key] = pairs
+        self._caps.move_to_end(key)
+        while len(self._caps) > self._max_keys:
+            self._caps.popitem(last=False)
 
     def keep(self, key: tuple, pairs: int) -> None:
         """Records the bucket a frame rendered with, unless one is known already."""
         with self._lock:
-            self._caps.setdefault(key, pairs)
+            if key not in self._caps:
+                self._set_locked(key, pairs)
 
     def grow(self, key: tuple, capacity: int, pairs: int) -> int:
         """The bucket after one that held `capacity` overflowed with `pairs` (MemoryError past the maximum)."""
         new_pairs = grown_capacity(capacity, pairs, self.max_pair_capacity, self._what)
         _LOGGER.info("%s capacity grown to %d pairs for %s", self._what, new_pairs, key)
         with self._lock:
-            self._caps[key] = new_pairs
+            self._set_locked(key, new_pairs)
         return new_pairs
 
 
 def counted_jit(fn, counter: list, **jit_kwargs):
-    """`jax.jit(fn)` that adds 1 to `counter[0]` each time it traces (each trace is a compile). The jit
-    owners (Renderer here, the lidar caster) keep theirs at module level: one compiled function per
-    static signature per process, shared by every instance."""
+    """`jax.jit(fn)` that adds 1 to `counter[0]` each time it traces (each trace is a compile). For code
+    that jits a render function itself; the Renderer and LidarCaster go through `CompiledCache`."""
 
     def traced(*args, **kwargs):
         counter[0] += 1
@@ -118,12 +131,169 @@ def counted_jit(fn, counter: list, **jit_kwargs):
     return jax.jit(traced, **jit_kwargs)
 
 
+def _leaf_signature(x) -> Any:
+    """What a compiled executable fixes about one argument leaf: shape, dtype and weak type (a Python
+    scalar: its type, which jit turns into a weakly typed scalar)."""
+    if isinstance(x, (bool, int, float, complex)):
+        return type(x)
+    return (tuple(x.shape), np.dtype(x.dtype), bool(getattr(x, "weak_type", False)))
+
+
+class _Pending:
+    """A compile in progress: other threads wanting the same signature wait for it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.value = None
+
+
+class CompiledCache:
+    """A process-wide LRU of ahead-of-time compiled executables, keyed by static signature.
+
+    `jax.jit` keeps every signature it ever compiled for the life of the process; a server asked for
+    many output sizes then grows by one executable per size. Here each miss builds a fresh `jax.jit`
+    wrapper around a fresh closure, lowers and compiles it once and keeps only the resulting `Compiled`
+    object: once the wrapper goes out of scope nothing in jit's own caches refers to the executable, so
+    evicting the entry (at most `max_entries`, least recently used first) frees it. The key is the
+    function's name, the argument pytree structure (which holds the cameras' static fields), every
+    leaf's shape / dtype / weak type and the static keyword values.
+
+    Evicting also empties JAX's own tracing and lowering caches (`jax.clear_caches`, with
+    `clear_jax_caches`): they are bounded LRUs of a few thousand entries each, but every new signature
+    adds jaxprs for each `jnp` helper it traced (measured: ~3-10 MB per compile that stays until those
+    LRUs fill, several hundred MB on the thinned sample scene). The executables this cache holds are not
+    in those caches, so they survive; what other code jitted itself recompiles once.
+
+    Two threads missing the same key compile it once (the second waits). Tracing counts into the
+    counter the caller passes (`trace_count`); JAX's persistent compilation cache, when on, still
+    serves the compile step of a signature that was evicted and comes back.
+    """
+
+    def __init__(self, max_entries: int = 16, clear_jax_caches: bool = True):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self._max = max_entries
+        self.clear_jax_caches = clear_jax_caches
+        self._entries: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._pending: dict[tuple, _Pending] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def max_entries(self) -> int:
+        return self._max
+
+    def resize(self, max_entries: int) -> None:
+        """Sets the bound, evicting the least recently used entries beyond it."""
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        with self._lock:
+            self._max = max_entries
+            dropped = self._evict_locked()
+        self._release(dropped)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(entries=len(self._entries), max_entries=self._max, hits=self.hits, misses=self.misses,
+                        evictions=self.evictions)
+
+    def clear(self) -> None:
+        with self._lock:
+            dropped = list(self._entries.values())
+            self._entries.clear()
+        self._release(dropped)
+
+    def _release(self, dropped: list) -> None:
+        """Frees evicted executables (outside the lock) and, if any, JAX's tracing caches."""
+        if not dropped:
+            return
+        dropped.clear()
+        if self.clear_jax_caches:
+            jax.clear_caches()
+
+    def _evict_locked(self) -> list:
+        dropped = []
+        while len(self._entries) > self._max:
+            key, exe = self._entries.popitem(last=False)
+            dropped.append(exe)
+            self.evictions += 1
+            _LOGGER.info("compiled-variant cache full (%d): dropped %s", self._max, key[0])
+        return dropped
+
+    @staticmethod
+    def key(name: str, args: tuple, kwargs: dict, static: dict) -> tuple:
+        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+        return (name, tree, tuple(_leaf_signature(x) for x in leaves), tuple(sorted(static.items())))
+
+    def get(self, name: str, fn, counter: list, args: tuple, kwargs: dict | None = None,
+            static: dict | None = None):
+        """The executable of `fn(*args, **kwargs, **static)` (compiled on a miss; `static` are the
+        static keyword arguments). Call it with `(*args, **kwargs)`, without the static ones."""
+        kwargs, static = kwargs or {}, static or {}
+        key = self.key(name, args, kwargs, static)
+        while True:
+            with self._lock:
+                exe = self._entries.get(key)
+                if exe is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return exe
+                pending = self._pending.get(key)
+                owner = pending is None
+                if owner:
+                    pending = self._pending[key] = _Pending()
+                    self.misses += 1
+            if not owner:
+                pending.done.wait()
+                if pending.value is not None:
+                    return pending.value
+                continue  # that compile failed: try ourselves
+            try:
+                exe = self._compile(fn, counter, args, kwargs, static)
+                pending.value = exe
+            finally:
+                with self._lock:
+                    del self._pending[key]
+                    dropped = []
+                    if pending.value is not None:
+                        self._entries[key] = pending.value
+                        dropped = self._evict_locked()
+                pending.done.set()
+            self._release(dropped)
+            return exe
+
+    @staticmethod
+    def _compile(fn, counter: list, args: tuple, kwargs: dict, static: dict):
+        def traced(*a, **kw):  # a new function object per compile: jit's caches die with it
+            counter[0] += 1
+            return fn(*a, **kw)
+
+        wrapper = jax.jit(traced, static_argnames=tuple(static))
+        return wrapper.lower(*args, **kwargs, **static).compile()
+
+    def call(self, name: str, fn, counter: list, args: tuple, kwargs: dict | None = None,
+             static: dict | None = None, check=None):
+        """Runs `fn` through its cached executable; `check()` (if given) runs after a compile and before
+        the run, and may raise to stop (a call whose deadline passed while it compiled)."""
+        exe = self.get(name, fn, counter, args, kwargs, static)
+        if check is not None:
+            check()
+        return exe(*args, **(kwargs or {}))
+
+
+COMPILED = CompiledCache()
+"""The process's compiled render and lidar functions (every Renderer and LidarCaster shares it; the
+server sets its bound from --max-compiled-variants)."""
+
 _TRACES = [0]
-_RENDER = counted_jit(render, _TRACES, static_argnames=("options",))
-# The staged path (timed per stage): the four stages of `render`, compiled separately.
-_STAGES = {name: counted_jit(fn, _TRACES, static_argnames=("options",) if name != "compose" else ())
-           for name, fn in (("projection", prepare_frame), ("binning", bin_frame),
-                            ("compositing", composite_frame), ("compose", compose_frame))}
+_STAGE_FUNCTIONS = {"projection": prepare_frame, "binning": bin_frame, "compositing": composite_frame,
+                    "compose": compose_frame}
 
 
 class Renderer:
@@ -146,18 +316,28 @@ class Renderer:
         are shared by every Renderer, so a second instance reuses the first one's executables."""
         return _TRACES[0]
 
-    def _render_staged(self, gaussians, camera, sensor_pose, actors, options, timer, isp) -> RenderOutput:
+    @property
+    def compiled_cache(self) -> CompiledCache:
+        """The process-wide cache of compiled render and lidar functions (`COMPILED`)."""
+        return COMPILED
+
+    def _render_staged(self, gaussians, camera, sensor_pose, actors, options, timer, isp, check) -> RenderOutput:
         """`render` as four separately compiled stages, each timed (and waited for when the timer
-        synchronizes): projection, binning, compositing, compose. Same result; for profiling."""
-        f = _STAGES
+        synchronizes): projection, binning, compositing, compose. Same result; for profiling. `check()`
+        runs before each stage, so a call that gave up stops between them."""
+
+        def stage(name, *args, **static):
+            return COMPILED.call(name, _STAGE_FUNCTIONS[name], _TRACES, args, static=static, check=check)
+
         with timer.stage("projection") as st:
-            prep = st.wait(f["projection"](gaussians, camera, sensor_pose, actors, options=options))
+            prep = st.wait(stage("projection", gaussians, camera, sensor_pose, actors, options=options))
         with timer.stage("binning") as st:
-            binning = st.wait(f["binning"](prep, camera, options=options))
+            binning = st.wait(stage("binning", prep, camera, options=options))
         with timer.stage("compositing") as st:
-            rgb, trans, hit = st.wait(f["compositing"](prep, binning, camera, options=options))
+            rgb, trans, hit = st.wait(stage("compositing", prep, binning, camera, options=options))
         with timer.stage("compose") as st:
-            return st.wait(f["compose"](gaussians.sky, camera, prep, binning, rgb, trans, hit, gaussians.ppisp, isp))
+            return st.wait(stage("compose", gaussians.sky, camera, prep, binning, rgb, trans, hit, gaussians.ppisp,
+                                 isp))
 
     @staticmethod
     def _key(camera: Camera, cache_key: tuple) -> tuple:
@@ -184,10 +364,13 @@ class Renderer:
 
     def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
                actors: ActorPoses | None = None, *, disable_rolling_shutter: bool = False,
-               cache_key: tuple = (), timer: StageTimer | None = None, isp: IspIndex | None = None) -> RenderOutput:
+               cache_key: tuple = (), timer: StageTimer | None = None, isp: IspIndex | None = None,
+               check=None) -> RenderOutput:
         """Renders a frame, growing the pair bucket on overflow. With a `timer` (any `StageTimer`) the frame
         runs as four separately compiled, timed stages. `isp` selects the camera and frame of the scene's
-        PPISP post-processing (see `isp_index`); ignored for scenes without one."""
+        PPISP post-processing (see `isp_index`); ignored for scenes without one. `check()` (if given) runs
+        before each device run (after any compile, between stages, before an overflow re-render) and may
+        raise to stop the frame (the server's deadline and cancellation check)."""
         key = self._key(camera, cache_key)
         n_gaussians = gaussians.static.count + gaussians.dynamic.count
         opts = dataclasses.replace(self.options_for(camera, cache_key, n_gaussians),
@@ -198,9 +381,10 @@ class Renderer:
         isp = None if gaussians.ppisp is None else (IspIndex.of() if isp is None else isp)
         while True:
             if timer is None:
-                out = _RENDER(gaussians, camera, sensor_pose, actors, options=opts, isp=isp)
+                out = COMPILED.call("render", render, _TRACES, (gaussians, camera, sensor_pose, actors),
+                                    dict(isp=isp), dict(options=opts), check=check)
             else:
-                out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer, isp)
+                out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer, isp, check)
             pairs = int(out.num_pairs)
             if pairs <= opts.pair_capacity:
                 self._buckets.keep(key, opts.pair_capacity)  # later frames and `options_for` start there
@@ -209,7 +393,6 @@ class Renderer:
 
 
 _LIDAR_TRACES = [0]
-_LIDAR_PASS = counted_jit(raycast_pass, _LIDAR_TRACES, static_argnames=("n_col_tiles", "options"))
 
 
 class LidarCaster:
@@ -245,7 +428,9 @@ class LidarCaster:
         while c0 < tables.column_tiles:
             if check is not None:
                 check()
-            out = _LIDAR_PASS(gaussians, tables, sensor_pose, actors, jnp.int32(c0), n_col_tiles=n_ct, options=opts)
+            out = COMPILED.call("lidar_pass", raycast_pass, _LIDAR_TRACES,
+                                (gaussians, tables, sensor_pose, actors, jnp.int32(c0)),
+                                static=dict(n_col_tiles=n_ct, options=opts), check=check)
             pairs = int(out.num_pairs)
             if pairs > opts.pair_capacity:
                 opts = dataclasses.replace(opts, pair_capacity=self._buckets.grow(key, opts.pair_capacity, pairs))

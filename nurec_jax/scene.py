@@ -11,7 +11,6 @@ Rigid actor Gaussians stay in their cuboid-local frames.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -19,7 +18,6 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-import yaml
 
 from nurec_jax import checkpoint, geometry, usd_stage
 from nurec_jax import ppisp as ppisp_lib
@@ -32,7 +30,12 @@ from nurec_jax.types import Gaussians, SceneGaussians, Sky
 
 _LOGGER = logging.getLogger(__name__)
 
-_SIDE_FILE_LIMIT = 256 << 20  # JSON / YAML side files
+# JSON side files: rig_trajectories.json of long clips runs to tens of MB, so 64 MiB leaves room; the json
+# module holds ~3x the text while parsing, so the bound keeps a hostile one to ~200 MB, then released.
+_SIDE_FILE_LIMIT = 64 << 20
+# YAML side files (metadata.yaml, parsed_config.yaml) are kilobytes; PyYAML costs tens of bytes per input
+# byte, so they get a tighter bound.
+_YAML_LIMIT = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +45,25 @@ class LoadOptions:
     Attributes:
       max_payload_bytes: largest decompressed `.nurec` payload accepted (zip and gzip bombs).
       max_member_bytes: largest archive member read (after zip inflation).
+      max_total_bytes: most bytes inflated from one archive, all members together.
+      max_inflation_ratio: largest inflated/compressed ratio of a zip member, or of a payload's gzip
+        stream, once it passes `ratio_floor_bytes` (None: off); real payloads deflate about 1-3:1,
+        zip and gzip bombs about 1000:1.
+      ratio_floor_bytes: inflated size below which the ratio is not checked.
+      max_side_file_bytes: largest JSON side member, checked (while inflating) before parsing.
+      max_yaml_bytes: largest YAML side member (`metadata.yaml`, `parsed_config.yaml`), likewise.
       background_color: constant background used when the scene has no sky cubemap.
     """
 
-    max_payload_bytes: int = 8 << 30
-    max_member_bytes: int = 8 << 30
+    # Real payloads are 0.35-0.6 GB and checkpoints ~1.1 GB inflated: 2 GiB leaves room, 4 GiB total
+    # covers a payload plus a checkpoint plus side files.
+    max_payload_bytes: int = 2 << 30
+    max_member_bytes: int = 2 << 30
+    max_total_bytes: int = 4 << 30
+    max_inflation_ratio: float | None = 200.0
+    ratio_floor_bytes: int = 4 << 20
+    max_side_file_bytes: int = _SIDE_FILE_LIMIT
+    max_yaml_bytes: int = _YAML_LIMIT
     background_color: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
@@ -115,22 +132,19 @@ class Scene:
 # Metadata
 
 
+def _side_limit(archive: Archive) -> int:
+    return getattr(archive, "max_side_file_bytes", _SIDE_FILE_LIMIT)
+
+
 def _read_json(archive: Archive, member: str) -> Any:
-    raw = archive.read(member, _SIDE_FILE_LIMIT)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SceneFormatError(f"{archive.name}:{member}: invalid JSON ({e})") from None
+    return archive.read_json(member, _side_limit(archive))  # size-checked first; nesting depth bounded
 
 
 def _metadata_from_archive(archive: Archive, path: str) -> SceneMetadata:
     stem = os.path.splitext(os.path.basename(path))[0]
     meta_yaml: Mapping[str, Any] = {}
     if archive.has("metadata.yaml"):
-        try:
-            meta_yaml = yaml.safe_load(archive.read("metadata.yaml", _SIDE_FILE_LIMIT)) or {}
-        except yaml.YAMLError as e:
-            raise SceneFormatError(f"{archive.name}:metadata.yaml: invalid YAML ({e})") from None
+        meta_yaml = archive.read_yaml("metadata.yaml", getattr(archive, "max_yaml_bytes", _YAML_LIMIT)) or {}
         if not isinstance(meta_yaml, Mapping):
             raise SceneFormatError(f"{archive.name}:metadata.yaml: top level must be a mapping")
     rig = RigDocument((), (), (), np.eye(4), None)
@@ -191,11 +205,19 @@ def _plain_metadata(path: str) -> SceneMetadata:
     )
 
 
+def _open_archive(path: str, options: LoadOptions) -> Archive:
+    archive = Archive(path, options.max_member_bytes, max_total_bytes=options.max_total_bytes,
+                      max_ratio=options.max_inflation_ratio, ratio_floor_bytes=options.ratio_floor_bytes)
+    archive.max_side_file_bytes = options.max_side_file_bytes
+    archive.max_yaml_bytes = options.max_yaml_bytes
+    return archive
+
+
 def read_scene_metadata(path: str | os.PathLike, options: LoadOptions = LoadOptions()) -> SceneMetadata:
     """Reads a scene's metadata (ids, cameras, trajectory, tracks) without decoding its Gaussians."""
     path = os.fspath(path)
     if path.lower().endswith(".usdz"):
-        with Archive(path, options.max_member_bytes) as archive:
+        with _open_archive(path, options) as archive:
             return _metadata_from_archive(archive, path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"scene file not found: {path}")
@@ -316,7 +338,8 @@ def _load_usdz_gaussians(archive: Archive, meta: SceneMetadata, options: LoadOpt
                 decoded[member] = checkpoint.decode_checkpoint(archive, options.max_payload_bytes)
             else:
                 decoded[member] = decode_payload(
-                    archive.read(member, options.max_payload_bytes), where, options.max_payload_bytes
+                    archive.read(member, options.max_payload_bytes), where, options.max_payload_bytes,
+                    max_ratio=options.max_inflation_ratio, ratio_floor=options.ratio_floor_bytes,
                 )
             warnings.extend(decoded[member].notes)
         payload = decoded[member]
@@ -348,7 +371,7 @@ def load_host_scene(path: str | os.PathLike, options: LoadOptions = LoadOptions(
     rigid: list[HostLayer] = []
     post = None
     if lower.endswith(".usdz"):
-        with Archive(path, options.max_member_bytes) as archive:
+        with _open_archive(path, options) as archive:
             meta = _metadata_from_archive(archive, path)
             static, rigid, sky, version, sources, skipped, warnings, post = _load_usdz_gaussians(
                 archive, meta, options)

@@ -110,8 +110,11 @@ def test_gzip_bomb_is_refused(tmp_path):
     assert path.stat().st_size < 100_000
     with pytest.raises(SceneFormatError, match=r"volume\.nurec: decompressed payload exceeds the limit of 1048576"):
         _load(path, max_payload_bytes=1 << 20)
-    # The same file loads with a generous limit.
-    assert _load(path).gaussians.static.count == 8
+    # By default its 1000:1 inflation is refused as a bomb; with the ratio check off and the size limit
+    # generous, the same file loads.
+    with pytest.raises(SceneFormatError, match=r"volume\.nurec: gzip stream inflates more than 200:1"):
+        _load(path)
+    assert _load(path, max_inflation_ratio=None).gaussians.static.count == 8
 
 
 def test_zip_bomb_member_is_refused(tmp_path):

@@ -59,6 +59,8 @@ _CONCURRENCY = flags.DEFINE_integer("concurrency", 4, "Requests in flight at onc
 _VIDEO = flags.DEFINE_enum("video_format", "gif", ["gif", "mp4", "none"], "Animation of each camera's frames.")
 _FPS = flags.DEFINE_float("video_fps", 10.0, "Animation frame rate.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Per-request deadline, seconds.")
+_SCENE_URL = flags.DEFINE_string("scene_url", None, "When the server does not serve the scene yet: an http(s) URL "
+                                 "it downloads the scene from (sent as x-nre-scene-url / x-nre-scene-id).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 _LIDAR = flags.DEFINE_boolean("lidar", False, "Also render lidar spins (a .ply and a bird's-eye-view PNG each).")
 _LIDAR_ID = flags.DEFINE_string("lidar_id", None, "Scene lidar whose mount (and spin windows) to use; default: "
@@ -175,8 +177,13 @@ def _main(argv):
         return 1
     print(f"server {version.version_id} ({version.git_hash}); scene {scene_id!r}")
     md = ()
-    if scene_id not in available:  # let the server load our file under its id
-        md = (("x-nre-scene-url", "file://" + path), ("x-nre-scene-id", scene_id))
+    if scene_id not in available:
+        if not _SCENE_URL.value:  # the server never reads paths a client names, only URLs it downloads
+            print(f"render-grpc: the server does not serve scene {scene_id!r}; start serve-grpc with an "
+                  f"--artifact-glob that matches {path}, or pass --scene-url (an http(s) URL of the file)",
+                  file=sys.stderr)
+            return 1
+        md = (("x-nre-scene-url", _SCENE_URL.value), ("x-nre-scene-id", scene_id))
     try:
         cams = stub.get_available_cameras(sensorsim_pb2.AvailableCamerasRequest(scene_id=scene_id), metadata=md,
                                           timeout=timeout)

@@ -34,7 +34,21 @@ _WARMUP_H = flags.DEFINE_integer("warmup_height", _D.warmup_height,
 _CACHE_SIZE = flags.DEFINE_integer("cache_size", _D.cache_size, "Scenes kept loaded on the device (LRU).")
 _DL_DIR = flags.DEFINE_string("download_cache_dir", _D.download_cache_dir, "Where x-nre-scene-url downloads go.")
 _DL_SIZE = flags.DEFINE_integer("download_cache_size", _D.download_cache_size, "Downloaded scenes kept (LRU).")
-_DL_MAX = flags.DEFINE_integer("download_max_bytes", _D.download_max_bytes, "Largest scene download accepted.")
+_DL_MAX = flags.DEFINE_integer("download_max_bytes", _D.download_max_bytes,
+                               "Largest scene download accepted (Content-Length and streamed bytes).")
+# Downloads (nurec-jax)
+_DL_TIMEOUT = flags.DEFINE_float("download_timeout_s", _D.download_timeout_s,
+                                 "Longest a whole x-nre-scene-url download may take.")
+_DL_STALL = flags.DEFINE_float("download_stall_timeout_s", _D.download_stall_timeout_s,
+                               "A download that receives no byte for this long fails.")
+_DL_WORKERS = flags.DEFINE_integer("download_workers", _D.download_workers,
+                                   "Threads for scene downloads (separate from metadata and render workers).")
+_DL_PRIVATE = flags.DEFINE_boolean("download_allow_private", _D.download_allow_private,
+                                   "Allow downloads from loopback, private, link-local and other non-public "
+                                   "addresses (refused by default).")
+_DL_HOSTS = flags.DEFINE_list("download_allow_hosts", list(_D.download_allow_hosts),
+                              "Comma-separated host names ('.example.com' for a domain) or IPs/CIDRs that downloads "
+                              "may reach even when they resolve to non-public addresses.")
 _ENABLE_NREND = flags.DEFINE_boolean("enable_nrend", _D.enable_nrend,
                                      "Accepted for NuRec compatibility; nurec-jax has one renderer.")
 _RENDERER = flags.DEFINE_enum("renderer", _D.renderer, list(opt.RENDERERS),
@@ -94,6 +108,16 @@ _TOKEN_FILE = flags.DEFINE_string("auth_token_file", None,
                                   "'authorization: Bearer <token>' (UNAUTHENTICATED otherwise).")
 _REMOTE_SHUTDOWN = flags.DEFINE_boolean("allow_remote_shutdown", _D.allow_remote_shutdown,
                                         "Accept shut_down from non-loopback peers (default: PERMISSION_DENIED).")
+# Hardening (nurec-jax)
+_ASSET_DIR = flags.DEFINE_string("asset_dir", None, "edit_assets may read .ply asset files only below this "
+                                 "directory (symlinks resolved); unset: only the scenes' own asset banks.")
+# Bounded work (nurec-jax)
+_MAX_OUT_PX = flags.DEFINE_integer("max_output_pixels", _D.max_output_pixels,
+                                   "Largest output image (width x height after NuRec's resolution rule) a request "
+                                   "may ask for; larger ones are INVALID_ARGUMENT before anything compiles.")
+_MAX_VARIANTS = flags.DEFINE_integer("max_compiled_variants", _D.max_compiled_variants,
+                                     "Compiled render/lidar functions kept in memory (one per output size, camera "
+                                     "model, scene shape and pair bucket; least recently used freed first).")
 
 
 def options_from_flags() -> opt.ServerOptions:
@@ -109,14 +133,18 @@ def options_from_flags() -> opt.ServerOptions:
         timing_logfile=_TIMING_LOG.value, timing_synchronize=_TIMING_SYNC.value,
         profiling_backend=_PROFILING.value, max_backends_per_scene=_MAX_BACKENDS.value,
         enable_harmonizer=_HARMONIZER.value, max_message_bytes=_MAX_MESSAGE_MB.value << 20,
-        download_max_bytes=_DL_MAX.value, shutdown_grace_s=_GRACE.value,
+        download_max_bytes=_DL_MAX.value, download_timeout_s=_DL_TIMEOUT.value,
+        download_stall_timeout_s=_DL_STALL.value, download_workers=_DL_WORKERS.value,
+        download_allow_private=_DL_PRIVATE.value, download_allow_hosts=tuple(_DL_HOSTS.value),
+        shutdown_grace_s=_GRACE.value,
         initial_pair_capacity=_PAIR_CAP.value,
         max_pair_capacity=_MAX_PAIRS.value, lidar_repeated_fields=_LIDAR_REPEATED.value,
         compilation_cache_dir=_COMPILE_CACHE.value or None, warmup_compiles=_WARMUP.value,
         warmup_height=_WARMUP_H.value, profiling_trace_dir=_TRACE_DIR.value, metrics_port=_METRICS_PORT.value,
         tls_cert_file=_TLS_CERT.value or None, tls_key_file=_TLS_KEY.value or None,
         tls_client_ca_file=_TLS_CLIENT_CA.value or None, auth_token_file=_TOKEN_FILE.value or None,
-        allow_remote_shutdown=_REMOTE_SHUTDOWN.value)
+        allow_remote_shutdown=_REMOTE_SHUTDOWN.value, asset_dir=_ASSET_DIR.value or None,
+        max_output_pixels=_MAX_OUT_PX.value, max_compiled_variants=_MAX_VARIANTS.value)
 
 
 def _main(argv):

@@ -35,7 +35,8 @@ from nurec_jax.server.models import ModelCache
 from nurec_jax.server.options import ServerOptions
 from nurec_jax.server.registry import SceneRegistry, discover_artifacts
 from nurec_jax.server import auth, metrics_http, postprocess, timing, warmup
-from nurec_jax.server.servicer import SensorsimServicer
+from nurec_jax.server import requests as requests_lib
+from nurec_jax.server.servicer import SensorsimServicer, add_to_server
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ class Server:
             options.artifact_glob, load_options)
         if options.test_scenes_are_valid and broken:
             raise ValueError("unreadable scene artifacts: " + "; ".join(f"{p}: {e}" for p, e in broken.items()))
-        downloads = DownloadCache(options.download_cache_dir, options.download_cache_size,
-                                  options.download_max_bytes)
+        downloads = DownloadCache.from_options(options)
         self.registry = SceneRegistry(artifacts, downloads, load_options, broken)
 
         def default_loader(scene_id: str) -> Scene:
@@ -86,6 +86,10 @@ class Server:
             RenderOptions(pair_capacity=options.initial_pair_capacity),
             max_pair_capacity=options.max_pair_capacity)
         self.lidar_caster = lidar_caster or LidarCaster(max_pair_capacity=options.max_pair_capacity)
+        # Bounded work (nurec-jax): process-wide limits (the compiled-variant LRU is shared by every Renderer
+        # and LidarCaster of the process; the output-size limit is read by request validation).
+        self.renderer.compiled_cache.resize(options.max_compiled_variants)
+        requests_lib.max_output_pixels = options.max_output_pixels
         # Operations: timing log / metrics.yaml, profiler, post-processing model. Each raises ValueError naming
         # its flag (a missing nvtx package, Tracy, an unusable path, no post-processing model), so a
         # misconfigured server refuses to start instead of failing requests.
@@ -134,7 +138,7 @@ class Server:
                ("grpc.max_receive_message_length", self.options.max_message_bytes)]
         interceptors = [auth.BearerTokenInterceptor(self._token)] if self._token is not None else None
         self._server = grpc.aio.server(options=msg, interceptors=interceptors)
-        sensorsim_pb2_grpc.add_SensorsimServiceServicer_to_server(self.servicer, self._server)
+        add_to_server(self.servicer, self._server)  # undecodable requests answer INVALID_ARGUMENT
         self.health = health.aio.HealthServicer()
         await self.health.set("", NOT_SERVING)
         await self.health.set(SERVICE_NAME, NOT_SERVING)

@@ -22,6 +22,9 @@ from nurec_jax.errors import SceneFormatError
 from nurec_jax.metadata import SceneMetadata, Track
 from nurec_jax.scene import Scene
 from nurec_jax.server import convert
+from nurec_jax.server.errors import MAX_ID_CHARS, PermissionDenied, check_id, quoted
+
+MAX_PATH_CHARS = 4096  # longest .ply path an asset id may be (Linux PATH_MAX)
 
 
 class EditError(ValueError):
@@ -56,11 +59,17 @@ def _trajectory(msg, field: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SceneEditor:
-    """Per-scene edits and the edited views of loaded scenes."""
+    """Per-scene edits and the edited views of loaded scenes.
 
-    def __init__(self, registry, max_asset_bytes: int = 1 << 30):
+    Assets come from the scene's own bank, or (a `.ply` path) from files below `asset_dir` only: a
+    path is resolved (symlinks included) before the containment check, and a path outside it, or
+    any path when `asset_dir` is None, is PERMISSION_DENIED with the same message whether or not
+    the file exists."""
+
+    def __init__(self, registry, max_asset_bytes: int = 1 << 30, asset_dir: str | None = None):
         self.registry = registry
         self.max_asset_bytes = max_asset_bytes
+        self.asset_dir = None if asset_dir is None else os.path.realpath(os.path.expanduser(asset_dir))
         self._lock = threading.Lock()
         self._edit_lock = threading.Lock()  # one edit at a time: each builds on the one before
         self._edits: dict[str, ActorEdits] = {}
@@ -112,21 +121,41 @@ class SceneEditor:
         except KeyError:
             if not asset_id.lower().endswith(".ply"):
                 bank = assets_lib.bank_ids(self.registry.metadata(scene_id).members)
-                raise EditError(f"{field}: no asset {asset_id!r} in the scene's asset bank {bank} "
+                raise EditError(f"{field}: no asset {quoted(asset_id)} in the scene's asset bank {bank} "
                                 f"(and not a .ply path)") from None
+            file = self._asset_file(asset_id, field)
             try:
-                asset = assets_lib.load_ply_asset(os.path.expanduser(asset_id), self.max_asset_bytes)
+                asset = assets_lib.load_ply_asset(file, self.max_asset_bytes)
+            except FileNotFoundError:
+                raise EditError(f"{field}: no asset file {quoted(asset_id)} in --asset-dir") from None
             except (OSError, ValueError, SceneFormatError) as e:
-                raise EditError(f"{field}: {e}") from None
+                raise EditError(f"{field}: asset file {quoted(asset_id)}: {str(e)[:300]}") from None
         except SceneFormatError as e:
             raise EditError(f"{field}: {e}") from None
         with self._lock:
             self._assets[key] = asset
         return asset
 
+    def _asset_file(self, asset_id: str, field: str) -> str:
+        """The resolved file of a `.ply` asset id, which must lie below --asset-dir (relative ids are
+        taken relative to it). Raises PermissionDenied otherwise, never saying whether the file exists."""
+        if self.asset_dir is None:
+            raise PermissionDenied(f"{field}: {quoted(asset_id)}: this server reads no asset files (start "
+                                   "serve-grpc with --asset-dir to allow .ply assets from a directory)")
+        try:
+            real = os.path.realpath(os.path.join(self.asset_dir, asset_id))  # an absolute id replaces the dir
+            inside = os.path.commonpath([self.asset_dir, real]) == self.asset_dir
+        except ValueError:  # a NUL byte, or nothing in common
+            inside = False
+        if not inside:
+            raise PermissionDenied(f"{field}: {quoted(asset_id)} is not below --asset-dir; asset files are only "
+                                   "read from there")
+        return real
+
     def _placement(self, scene_id: str, asset_id: str, size, owner, field: str) -> Placement:
         if not asset_id or asset_id == "none":
             raise EditError(f"{field}: an asset id (asset bank id or .ply path) is required")
+        check_id(asset_id, field, MAX_PATH_CHARS if asset_id.lower().endswith(".ply") else MAX_ID_CHARS)
         asset = self._asset(scene_id, asset_id, field)
         dims = _size(size, owner, f"{field.rsplit('.', 1)[0]}.object_size")
         if dims is None:
@@ -142,10 +171,11 @@ class SceneEditor:
         replaced: dict = {}
         for i, r in enumerate(request.replace):
             f = f"replace[{i}]"
+            check_id(r.original_id, f"{f}.original_id")
             if r.original_id not in meta.tracks:
-                raise EditError(f"{f}.original_id: no track {r.original_id!r} in scene {sid!r}")
+                raise EditError(f"{f}.original_id: no track {quoted(r.original_id)} in scene {quoted(sid)}")
             if r.original_id in replaced:
-                raise EditError(f"{f}.original_id: track {r.original_id!r} is replaced twice in one request")
+                raise EditError(f"{f}.original_id: track {quoted(r.original_id)} is replaced twice in one request")
             replaced[r.original_id] = self._placement(sid, r.replacement_id, r.object_size, r,
                                                       f"{f}.replacement_id")
         inserted: dict = {}
@@ -153,10 +183,12 @@ class SceneEditor:
             f = f"insert[{i}]"
             if not t.id:
                 raise EditError(f"{f}.id: empty")
+            check_id(t.id, f"{f}.id")
             if "@" in t.id:
-                raise EditError(f"{f}.id: {t.id!r} must not contain '@'")
+                raise EditError(f"{f}.id: {quoted(t.id)} must not contain '@'")
             if t.id in meta.tracks or t.id in inserted:
-                raise EditError(f"{f}.id: track {t.id!r} already exists")
+                raise EditError(f"{f}.id: track {quoted(t.id)} already exists")
+            check_id(t.semantic_class, f"{f}.semantic_class")
             ts, mats = _trajectory(t.trajectory, f"{f}.trajectory")
             p = self._placement(sid, t.asset_id, t.object_size, t, f"{f}.asset_id")
             label = t.semantic_class or p.asset.label or "automobile"
@@ -197,8 +229,8 @@ class SceneEditor:
 
 
 def describe(edits: ActorEdits) -> str:
-    parts = [f"replaced {tid} with {p.asset.asset_id} ({'x'.join(f'{d:.2f}' for d in p.dims)} m)"
+    parts = [f"replaced {quoted(tid)} with {quoted(p.asset.asset_id)} ({'x'.join(f'{d:.2f}' for d in p.dims)} m)"
              for tid, p in edits.replaced.items()]
-    parts += [f"inserted {tid} ({p.asset.asset_id})" for tid, (_, p) in edits.inserted.items()]
+    parts += [f"inserted {quoted(tid)} ({quoted(p.asset.asset_id)})" for tid, (_, p) in edits.inserted.items()]
     return "; ".join(parts)
 

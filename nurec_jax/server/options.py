@@ -51,7 +51,7 @@ class ServerOptions:
     profiling_trace_dir: str = "~/.cache/nurec-jax/profiles"  # where --profiling-backend JAX writes its trace
     metrics_port: int | None = None  # serve GET /metrics (Prometheus text) on this HTTP port
     max_message_bytes: int = 64 << 20
-    download_max_bytes: int = 32 << 30
+    download_max_bytes: int = 8 << 30  # largest scene download (Content-Length and streamed bytes)
     initial_pair_capacity: int = 1 << 16
     max_pair_capacity: int = 1 << 26
     shutdown_grace_s: float = 30.0
@@ -62,6 +62,17 @@ class ServerOptions:
     tls_client_ca_file: str | None = None  # mTLS: clients must present a certificate signed by this CA
     auth_token_file: str | None = None  # a file holding the token clients send as "authorization: Bearer <t>"
     allow_remote_shutdown: bool = False  # accept shut_down from non-loopback peers
+    # Hardening (nurec-jax)
+    asset_dir: str | None = None  # edit_assets may read .ply files only below this directory (None: none)
+    # Downloads (nurec-jax)
+    download_timeout_s: float = 1800.0  # a whole x-nre-scene-url download, connect to last byte
+    download_stall_timeout_s: float = 60.0  # a download receiving no byte this long fails
+    download_workers: int = 2  # download threads (never the metadata or render workers)
+    download_allow_private: bool = False  # allow loopback / private / link-local / ... destinations
+    download_allow_hosts: tuple[str, ...] = ()  # host names (".suffix" for a domain) or IPs/CIDRs always allowed
+    # Bounded work (nurec-jax)
+    max_output_pixels: int = 12 << 20  # largest output width x height (NuRec's rule applied) a request may ask
+    max_compiled_variants: int = 16  # compiled render / lidar functions kept (process-wide LRU; evicted: freed)
 
     def validate(self) -> None:
         """Raises ValueError naming the flag for values out of range or features not built yet."""
@@ -111,6 +122,27 @@ class ServerOptions:
             auth.check_ca(self.tls_client_ca_file, "--tls-client-ca-file")
         if self.auth_token_file is not None:
             auth.read_token(self.auth_token_file)
+        # Hardening (nurec-jax)
+        if self.asset_dir is not None and not os.path.isdir(os.path.expanduser(self.asset_dir)):
+            raise ValueError(f"--asset-dir {self.asset_dir!r} is not a directory")
+        # Downloads (nurec-jax)
+        if self.download_max_bytes < 1:
+            raise ValueError(f"--download-max-bytes must be >= 1, got {self.download_max_bytes}")
+        for name in ("download_timeout_s", "download_stall_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.download_workers < 1:
+            raise ValueError(f"--download-workers must be >= 1, got {self.download_workers}")
+        from nurec_jax.server.downloads import parse_allow_entry
+        for entry in self.download_allow_hosts:
+            try:
+                parse_allow_entry(entry)
+            except ValueError as e:
+                raise ValueError(f"--download-allow-hosts: {e}") from None
+        # Bounded work (nurec-jax)
+        for name in ("max_output_pixels", "max_compiled_variants"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.enable_harmonizer:
             raise ValueError("--enable-harmonizer: NRE's harmonizer network is not available in nurec-jax; use "
                              "--enable-difix with a nurec-jax post-processing model instead (BUILD_NOTES.md)")

@@ -2,7 +2,8 @@
 request time through the `x-nre-scene-url` / `x-nre-scene-id` metadata (protocol.md section 1).
 
 Only metadata is read here (ids, cameras, trajectory, tracks), never Gaussians, so every metadata
-RPC is answered from the file without touching the device.
+RPC is answered from the file without touching the device. Request-time scenes are http(s) downloads
+only (downloads.py); a path on the server's disk is never taken from a request.
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ import logging
 import os
 import threading
 
+from nurec_jax.archive import USD_SUFFIXES
+from nurec_jax.checkpoint import CHECKPOINT_MEMBER
+from nurec_jax.errors import SceneFormatError
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.scene import LoadOptions, read_scene_metadata
-from nurec_jax.server.downloads import SCENE_ID_RE, DownloadCache, DownloadError, parse_scene_url
-from nurec_jax.server.errors import InvalidArgument, NotFound
+from nurec_jax.server.downloads import (MAX_SCENE_ID_CHARS, SCENE_ID_RE, DownloadCache, DownloadError, Pending,
+                                        parse_scene_url)
+from nurec_jax.server.errors import AlreadyExists, InvalidArgument, NotFound, check_id, quoted
 
 _LOGGER = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class SceneEntry:
-    """A known scene: its id on the wire, its file and where it came from (artifact, local, download)."""
+    """A known scene: its id on the wire, its file and where it came from (artifact or download)."""
 
     scene_id: str
     path: str
@@ -50,6 +55,9 @@ def discover_artifacts(pattern: str, options: LoadOptions = LoadOptions()) -> tu
         if sid in found:
             raise ValueError(f"scene id {sid!r} is used by two artifacts: {found[sid]} and {path}")
         found[sid] = path
+    if not found:  # allowed: scenes may still arrive through x-nre-scene-url
+        _LOGGER.warning("--artifact-glob %r matched no readable scene (%d unreadable); the server starts with "
+                        "no --artifact-glob scene", pattern, len(broken))
     return found, broken
 
 
@@ -62,6 +70,15 @@ class SceneRegistry:
         self._downloads = downloads
         self._lock = threading.Lock()
         self._entries = {sid: SceneEntry(sid, path, "artifact") for sid, path in artifacts.items()}
+        # Downloads an earlier run left in the cache (re-indexed by DownloadCache) are known again.
+        for sid, url, path in (downloads.entries() if downloads is not None else ()):
+            if url is None:
+                continue
+            if sid in self._entries:
+                _LOGGER.warning("downloaded scene %s is shadowed by the --artifact-glob scene with the same id",
+                                quoted(sid))
+                continue
+            self._entries[sid] = SceneEntry(sid, path, "download", url)
         self._meta: dict[str, tuple[tuple, SceneMetadata]] = {}
         self.broken = dict(broken or {})
         self.on_unregister = None  # callback(scene_id) when a downloaded scene is evicted
@@ -74,7 +91,7 @@ class SceneRegistry:
         with self._lock:
             e = self._entries.get(scene_id)
         if e is None:
-            raise NotFound(f"scene_id: unknown scene {scene_id!r} (available: {', '.join(self.ids()) or 'none'})")
+            raise NotFound(f"scene_id: unknown scene {quoted(scene_id)} (available: {', '.join(self.ids()) or 'none'})")
         if e.origin == "download" and self._downloads is not None:
             self._downloads.touch(scene_id)
         return e
@@ -85,7 +102,7 @@ class SceneRegistry:
         try:
             stat = os.stat(e.path)
         except OSError as err:
-            raise NotFound(f"scene_id: the file of scene {scene_id!r} is gone ({err})") from None
+            raise NotFound(f"scene_id: the file of scene {quoted(scene_id)} is gone ({err})") from None
         key = (e.path, stat.st_mtime_ns, stat.st_size)
         with self._lock:
             cached = self._meta.get(scene_id)
@@ -98,53 +115,80 @@ class SceneRegistry:
             self._meta[scene_id] = (key, meta)
         return meta
 
-    def register(self, scene_id: str, url: str) -> SceneEntry:
-        """Registers a scene from request metadata (NRE's SceneDownloadInterceptor semantics)."""
+    def request(self, scene_id: str, url: str) -> Pending | None:
+        """Starts registering a scene from request metadata (NRE's SceneDownloadInterceptor semantics);
+        never blocks on the network. None: nothing to wait for (already registered); otherwise a `Pending`
+        whose future resolves once the scene is downloaded and registered (release it when the client
+        stops waiting).
+
+        Only http(s) URLs are accepted. An id that is an `--artifact-glob` scene ignores the URL; an id
+        already downloaded (or downloading) from another URL is ALREADY_EXISTS naming both."""
+        check_id(scene_id or "", "x-nre-scene-id", MAX_SCENE_ID_CHARS)
+        check_id(url or "", "x-nre-scene-url", 4096)
         if not SCENE_ID_RE.match(scene_id or ""):
-            raise InvalidArgument(f"x-nre-scene-id: Invalid scene ID: {scene_id!r} (allowed: letters, digits, . _ -)")
+            raise InvalidArgument(f"x-nre-scene-id: Invalid scene ID: {quoted(scene_id)} (allowed: letters, digits, "
+                                  ". _ -)")
         try:
-            kind, where = parse_scene_url(url)
+            parse_scene_url(url)
         except DownloadError as e:
             raise InvalidArgument(f"x-nre-scene-url: {e}") from None
         with self._lock:
             existing = self._entries.get(scene_id)
-        if kind == "local":
-            path = os.path.realpath(where)
-            if existing is not None:
-                if os.path.realpath(existing.path) == path:
-                    return existing
-                raise InvalidArgument(f"x-nre-scene-id: scene {scene_id!r} is already registered for "
-                                      f"{existing.path}, not {path}")
-            if not os.path.isfile(path):
-                raise InvalidArgument(f"x-nre-scene-url: Failed to register local scene from {url}: no such file")
+        if existing is not None:
+            if existing.origin != "download":
+                return None
+            if existing.url == url:
+                if self._downloads is not None:
+                    self._downloads.touch(scene_id)
+                return None
+            raise AlreadyExists(f"x-nre-scene-id: scene {quoted(scene_id)} is already registered from "
+                                f"{quoted(existing.url, 256)}; refusing {quoted(url, 256)} (use another scene id "
+                                "for another URL)")
+        if self._downloads is None:
+            raise InvalidArgument("x-nre-scene-url: scene downloads are disabled on this server")
+        return self._downloads.request(scene_id, url, validate=self._validate_download,
+                                       on_commit=self._downloaded)
+
+    def register(self, scene_id: str, url: str, timeout: float | None = None) -> SceneEntry:
+        """`request` and wait for it (no cancellation); returns the scene's entry."""
+        pending = self.request(scene_id, url)
+        if pending is not None:
             try:
-                read_scene_metadata(path, self._options)
-            except Exception as e:  # noqa: BLE001
-                raise InvalidArgument(f"x-nre-scene-url: Failed to register local scene from {url}: {e}") from None
-            entry = SceneEntry(scene_id, path, "local", url)
-        else:
-            if existing is not None:
-                return existing
-            if self._downloads is None:
-                raise InvalidArgument("x-nre-scene-url: scene downloads are disabled on this server")
-            try:
-                path, evicted = self._downloads.fetch(scene_id, url)
-                read_scene_metadata(path, self._options)
-            except DownloadError as e:
-                raise InvalidArgument(f"x-nre-scene-url: Failed to download scene from {url}: {e}") from None
-            except Exception as e:  # noqa: BLE001 - the file arrived but is no scene
-                raise InvalidArgument(f"x-nre-scene-url: Failed to download scene from {url}: {e}") from None
-            for old in evicted:
-                self._unregister(old)
-            entry = SceneEntry(scene_id, path, "download", url)
+                pending.wait(timeout)
+            finally:
+                pending.release()
+        return self.entry(scene_id)
+
+    def close(self) -> None:
+        """Stops scene downloads in progress (server shutdown)."""
+        if self._downloads is not None:
+            self._downloads.close()
+
+    def _validate_download(self, path: str) -> None:
+        """A downloaded file must read as a scene and hold something `load_scene` can render from (a USD
+        layer, a .nurec payload or a training checkpoint); Gaussians are not decoded here."""
+        meta = read_scene_metadata(path, self._options)
+        if not any(m.lower().endswith(USD_SUFFIXES + (".nurec",)) or m == CHECKPOINT_MEMBER for m in meta.members):
+            raise SceneFormatError("no USD layer, .nurec payload or checkpoint in the archive")
+
+    def _downloaded(self, scene_id: str, url: str, path: str, evicted: list[str]) -> None:
+        """Called by the download cache once a file is in place (before any waiter is told)."""
+        for old in evicted:
+            self._unregister(old)
         with self._lock:
-            self._entries[scene_id] = entry
-        _LOGGER.info("registered scene %r from %s", scene_id, url)
-        return entry
+            if scene_id in self._entries and self._entries[scene_id].origin != "download":
+                return  # an --artifact-glob scene keeps its id
+            self._entries[scene_id] = SceneEntry(scene_id, path, "download", url)
+            self._meta.pop(scene_id, None)
+        _LOGGER.info("registered scene %s from %s", quoted(scene_id), quoted(url, 256))
 
     def _unregister(self, scene_id: str) -> None:
+        """Forgets an evicted download (an --artifact-glob scene with the same id stays)."""
         with self._lock:
-            self._entries.pop(scene_id, None)
+            e = self._entries.get(scene_id)
+            if e is None or e.origin != "download":
+                return
+            del self._entries[scene_id]
             self._meta.pop(scene_id, None)
         if self.on_unregister is not None:
             self.on_unregister(scene_id)

@@ -18,7 +18,7 @@ from nurec_jax.poses import PosePair
 from nurec_jax.render import ActorPoses
 from nurec_jax.renderer import track_actor_poses
 from nurec_jax.server import convert, images
-from nurec_jax.server.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from nurec_jax.server.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, check_id, quoted
 
 # Largest output accepted: 16384 pixels a side and 64 megapixels (a 4K frame is 8.3 MP).
 MAX_SIDE = 16384
@@ -100,15 +100,16 @@ def check_interval(metadata: SceneMetadata, start_us: int, end_us: int, prefix: 
         shown = ", ".join(f"[{a}, {b})" for a, b in ranges)
         raise OutOfRange(
             f"{prefix}[frame_start_us, frame_end_us) = [{start_us}, {end_us}) is outside the time range of scene "
-            f"{metadata.scene_id!r}: {shown}; to render at an instant t use [t, t+1)")
+            f"{quoted(metadata.scene_id)}: {shown}; to render at an instant t use [t, t+1)")
 
 
 def scene_camera(metadata: SceneMetadata, logical_id: str, trajectory_idx: int, field: str):
     """The calibration a CameraSpec names: `logical_id` in trajectory `trajectory_idx`. Index 0 (the
     proto default: NRE clients never set it) also finds a camera that only one other trajectory holds."""
+    check_id(logical_id, f"{field}.logical_id")
     matches = [c for c in metadata.camera_list if c.logical_id == logical_id]
     if not matches:
-        raise NotFound(f"{field}.logical_id: camera {logical_id!r} is not in scene {metadata.scene_id!r} "
+        raise NotFound(f"{field}.logical_id: camera {quoted(logical_id)} is not in scene {quoted(metadata.scene_id)} "
                        f"(cameras: {', '.join(metadata.cameras) or 'none'}); send full intrinsics for a "
                        f"novel camera")
     for cal in matches:
@@ -117,8 +118,26 @@ def scene_camera(metadata: SceneMetadata, logical_id: str, trajectory_idx: int, 
     held = sorted({c.trajectory_idx for c in matches})
     if trajectory_idx == 0 and len(held) == 1:
         return matches[0]
-    raise InvalidArgument(f"{field}.trajectory_idx: camera {logical_id!r} is not in trajectory {trajectory_idx} "
-                          f"of scene {metadata.scene_id!r}; it is in trajectories {held}")
+    raise InvalidArgument(f"{field}.trajectory_idx: camera {quoted(logical_id)} is not in trajectory {trajectory_idx} "
+                          f"of scene {quoted(metadata.scene_id)}; it is in trajectories {held}")
+
+
+# Bounded work (nurec-jax): the output-size limit; the server sets it at start from --max-output-pixels
+# (process-wide, like the compiled-variant cache). A 3848x2168 camera (8.3 MP) fits with 50 % to spare.
+max_output_pixels = 12 << 20
+
+
+def check_output_pixels(out_w: int, out_h: int, req_w: int, req_h: int, native: tuple[int, int],
+                        prefix: str = "", limit: int | None = None) -> None:
+    """Refuses an output (after NuRec's resolution rule) above `limit` pixels (default: the server's
+    --max-output-pixels) before anything compiles: every new size is a compile, and its time and memory
+    grow with the pixel count. INVALID_ARGUMENT: the same request can never succeed on this server."""
+    limit = max_output_pixels if limit is None else limit
+    if out_w * out_h > limit:
+        raise InvalidArgument(
+            f"{prefix}resolution_w/resolution_h: {req_w}x{req_h} gives an output of {out_w}x{out_h} "
+            f"({out_w * out_h} pixels) for a {native[0]}x{native[1]} camera (NuRec keeps the native aspect); "
+            f"this server renders at most {limit} pixels (--max-output-pixels)")
 
 
 def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix: str = "") -> Camera:
@@ -127,6 +146,7 @@ def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix
     With a `camera_param` the request's own intrinsics are used (a novel camera may carry any
     logical_id); without one, `logical_id` must name a camera of the scene."""
     field = f"{prefix}camera_intrinsics"
+    check_id(spec.logical_id, f"{field}.logical_id")
     try:
         intr = convert.intrinsics_from_camera_spec(spec, field)
     except ValueError as e:
@@ -135,7 +155,7 @@ def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix
     n_traj = len(metadata.trajectories)
     if traj_idx and traj_idx >= n_traj:
         raise InvalidArgument(f"{field}.trajectory_idx: {traj_idx} names no rig trajectory of scene "
-                              f"{metadata.scene_id!r} (it has {n_traj}" + (f": 0..{n_traj - 1})" if n_traj else ")"))
+                              f"{quoted(metadata.scene_id)} (it has {n_traj}" + (f": 0..{n_traj - 1})" if n_traj else ")"))
     if intr is None:
         if not spec.logical_id:
             raise InvalidArgument(f"{field}: neither a camera_param nor a logical_id is set")
@@ -153,6 +173,7 @@ def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix
             f"{prefix}resolution_w/resolution_h: {req_w}x{req_h} gives an output of {out_w}x{out_h} for a "
             f"{native_w}x{native_h} camera (NuRec keeps the native aspect); it must be 1..{MAX_SIDE} a side "
             f"and at most {MAX_PIXELS} pixels")
+    check_output_pixels(out_w, out_h, req_w, req_h, (native_w, native_h), prefix)
     return camera_lib.camera_at_resolution(camera_lib.camera_from_intrinsics(intr), req_w, req_h)
 
 
@@ -165,11 +186,13 @@ def actor_overrides(metadata: SceneMetadata, objects, editing_enabled: bool, pre
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, obj in enumerate(objects):
         field = f"{prefix}dynamic_objects[{i}]"
+        check_id(obj.track_id, f"{field}.track_id")
         tid = obj.track_id.split("@")[0]
         if tid not in metadata.tracks:
-            raise InvalidArgument(f"{field}.track_id: {obj.track_id!r} is not a track of scene {metadata.scene_id!r}")
+            raise InvalidArgument(f"{field}.track_id: {quoted(obj.track_id)} is not a track of scene "
+                                  f"{quoted(metadata.scene_id)}")
         if tid in out:
-            raise InvalidArgument(f"{field}.track_id: {obj.track_id!r} is listed twice")
+            raise InvalidArgument(f"{field}.track_id: {quoted(obj.track_id)} is listed twice")
         out[tid] = pose_pair(obj.pose_pair, f"{field}.pose_pair", obj)
     return out
 
@@ -190,6 +213,8 @@ def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, pref
     if request.insert_ego_mask:
         if not request.HasField("ego_mask_id") or not request.ego_mask_id.rig_config_id:
             raise InvalidArgument(f"{prefix}ego_mask_id: required when insert_ego_mask is set")
+        check_id(request.ego_mask_id.rig_config_id, f"{prefix}ego_mask_id.rig_config_id")
+        check_id(request.ego_mask_id.camera_logical_id, f"{prefix}ego_mask_id.camera_logical_id")
         cam_id = request.ego_mask_id.camera_logical_id or request.camera_intrinsics.logical_id
         ego = (request.ego_mask_id.rig_config_id, cam_id)
     pose = PosePair.from_matrices(t_start.astype(np.float32), t_end.astype(np.float32))

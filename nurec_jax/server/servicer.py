@@ -21,6 +21,7 @@ import os
 import subprocess
 import threading
 import time
+import traceback
 
 import grpc
 import numpy as np
@@ -97,10 +98,12 @@ class Stats:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Counts a call by RPC and by status code; only successful renders enter the latency figures
+        (a refused request answers in microseconds and would pull the percentiles down)."""
         with self.lock:
             self.requests[method] += 1
             self.status[code.name] += 1
-            if method in ("render_rgb", "batch_render_rgb", "render_aggregated"):
+            if code == grpc.StatusCode.OK and method in ("render_rgb", "batch_render_rgb", "render_aggregated"):
                 self.latencies_s.append(seconds)
 
 
@@ -119,6 +122,56 @@ def scene_report_strings(scene) -> dict[str, str]:
     if r.warnings:
         out[f"{key}.warnings"] = "; ".join(r.warnings)
     return out
+
+
+class UndecodableRequest:
+    """Stands in for a request whose bytes did not parse: grpc.aio parses before the handler runs and
+    answers a parse failure with UNKNOWN, so the parser hands this to the handler instead, which
+    answers INVALID_ARGUMENT naming the RPC."""
+
+    def __init__(self, type_name: str, error: BaseException):
+        self.type_name = type_name
+        self.error = error
+
+    def message(self, method: str) -> str:
+        return (f"{method}: the request is not a valid {self.type_name} message "
+                f"({type(self.error).__name__}: {str(self.error)[:200]})")
+
+
+def _tolerant(deserialize, type_name: str):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or anything else the parser raises
+            return UndecodableRequest(type_name, e)
+
+    return parse
+
+
+def add_to_server(servicer, server) -> None:
+    """Registers SensorsimService like the generated `add_SensorsimServiceServicer_to_server` (which it
+    calls, so the generated code stays the one list of RPCs), with request parsers that pass
+    undecodable bytes on to the handler as an `UndecodableRequest`."""
+    service = sensorsim_pb2.DESCRIPTOR.services_by_name["SensorsimService"]
+
+    class _Registrar:
+        registered = False
+
+        def add_generic_rpc_handlers(self, handlers):
+            pass  # replaced below by one built from the wrapped handlers
+
+        def add_registered_method_handlers(self, name, handlers):
+            wrapped = {m: h._replace(request_deserializer=_tolerant(
+                h.request_deserializer, service.methods_by_name[m].input_type.full_name))
+                for m, h in handlers.items()}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, wrapped),))
+            server.add_registered_method_handlers(name, wrapped)
+            self.registered = True
+
+    registrar = _Registrar()
+    sensorsim_pb2_grpc.add_SensorsimServiceServicer_to_server(servicer, registrar)
+    if not registrar.registered:  # pragma: no cover - a grpcio whose generated code registers otherwise
+        raise RuntimeError("SensorsimService registration did not pass through add_registered_method_handlers")
 
 
 def _rpc(pool: str):
@@ -152,7 +205,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         self.models = models
         self.renderer = renderer
         self.ego_masks = ego_masks
-        self.editor = SceneEditor(registry)
+        self.editor = SceneEditor(registry, asset_dir=options.asset_dir)
         self.stats = Stats()
         self.warmup = WarmupStatus()
         self.device_lock = threading.Lock()
@@ -164,6 +217,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def close(self) -> None:
         self.render_pool.shutdown(wait=False, cancel_futures=True)
         self.meta_pool.shutdown(wait=False, cancel_futures=True)
+        self.registry.close()  # stops scene downloads in progress
 
     # ----------------------------------------------------------------------------------------
     # Plumbing
@@ -180,9 +234,15 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         headers = {m.key: m.value for m in (context.invocation_metadata() or ())}
         executor = self.render_pool if pool == "render" else self.meta_pool
         loop = asyncio.get_running_loop()
+        if isinstance(request, UndecodableRequest):
+            message = request.message(method)
+            _LOGGER.info("%s -> INVALID_ARGUMENT: %s", method, message)
+            self.stats.record(method, grpc.StatusCode.INVALID_ARGUMENT, time.perf_counter() - start)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         try:
             if pool == "render" and self.shutting_down:
                 raise errs.Unavailable("the server is shutting down")
+            await self._scene_from_headers(headers, call)
             reply = await loop.run_in_executor(executor, self._run, fn, request, call, headers)
         except asyncio.CancelledError:
             call.cancelled.set()
@@ -195,20 +255,40 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             else:
                 _LOGGER.info("%s -> %s: %s", method, code.name, message)
             self.stats.record(method, code, time.perf_counter() - start)
+            # The worker frames of a failed call may hold large buffers (a scene that failed to load); a
+            # kept reference to the error (a waiter, a log handler) must not keep them alive.
+            traceback.clear_frames(e.__traceback__)
             await context.abort(code, message)
         self.stats.record(method, grpc.StatusCode.OK, time.perf_counter() - start)
         if timed:
             self.timing_log.add(method, getattr(request, "scene_id", ""), call.timer.record(), call.timer.total_ms())
         return reply
 
-    def _run(self, fn, request, call: _Call, headers: dict):
+    async def _scene_from_headers(self, headers: dict, call: _Call) -> None:
+        """Registers the scene named by the x-nre-scene-url / -id metadata, awaiting its download.
+
+        The download runs on the download cache's own threads; this call only awaits it, so a slow
+        download holds no metadata or render worker. When the client cancels or its deadline passes the
+        wait is released, and a download nobody waits for any more stops."""
         url, sid = headers.get(SCENE_URL_KEY), headers.get(SCENE_ID_KEY)
-        if url is not None or sid is not None:
-            if url is None:
-                raise errs.InvalidArgument(f"{SCENE_ID_KEY} was sent without {SCENE_URL_KEY}")
-            if sid is None:
-                raise errs.InvalidArgument(f"{SCENE_URL_KEY} was sent without {SCENE_ID_KEY}")
-            self.registry.register(sid, url)
+        if url is None and sid is None:
+            return
+        if url is None:
+            raise errs.InvalidArgument(f"{SCENE_ID_KEY} was sent without {SCENE_URL_KEY}")
+        if sid is None:
+            raise errs.InvalidArgument(f"{SCENE_URL_KEY} was sent without {SCENE_ID_KEY}")
+        pending = self.registry.request(sid, url)  # checks only; never blocks on the network
+        if pending is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(pending.future), call.remaining())
+        except asyncio.TimeoutError:
+            raise errs.DeadlineExceeded(f"{SCENE_URL_KEY}: the call's deadline passed while scene "
+                                        f"{errs.quoted(sid)} was downloading") from None
+        finally:
+            pending.release()
+
+    def _run(self, fn, request, call: _Call, headers: dict):
         return fn(self, request, call)
 
     def _wait_timeout(self, call: _Call) -> float | None:
@@ -219,6 +299,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         """The scene's metadata, with its actor edits."""
         if not scene_id:
             raise errs.InvalidArgument(f"{field}: empty")
+        errs.check_id(scene_id, field)
         return self.editor.metadata(scene_id)
 
     @contextlib.contextmanager
@@ -229,7 +310,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
 
     @contextlib.contextmanager
     def _on_device(self, call: _Call):
-        """Holds the device for one render; a call cancelled or expired while it waited is skipped."""
+        """Holds the device for one render; a call cancelled or expired while it waited is skipped, and one
+        that gives up during the render is stopped at the next check (after a compile, between stages and
+        lidar passes). Both count in `skipped_cancelled`."""
         with self.device_lock:
             try:
                 call.check()
@@ -237,7 +320,12 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                 with self.stats.lock:
                     self.stats.skipped_cancelled += 1
                 raise
-            yield
+            try:
+                yield
+            except errs.Cancelled:  # DeadlineExceeded too
+                with self.stats.lock:
+                    self.stats.skipped_cancelled += 1
+                raise
         with self.stats.lock:
             self.stats.renders += 1
 
@@ -258,9 +346,11 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             with timer.stage("render") as st:
                 out = st.wait(self.renderer.render(scene.gaussians, job.camera, job.sensor_pose, actors,
                                                    cache_key=(meta.scene_id,), isp=isp,
-                                                   timer=timer if self._staged_timing else None))
+                                                   timer=timer if self._staged_timing else None,
+                                                   check=call.check))
                 rgb = np.asarray(out.rgb)
             if self.postprocessor is not None:
+                call.check()
                 with timer.stage("postprocess"):
                     rgb = self.postprocessor(rgb)
         return rgb
@@ -277,7 +367,8 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def _prepare(self, meta: SceneMetadata, request, prefix: str = "") -> requests.RGBJob:
         job = requests.prepare_rgb(meta, request, editing_enabled=self.options.enable_editing_actors, prefix=prefix)
         if job.ego_mask is not None and not self.ego_masks.rig_exists(job.ego_mask[0]):
-            raise errs.NotFound(f"{prefix}ego_mask_id.rig_config_id: no ego masks for rig {job.ego_mask[0]!r}")
+            raise errs.NotFound(f"{prefix}ego_mask_id.rig_config_id: no ego masks for rig "
+                                f"{errs.quoted(job.ego_mask[0])}")
         return job
 
     # ----------------------------------------------------------------------------------------
@@ -296,11 +387,8 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def batch_render_rgb(self, request, call):
         if not request.items:
             return sensorsim_pb2.BatchRGBRenderReturn()
+        # A batch renders one scene, the first item's; an item naming another fails alone, like any bad item.
         scene_id = request.items[0].request.scene_id
-        for i, item in enumerate(request.items):
-            if item.request.scene_id != scene_id:
-                raise errs.InvalidArgument(f"items[{i}].request.scene_id: {item.request.scene_id!r} differs from "
-                                           f"items[0]'s {scene_id!r}; a batch renders one scene")
         meta = self._meta(scene_id, "items[0].request.scene_id")
         results = []
 
@@ -319,6 +407,10 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                 out = sensorsim_pb2.BatchRGBRenderReturnItem(camera_name=item.camera_name)
                 results.append(out)
                 try:
+                    if item.request.scene_id != scene_id:
+                        raise errs.InvalidArgument(
+                            f"items[{i}].request.scene_id: {errs.quoted(item.request.scene_id)} differs from "
+                            f"items[0]'s {errs.quoted(scene_id)}; a batch renders one scene")
                     job = self._prepare(meta, item.request, f"items[{i}].request.")
                     rgb = self._render_pixels(scene, job, meta, call)
                     pending.append((out, encoder.submit(self._finish_job, rgb, job, call)))
@@ -404,6 +496,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             config[f"stats.{key}"] = str(snap[key])
         config["stats.compile_cache_hits"] = str(snap["compile_cache"]["hits"])
         config["stats.compile_cache_misses"] = str(snap["compile_cache"]["misses"])
+        variants = self.renderer.compiled_cache.stats()  # Bounded work (nurec-jax): the process-wide LRU
+        config["stats.compiled_variants"] = str(variants["entries"])
+        config["stats.compiled_variant_evictions"] = str(variants["evictions"])
         lat = np.asarray(snap["latency_s"])
         if lat.size:
             config["stats.render_latency_p50_s"] = f"{np.percentile(lat, 50):.4f}"
@@ -497,14 +592,18 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     @_rpc("render")
     def edit_assets(self, request, call):
         # Edit failures come back in-band (NRE's contract); an unknown scene is NOT_FOUND like everywhere.
+        # Editing changes what every client of the scene sees, so it needs the server's editing flag.
+        if not self.options.enable_editing_actors:
+            raise errs.FailedPrecondition("edit_assets: actor editing is disabled on this server; restart "
+                                          "serve-grpc with --enable-editing-actors")
         self._meta(request.scene_id)
         loaded = self.models.peek(request.scene_id)
         try:
             edits = self.editor.edit(request, loaded)
         except EditError as e:
-            _LOGGER.info("edit_assets %s failed: %s", request.scene_id, e)
+            _LOGGER.info("edit_assets %s failed: %s", errs.quoted(request.scene_id), e)
             return sensorsim_pb2.EditAssetsResponse(success=False, message=f"Failed to edit assets: {e}")
-        _LOGGER.info("edit_assets %s: %s", request.scene_id, editing.describe(edits))
+        _LOGGER.info("edit_assets %s: %s", errs.quoted(request.scene_id), editing.describe(edits))
         return sensorsim_pb2.EditAssetsResponse(success=True, message="Success")
 
     @_rpc("meta")

@@ -196,8 +196,9 @@ def test_batch_per_item_results(server, thin_scene):
     other.CopyFrom(good)
     other.scene_id = "other"
     batch.items[1].request.CopyFrom(other)
-    code, details = _code(stub.batch_render_rgb, batch)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "items[1].request.scene_id" in details
+    mixed = stub.batch_render_rgb(batch).items  # an item naming another scene fails alone
+    assert [i.success for i in mixed] == [True, False, False, True]
+    assert mixed[1].error_message.startswith("INVALID_ARGUMENT: items[1].request.scene_id")
     agg = stub.render_aggregated(sensorsim_pb2.AggregatedRenderRequest(rgb_requests=[good]))
     assert [r.image_bytes for r in agg.rgb_returns] == [out[0].result.image_bytes]
     code, details = _code(stub.render_aggregated, sensorsim_pb2.AggregatedRenderRequest(
@@ -292,14 +293,16 @@ def test_cancelled_and_expired_calls_skip_their_render(server, thin_scene):
 
 
 def test_scene_registered_by_request_metadata(server, thin_scene, tmp_path):
+    # Local paths are refused (downloads over http: tests/server/test_downloads.py).
     _, stub, _ = server
     copy = tmp_path / "copy.usdz"
     shutil.copy(thin_scene, copy)
     md = (("x-nre-scene-url", f"file://{copy}"), ("x-nre-scene-id", "my-copy"))
-    cams = stub.get_available_cameras(sensorsim_pb2.AvailableCamerasRequest(scene_id="my-copy"), metadata=md)
-    assert len(cams.available_cameras) == 4
-    assert "my-copy" in stub.get_available_scenes(E).scene_ids
-    code, details = _code(stub.get_version, E, metadata=(("x-nre-scene-url", f"file://{copy}"),
+    code, details = _code(stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id="my-copy"),
+                          metadata=md)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "x-nre-scene-url" in details
+    assert "my-copy" not in stub.get_available_scenes(E).scene_ids
+    code, details = _code(stub.get_version, E, metadata=(("x-nre-scene-url", "http://example.com/a.usdz"),
                                                          ("x-nre-scene-id", "bad id!")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "Invalid scene ID" in details
 

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 from PIL import Image
+from thin_scene import write_thin_scene
 
 pytestmark = pytest.mark.xdist_group("grpc")
 
@@ -81,6 +82,12 @@ def test_render_grpc_against_serve_grpc(thin_scene, tmp_path):
         bad = subprocess.run(base + ['--edit-assets={"replace": [{"original_id": "99", "replacement_id": "box_truck"}]}'],
                              capture_output=True, text=True, timeout=300, env=_env())
         assert bad.returncode == 1 and "Failed to edit assets: replace[0].original_id" in bad.stderr, bad.stderr[-2000:]
+        # A scene the server does not serve: the client never asks it to read a local path (refused).
+        other = write_thin_scene(tmp_path / "other.usdz", keep_every=200, scene_id="not-served")
+        bad = subprocess.run([a if not a.startswith("--artifact-path") else f"--artifact-path={other}" for a in base],
+                             capture_output=True, text=True, timeout=300, env=_env())
+        assert bad.returncode == 1 and "does not serve scene 'not-served'" in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
         bad = subprocess.run(base + ["--edit-assets={replace: 3}"], capture_output=True, text=True, timeout=300,
                              env=_env())
         assert bad.returncode == 1 and "--edit-assets: not an EditAssetsRequest" in bad.stderr, bad.stderr[-2000:]

@@ -3,6 +3,8 @@ failures that answer clearly and change nothing, and edits that survive the scen
 
 from __future__ import annotations
 
+import pathlib
+
 import grpc
 import numpy as np
 import pytest
@@ -26,9 +28,11 @@ HEIGHT = 54
 
 
 @pytest.fixture(scope="module")
-def server(thin_scene):
+def server(thin_scene, tmp_path_factory):
     renderer = Renderer(RenderOptions(pair_capacity=1 << 16))
-    srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0), renderer=renderer)
+    opts = ServerOptions(artifact_glob=thin_scene, port=0, enable_editing_actors=True,
+                         asset_dir=str(tmp_path_factory.mktemp("assets")))
+    srv, port = create_server("127.0.0.1:0", opts, renderer=renderer)
     assert srv.serving.wait(30)
     channel, stub = connect(port)
     yield srv, stub
@@ -82,7 +86,7 @@ def test_replace_insert_restore_and_failures(server, thin_scene, tmp_path):
     assert before_objects["3"].asset_id == "none"
 
     # Failures answer in-band, name the field, and change nothing.
-    ply = tmp_path / "blob.ply"
+    ply = pathlib.Path(srv.options.asset_dir) / "blob.ply"  # file assets come from --asset-dir only
     write_ply_gaussians(ply, np.zeros((4, 3)), np.tile([1.0, 0, 0, 0], (4, 1)), np.full((4, 3), -2.0),
                         np.full(4, 2.0), np.zeros((4, 1, 3)))
     failures = [
