@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= test
 PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=15
 
-.PHONY: install test demo protos sample-scene lock clean
+.PHONY: install test lint format demo protos sample-scene lock clean
 
 $(PY):
 	@PYTHON=$$(tools/find_python.sh) || exit 1; \
@@ -27,6 +27,15 @@ install: $(STAMP)
 
 test: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest $(PYTEST_ARGS) tests
+
+# ruff (pinned in the test extra): lint rules and formatting, as CI checks them; `make format` fixes both.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 demo: $(STAMP)
 	$(PY) -m nurec_jax.cli.scene_info

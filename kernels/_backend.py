@@ -1,4 +1,4 @@
-"""Backend choice for the Pallas kernels (jax_pallas.md section 0).
+"""Backend choice for the Pallas kernels (docs/jax_notes.md#pallas-backend).
 
 GPU kernels are written against Pallas' Triton lowering, selected explicitly with
 `compiler_params=plt.CompilerParams(...)` (on JAX 0.11.2 `pallas_call` on CUDA always lowers to

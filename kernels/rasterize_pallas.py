@@ -3,11 +3,11 @@
 Same signature and results as `rasterize_ref.rasterize_tiles_ref` (its plain-jnp twin), forward and
 backward. One program per 16x16 tile (or 16x16 block of lidar rays) walks the tile's range of the
 depth-sorted pair list in batches of `chunk`, gathers the batch's parameters by index (Triton vector
-gathers), evaluates every Gaussian on every ray in the Gaussian's own frame (eval3d, rendering.md 2.3)
+gathers), evaluates every Gaussian on every ray in the Gaussian's own frame (eval3d, docs/rendering.md#eval3d)
 and composites front to back with NuRec's constants, stopping a ray at the first Gaussian that would take
 T to or below the threshold and the tile when every ray is done.
 
-Backward (jax_pallas.md 3.2): a second kernel walks the same batches front to back with the same early
+Backward (docs/jax_notes.md#pallas-backward): a second kernel walks the same batches front to back with the same early
 exit, recomputing alpha and T exactly, and gets the "everything behind" sums from the forward's final
 colour and hit distance (C - P_i), so it needs no reverse walk and no atomics. Per pair slot it stores the
 gradient of the 16 flat parameter rows (mean, S^-1 R^T, opacity, colour) into a pair-ordered buffer
@@ -15,7 +15,7 @@ gradient of the 16 flat parameter rows (mean, S^-1 R^T, opacity, colour) into a 
 and chains to quaternions and scales with `jax.vjp`; per ray it accumulates the origin and direction
 gradients in every frame.
 
-Triton rules respected (jax_pallas.md 1.3): power-of-two blocks, no value slicing (rays arrive as
+Triton rules respected (docs/jax_notes.md#triton-rules): power-of-two blocks, no value slicing (rays arrive as
 [8, F, 256] blocks and are read by ref index), no `jnp.any` / `cumprod` / sort (max and exp(cumsum(log1p))
 instead), gathers and masked stores through single flat indices.
 """

@@ -3,7 +3,7 @@
 This is the reference twin of the Pallas rasterization kernel: same signature, no Pallas import.
 For each tile it composites the tile's depth-sorted Gaussian list, evaluating every Gaussian on every
 pixel's ray at the ray's point of maximum response, front to back with NuRec's constants
-(rendering.md 2.3, 1.4, 7).
+(docs/rendering.md#eval3d, #compositing, #constants).
 
 Two implementations share the per-chunk math (`eval3d`, `alpha_of`):
   * `rasterize_tiles_ref`: the production reference. Every tile's list is cut into units of `chunk`
@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from nurec_jax import constants as C
-from nurec_jax import math as nmath
 
 
 def eval3d(o, d, means, quats, scales):
@@ -279,7 +278,8 @@ def _unit_alpha_vjp(rays_b, fr, means, quats, scales, opacities):
             ray_cot = jnp.stack(jax.lax.optimization_barrier(g_diff + g_d), axis=2)  # [B, P, 6, K]
             onehot = (fr[:, :, None] == jnp.arange(rays_b.shape[2])).astype(ray_cot.dtype)  # [B, K, F]
             d_ray = jnp.einsum("bpck,bkf->bpfc", ray_cot, onehot)
-        per_k = lambda comps: jnp.stack([x[:, 0] for x in comps], -1)
+        def per_k(comps):
+            return jnp.stack([x[:, 0] for x in comps], -1)
         g_mean = per_k(tuple(-jnp.sum(g, 1, keepdims=True) for g in g_diff))
         return d_ray, g_mean, per_k(g_q), per_k(g_s), g_op
 

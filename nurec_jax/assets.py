@@ -3,7 +3,7 @@
 NuRec scenes may pack swappable actor assets: `external_assets/<id>/<id>.ply` (a 3DGS PLY in the
 asset's cuboid-local frame: origin at the box centre, x forward, z up, like actor Gaussians) and an
 optional `external_assets/metadata.yaml` with `assets: [{track_id, label_class, cuboids_dims}]`
-(scene_format.md section 2, protocol.md 6.12). An asset without listed dims measures itself: the
+(docs/scene_format.md#asset-bank, docs/wire.md#asset-editing). An asset without listed dims measures itself: the
 extent of its Gaussians' centres.
 
 Host-side (numpy) only: editing happens outside jit, before device upload.

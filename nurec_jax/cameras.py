@@ -26,12 +26,9 @@ from nurec_jax.metadata import (
     PolynomialType,
     ShutterType,
 )
+from nurec_jax.types import static_field
 
 _NEWTON_ITERATIONS = 8  # at most; see _poly_inverse
-
-
-def _static(**kw):
-    return dataclasses.field(metadata=dict(static=True), **kw)
 
 
 def _polyval(c: jax.Array, x: jax.Array) -> jax.Array:
@@ -128,11 +125,11 @@ class FThetaCamera:
     fw_poly: jax.Array
     linear_cde: jax.Array
     max_angle: jax.Array
-    width: int = _static()
-    height: int = _static()
-    shutter_type: int = _static(default=int(ShutterType.GLOBAL))
-    reference: str = _static(default="backward")
-    wide_angle: bool = _static(default=False)
+    width: int = static_field()
+    height: int = static_field()
+    shutter_type: int = static_field(default=int(ShutterType.GLOBAL))
+    reference: str = static_field(default="backward")
+    wide_angle: bool = static_field(default=False)
 
     model = "ftheta"
 
@@ -199,9 +196,9 @@ class OpenCVPinholeCamera:
     radial: jax.Array  # (6,)
     tangential: jax.Array  # (2,)
     thin_prism: jax.Array  # (4,)
-    width: int = _static()
-    height: int = _static()
-    shutter_type: int = _static(default=int(ShutterType.GLOBAL))
+    width: int = static_field()
+    height: int = static_field()
+    shutter_type: int = static_field(default=int(ShutterType.GLOBAL))
 
     model = "opencv-pinhole"
     wide_angle = False
@@ -251,10 +248,10 @@ class OpenCVFisheyeCamera:
     focal_length: jax.Array  # (2,)
     radial: jax.Array  # (4,)
     max_angle: jax.Array  # ()
-    width: int = _static()
-    height: int = _static()
-    shutter_type: int = _static(default=int(ShutterType.GLOBAL))
-    wide_angle: bool = _static(default=False)
+    width: int = static_field()
+    height: int = static_field()
+    shutter_type: int = static_field(default=int(ShutterType.GLOBAL))
+    wide_angle: bool = static_field(default=False)
 
     model = "opencv-fisheye"
 
@@ -329,7 +326,7 @@ def camera_from_intrinsics(intr, dtype=jnp.float32) -> Camera:
 
 
 def output_resolution(native_w: int, native_h: int, req_w: int, req_h: int) -> tuple[int, int, float]:
-    """NuRec's output size rule (protocol.md 7.5): keep the native aspect ratio.
+    """NuRec's output size rule (docs/wire.md#resolution-rule): keep the native aspect ratio.
 
     Returns (out_w, out_h, scale). A zero request dimension is derived from the other; both zero
     means native.

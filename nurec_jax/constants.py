@@ -1,6 +1,6 @@
 """Numerical constants shared by the reference renderer, the Pallas kernels and the tests.
 
-Values follow NuRec's 3DGUT configuration (rendering.md sections 2 and 7).
+Values follow NuRec's 3DGUT configuration (docs/rendering.md#constants).
 """
 
 # Compositing (gsplat / 3DGUT / NuRec).

@@ -1,4 +1,7 @@
-"""Host-side (numpy, float64) rigid-transform helpers used while loading scenes.
+"""Host-side (numpy, float64) rigid-transform helpers used while loading scenes and validating requests.
+
+The quaternion formulas are `nurec_jax.math`'s (one implementation for numpy and jax.numpy); this module
+adds float64 inputs, refusal of zero-norm quaternions and the pose conversions the loader needs.
 
 Conventions: quaternions are Hamilton; `wxyz` / `xyzw` in a name says the component order.
 A 4x4 matrix `T_a_b` maps points of frame a into frame b: `p_b = T_a_b @ p_a` (column vectors).
@@ -7,6 +10,8 @@ A 4x4 matrix `T_a_b` maps points of frame a into frame b: `p_b = T_a_b @ p_a` (c
 from __future__ import annotations
 
 import numpy as np
+
+from nurec_jax import math as nmath
 
 
 def normalize_quat(q: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -29,73 +34,23 @@ def wxyz_to_xyzw(q: np.ndarray) -> np.ndarray:
 
 
 def quat_wxyz_to_matrix(q: np.ndarray) -> np.ndarray:
-    """(..., 4) wxyz quaternions (normalised here) -> (..., 3, 3) rotation matrices."""
-    w, x, y, z = np.moveaxis(normalize_quat(q), -1, 0)
-    return np.stack(
-        [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        axis=-2,
-    )
+    """(..., 4) wxyz quaternions (zero-norm refused) -> (..., 3, 3) rotation matrices, float64."""
+    return nmath.quat_to_matrix(normalize_quat(q), xp=np)
 
 
 def matrix_to_quat_wxyz(m: np.ndarray) -> np.ndarray:
-    """(..., 3, 3) rotation matrices -> (..., 4) unit wxyz quaternions with w >= 0 (vectorised)."""
-    m = np.asarray(m, dtype=np.float64)
-    r = lambda i, j: m[..., i, j]  # noqa: E731
-    # Shepperd's method: pick the largest of the four |q_i| candidates for numerical stability.
-    cand = np.stack(
-        [
-            1.0 + r(0, 0) + r(1, 1) + r(2, 2),
-            1.0 + r(0, 0) - r(1, 1) - r(2, 2),
-            1.0 - r(0, 0) + r(1, 1) - r(2, 2),
-            1.0 - r(0, 0) - r(1, 1) + r(2, 2),
-        ],
-        axis=-1,
-    )
-    best = np.argmax(cand, axis=-1)
-    s = 2.0 * np.sqrt(np.maximum(np.take_along_axis(cand, best[..., None], -1)[..., 0], 1e-300))
-    q0 = np.stack([0.25 * s, (r(2, 1) - r(1, 2)) / s, (r(0, 2) - r(2, 0)) / s, (r(1, 0) - r(0, 1)) / s], -1)
-    q1 = np.stack([(r(2, 1) - r(1, 2)) / s, 0.25 * s, (r(0, 1) + r(1, 0)) / s, (r(0, 2) + r(2, 0)) / s], -1)
-    q2 = np.stack([(r(0, 2) - r(2, 0)) / s, (r(0, 1) + r(1, 0)) / s, 0.25 * s, (r(1, 2) + r(2, 1)) / s], -1)
-    q3 = np.stack([(r(1, 0) - r(0, 1)) / s, (r(0, 2) + r(2, 0)) / s, (r(1, 2) + r(2, 1)) / s, 0.25 * s], -1)
-    q = np.choose(best[..., None], [q0, q1, q2, q3])
-    q = np.where(q[..., :1] < 0, -q, q)
-    return q / np.linalg.norm(q, axis=-1, keepdims=True)
+    """(..., 3, 3) rotation matrices -> (..., 4) unit wxyz quaternions with w >= 0, float64."""
+    return nmath.matrix_to_quat(np.asarray(m, dtype=np.float64), xp=np)
 
 
 def quat_multiply_wxyz(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamilton product a ⊗ b of wxyz quaternions (broadcasting)."""
-    aw, ax, ay, az = np.moveaxis(np.asarray(a, dtype=np.float64), -1, 0)
-    bw, bx, by, bz = np.moveaxis(np.asarray(b, dtype=np.float64), -1, 0)
-    return np.stack(
-        [
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ],
-        axis=-1,
-    )
+    """Hamilton product a (x) b of wxyz quaternions (broadcasting), float64."""
+    return nmath.quat_multiply(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), xp=np)
 
 
 def slerp_wxyz(q0: np.ndarray, q1: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Shortest-path spherical interpolation between unit wxyz quaternions, t in [0, 1]."""
-    q0 = normalize_quat(q0)
-    q1 = normalize_quat(q1)
-    t = np.asarray(t, dtype=np.float64)[..., None]
-    dot = np.sum(q0 * q1, axis=-1, keepdims=True)
-    q1 = np.where(dot < 0, -q1, q1)
-    dot = np.abs(dot)
-    theta = np.arccos(np.clip(dot, -1.0, 1.0))
-    sin_theta = np.sin(theta)
-    small = sin_theta < 1e-8
-    safe = np.where(small, 1.0, sin_theta)
-    w0 = np.where(small, 1.0 - t, np.sin((1.0 - t) * theta) / safe)
-    w1 = np.where(small, t, np.sin(t * theta) / safe)
-    return normalize_quat(w0 * q0 + w1 * q1)
+    """Shortest-path spherical interpolation between wxyz quaternions (zero-norm refused), t in [0, 1]."""
+    return nmath.slerp(normalize_quat(q0), normalize_quat(q1), np.asarray(t, dtype=np.float64), xp=np)
 
 
 def make_transform(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:

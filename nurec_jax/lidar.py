@@ -26,22 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from nurec_jax import constants as C
-from nurec_jax import math as nmath
 from nurec_jax import sh as sh_lib
-from nurec_jax.lidar_models import LidarModel
-from nurec_jax.poses import Pose, PosePair
 from nurec_jax.binning import bin_gaussians
 from nurec_jax.compositing import composite_tiles
 from nurec_jax.frames import ActorPoses, frame_pairs, merge_gaussians
+from nurec_jax.lidar_models import LidarModel
+from nurec_jax.poses import Pose, PosePair
 from nurec_jax.projection import extent_sigmas
-from nurec_jax.types import SceneGaussians
+from nurec_jax.types import SceneGaussians, static_field
 
-TILE = C.TILE_SIZE
 _SQRT_TILE = C.LIDAR_TILE_SIZE  # rays per tile side (beams x columns)
-
-
-def _static(**kw):
-    return dataclasses.field(metadata=dict(static=True), **kw)
 
 
 @jax.tree_util.register_dataclass
@@ -60,14 +54,14 @@ class LidarTables:
     offsets: jax.Array
     ring: jax.Array
     azimuths: jax.Array
-    rows: int = _static()
-    columns: int = _static()
-    az0: float = _static()
-    step: float = _static()
-    full_circle: bool = _static()
-    max_offset: float = _static()
-    min_range: float = _static()
-    max_range: float = _static()
+    rows: int = static_field()
+    columns: int = static_field()
+    az0: float = static_field()
+    step: float = static_field()
+    full_circle: bool = static_field()
+    max_offset: float = static_field()
+    min_range: float = static_field()
+    max_range: float = static_field()
 
     @property
     def rows_padded(self) -> int:

@@ -1,5 +1,5 @@
 """Lidar sensor models as data: beam elevations, per-beam azimuth offsets, column azimuths (firing
-order), spin rate and range limits (rendering.md 3.4, protocol.md 7.8).
+order), spin rate and range limits (docs/rendering.md#lidar-beam-model, docs/wire.md#lidar-requests).
 
 Ray (row i, column j): elevation a = E[i], azimuth b = B[j] + D[i], direction in the lidar frame
 (x forward, y left, z up) = (cos b cos a, sin b cos a, sin a). Columns fire in table order over the

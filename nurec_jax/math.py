@@ -1,6 +1,8 @@
 """Gradient-safe jnp helpers: norms, quaternions, SO(3)/SE(3) maps and pose interpolation.
 
-Quaternions are Hamilton (w, x, y, z). NaN-free gradients: every branch that could divide by zero
+Quaternions are Hamilton (w, x, y, z). The quaternion maths serves both array libraries through an `xp`
+argument (jax.numpy by default; `geometry.py` calls it with numpy in float64 for the host side), so the
+formulas exist once. NaN-free gradients: every branch that could divide by zero
 computes on a safe substitute inside `jnp.where` (a NaN in the untaken branch still poisons
 reverse-mode AD).
 """
@@ -23,14 +25,18 @@ def safe_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-20) -> jax.Arra
     return x / jnp.where(n > 0, n, 1.0)
 
 
-def quat_normalize(q: jax.Array) -> jax.Array:
-    return safe_normalize(q)
+def quat_normalize(q, xp=jnp):
+    """Unit quaternions along the last axis; a zero quaternion stays zero (no NaN, no NaN gradient)."""
+    sq = xp.sum(q * q, axis=-1, keepdims=True)
+    ok = sq > 1e-20
+    return q / xp.sqrt(xp.where(ok, sq, 1.0))
 
 
-def quat_multiply(a: jax.Array, b: jax.Array) -> jax.Array:
-    aw, ax, ay, az = jnp.moveaxis(a, -1, 0)
-    bw, bx, by, bz = jnp.moveaxis(b, -1, 0)
-    return jnp.stack(
+def quat_multiply(a, b, xp=jnp):
+    """Hamilton product a (x) b of wxyz quaternions, broadcast."""
+    aw, ax, ay, az = xp.moveaxis(a, -1, 0)
+    bw, bx, by, bz = xp.moveaxis(b, -1, 0)
+    return xp.stack(
         [
             aw * bw - ax * bx - ay * by - az * bz,
             aw * bx + ax * bw + ay * bz - az * by,
@@ -56,23 +62,24 @@ def matmul33(a: jax.Array, b: jax.Array) -> jax.Array:
     return a[..., :, 0:1] * b[..., 0:1, :] + a[..., :, 1:2] * b[..., 1:2, :] + a[..., :, 2:3] * b[..., 2:3, :]
 
 
-def quat_to_matrix(q: jax.Array) -> jax.Array:
+def quat_to_matrix(q, xp=jnp):
     """(..., 4) wxyz (normalised here) -> (..., 3, 3)."""
-    w, x, y, z = jnp.moveaxis(quat_normalize(q), -1, 0)
-    return jnp.stack(
+    w, x, y, z = xp.moveaxis(quat_normalize(q, xp), -1, 0)
+    return xp.stack(
         [
-            jnp.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            jnp.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            jnp.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+            xp.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+            xp.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+            xp.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
         ],
         axis=-2,
     )
 
 
-def matrix_to_quat(m: jax.Array) -> jax.Array:
-    """(..., 3, 3) rotation -> (..., 4) unit wxyz (Shepperd's method, branch by largest component)."""
+def matrix_to_quat(m, xp=jnp):
+    """(..., 3, 3) rotation -> (..., 4) unit wxyz with w >= 0 (Shepperd's method: built from the largest
+    of the four |q_i| candidates, which is at least 1/4 for a rotation, so nothing small is divided by)."""
     r = lambda i, j: m[..., i, j]  # noqa: E731
-    cand = jnp.stack(
+    cand = xp.stack(
         [
             1.0 + r(0, 0) + r(1, 1) + r(2, 2),
             1.0 + r(0, 0) - r(1, 1) - r(2, 2),
@@ -81,19 +88,19 @@ def matrix_to_quat(m: jax.Array) -> jax.Array:
         ],
         axis=-1,
     )
-    best = jnp.argmax(cand, axis=-1)
-    s = 2.0 * jnp.sqrt(jnp.maximum(jnp.max(cand, axis=-1), 1e-12))
-    qs = jnp.stack(
+    best = xp.argmax(cand, axis=-1)
+    s = 2.0 * xp.sqrt(xp.maximum(xp.max(cand, axis=-1), 1e-12))
+    qs = xp.stack(
         [
-            jnp.stack([0.25 * s, (r(2, 1) - r(1, 2)) / s, (r(0, 2) - r(2, 0)) / s, (r(1, 0) - r(0, 1)) / s], -1),
-            jnp.stack([(r(2, 1) - r(1, 2)) / s, 0.25 * s, (r(0, 1) + r(1, 0)) / s, (r(0, 2) + r(2, 0)) / s], -1),
-            jnp.stack([(r(0, 2) - r(2, 0)) / s, (r(0, 1) + r(1, 0)) / s, 0.25 * s, (r(1, 2) + r(2, 1)) / s], -1),
-            jnp.stack([(r(1, 0) - r(0, 1)) / s, (r(0, 2) + r(2, 0)) / s, (r(1, 2) + r(2, 1)) / s, 0.25 * s], -1),
+            xp.stack([0.25 * s, (r(2, 1) - r(1, 2)) / s, (r(0, 2) - r(2, 0)) / s, (r(1, 0) - r(0, 1)) / s], -1),
+            xp.stack([(r(2, 1) - r(1, 2)) / s, 0.25 * s, (r(0, 1) + r(1, 0)) / s, (r(0, 2) + r(2, 0)) / s], -1),
+            xp.stack([(r(0, 2) - r(2, 0)) / s, (r(0, 1) + r(1, 0)) / s, 0.25 * s, (r(1, 2) + r(2, 1)) / s], -1),
+            xp.stack([(r(1, 0) - r(0, 1)) / s, (r(0, 2) + r(2, 0)) / s, (r(1, 2) + r(2, 1)) / s, 0.25 * s], -1),
         ],
         axis=-2,
     )
-    q = jnp.take_along_axis(qs, best[..., None, None], axis=-2)[..., 0, :]
-    return quat_normalize(jnp.where(q[..., :1] < 0, -q, q))
+    q = xp.take_along_axis(qs, best[..., None, None], axis=-2)[..., 0, :]
+    return quat_normalize(xp.where(q[..., :1] < 0, -q, q), xp)
 
 
 def so3_exp(omega: jax.Array) -> jax.Array:
@@ -108,18 +115,24 @@ def so3_exp(omega: jax.Array) -> jax.Array:
     return jnp.concatenate([real, imag * omega], axis=-1)
 
 
-def slerp(q0: jax.Array, q1: jax.Array, t: jax.Array) -> jax.Array:
-    """Shortest-path slerp of unit wxyz quaternions; nlerp where they (nearly) coincide."""
-    t = jnp.asarray(t)[..., None]
-    dot = jnp.sum(q0 * q1, axis=-1, keepdims=True)
-    q1 = jnp.where(dot < 0, -q1, q1)
-    dot = jnp.abs(dot)
-    close = dot > 0.9995
-    omega = jnp.arccos(jnp.clip(jnp.where(close, 0.5, dot), -1.0, 1.0))
-    sin_omega = jnp.sin(omega)
-    w0 = jnp.where(close, 1.0 - t, jnp.sin((1.0 - t) * omega) / sin_omega)
-    w1 = jnp.where(close, t, jnp.sin(t * omega) / sin_omega)
-    return quat_normalize(w0 * q0 + w1 * q1)
+# Above this |q0 . q1| slerp becomes nlerp. float32 (the renderer): 0.9995, where arccos's slope starts to
+# blow up gradients; nlerp's error there is below float32 resolution. float64 (host): 1 - 1e-16.
+SLERP_NLERP_ABOVE = {"float32": 0.9995, "float64": 1.0 - 1e-16}
+
+
+def slerp(q0, q1, t, xp=jnp):
+    """Shortest-path slerp of unit wxyz quaternions; nlerp where they (nearly) coincide
+    (`SLERP_NLERP_ABOVE`, by dtype)."""
+    t = xp.asarray(t)[..., None]
+    dot = xp.sum(q0 * q1, axis=-1, keepdims=True)
+    q1 = xp.where(dot < 0, -q1, q1)
+    dot = xp.abs(dot)
+    close = dot > SLERP_NLERP_ABOVE.get(str(dot.dtype), SLERP_NLERP_ABOVE["float32"])
+    omega = xp.arccos(xp.clip(xp.where(close, 0.5, dot), -1.0, 1.0))
+    sin_omega = xp.sin(omega)
+    w0 = xp.where(close, 1.0 - t, xp.sin((1.0 - t) * omega) / sin_omega)
+    w1 = xp.where(close, t, xp.sin(t * omega) / sin_omega)
+    return quat_normalize(w0 * q0 + w1 * q1, xp)
 
 
 def rotate(q: jax.Array, v: jax.Array) -> jax.Array:

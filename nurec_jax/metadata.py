@@ -1,7 +1,7 @@
 """Host-side scene metadata: cameras, lidars, ego trajectory, actor tracks (no Gaussians).
 
 Parses the driving-scene side files of a NuRec `.usdz` (`rig_trajectories.json`,
-`sequence_tracks.json`, `metadata.yaml`; see scene_format.md sections 4-6). Everything here is
+`sequence_tracks.json`, `metadata.yaml`; see docs/scene_format.md#rig-trajectories, #sequence-tracks, #scene-identity). Everything here is
 plain Python / numpy: the server answers camera and trajectory queries from it without touching
 the device.
 """
@@ -377,45 +377,80 @@ def _resolution(params: Mapping[str, Any], where: str) -> tuple[int, int]:
     return w, h
 
 
+CAMERA_MODELS = ("ftheta", "opencv-pinhole", "opencv-fisheye")
+
+
+def build_intrinsics(kind: str, where: str, *, resolution: tuple[int, int], shutter: ShutterType,
+                     principal_point: Any, focal_length: Any = None, focal_field: str = "focal_length",
+                     reference_poly: PolynomialType = PolynomialType.PIXELDIST_TO_ANGLE,
+                     pixeldist_to_angle_poly: Any = None, angle_to_pixeldist_poly: Any = None,
+                     linear_cde: Any = None, radial_coeffs: Any = None, tangential_coeffs: Any = None,
+                     thin_prism_coeffs: Any = None, max_angle: float | None = None,
+                     error: type[Exception] = SceneFormatError) -> CameraIntrinsics:
+    """The one validated constructor of camera intrinsics, for scene files (`parse_camera_model`) and
+    gRPC CameraSpecs (`server/convert.py`) alike.
+
+    `kind` is one of CAMERA_MODELS; values are raw (lists, tuples, None for absent) and every one is
+    checked: finite numbers, lengths, positive focal lengths, a present reference polynomial, a
+    non-singular FTheta linear term, a max angle in (0, pi]. Errors are `error` (SceneFormatError for
+    files, ValueError for requests) with a message naming `<where>.<field>`."""
+    pp = parse_floats(principal_point, f"{where}.principal_point", 2, error=error)
+    if kind == "ftheta":
+        bw = parse_poly(pixeldist_to_angle_poly, f"{where}.pixeldist_to_angle_poly", error=error)
+        fw = parse_poly(angle_to_pixeldist_poly, f"{where}.angle_to_pixeldist_poly", error=error)
+        if (reference_poly == PolynomialType.PIXELDIST_TO_ANGLE and not bw) or (
+            reference_poly == PolynomialType.ANGLE_TO_PIXELDIST and not fw
+        ):
+            raise error(f"{where}: the reference polynomial ({reference_poly.name}) is missing or empty")
+        cde = parse_floats((1.0, 0.0, 0.0) if linear_cde is None else linear_cde, f"{where}.linear_cde", 3,
+                           error=error)
+        if abs(cde[0] - cde[1] * cde[2]) < 1e-9:
+            raise error(f"{where}.linear_cde: singular (c - d*e = 0)")
+        angle = parse_max_angle(max_angle, math.pi, f"{where}.max_angle", error=error)
+        return FThetaIntrinsics(resolution, shutter, pp, reference_poly, bw, fw, angle, cde)  # type: ignore[arg-type]
+    fl = parse_floats(focal_length, f"{where}.{focal_field}", 2, error=error)
+    if fl[0] <= 0 or fl[1] <= 0:
+        raise error(f"{where}.{focal_field}: must be positive, got {list(fl)}")
+    if kind == "opencv-pinhole":
+        return OpenCVPinholeIntrinsics(
+            resolution, shutter, pp, fl,  # type: ignore[arg-type]
+            parse_floats(radial_coeffs or (), f"{where}.radial_coeffs", pad=6, error=error),
+            parse_floats(tangential_coeffs or (), f"{where}.tangential_coeffs", pad=2, error=error),
+            parse_floats(thin_prism_coeffs or (), f"{where}.thin_prism_coeffs", pad=4, error=error),
+        )
+    if kind == "opencv-fisheye":
+        return OpenCVFisheyeIntrinsics(
+            resolution, shutter, pp, fl,  # type: ignore[arg-type]
+            parse_floats(radial_coeffs or (), f"{where}.radial_coeffs", pad=4, error=error),
+            parse_max_angle(max_angle, math.pi / 2, f"{where}.max_angle", error=error),
+        )
+    raise ValueError(f"unknown camera model kind {kind!r} (expected one of {', '.join(CAMERA_MODELS)})")
+
+
+_MODEL_KINDS = {"ftheta": "ftheta", "opencv-pinhole": "opencv-pinhole", "opencv_pinhole": "opencv-pinhole",
+                "pinhole": "opencv-pinhole", "opencv-fisheye": "opencv-fisheye", "opencv_fisheye": "opencv-fisheye",
+                "fisheye": "opencv-fisheye"}
+
+
 def parse_camera_model(model: Any, where: str) -> CameraIntrinsics:
     """Parses a `camera_model` entry {type, parameters} of `rig_trajectories.json`."""
     if not isinstance(model, Mapping) or "type" not in model:
         raise SceneFormatError(f"{where}: expected {{type, parameters}}, got {model!r}")
-    kind = str(model["type"]).lower()
+    kind = _MODEL_KINDS.get(str(model["type"]).lower())
+    if kind is None:
+        raise UnsupportedSceneError(f"{where}.type: unsupported camera model {model['type']!r}")
     p = model.get("parameters") or {}
-    res = _resolution(p, f"{where}.parameters")
-    shutter = _enum(ShutterType, p.get("shutter_type"), f"{where}.parameters.shutter_type", ShutterType.GLOBAL)
-    pp = parse_floats(p.get("principal_point"), f"{where}.parameters.principal_point", 2)
-    if kind == "ftheta":
-        ref = _enum(PolynomialType, p.get("reference_poly"), f"{where}.parameters.reference_poly",
-                    PolynomialType.PIXELDIST_TO_ANGLE)
-        bw = parse_poly(p.get("pixeldist_to_angle_poly"), f"{where}.parameters.pixeldist_to_angle_poly")
-        fw = parse_poly(p.get("angle_to_pixeldist_poly"), f"{where}.parameters.angle_to_pixeldist_poly")
-        if (ref == PolynomialType.PIXELDIST_TO_ANGLE and not bw) or (
-            ref == PolynomialType.ANGLE_TO_PIXELDIST and not fw
-        ):
-            raise SceneFormatError(f"{where}.parameters: reference polynomial {ref.name} is missing")
-        cde = parse_floats(p.get("linear_cde", (1.0, 0.0, 0.0)), f"{where}.parameters.linear_cde", 3)
-        max_angle = parse_max_angle(p.get("max_angle"), math.pi, f"{where}.parameters.max_angle")
-        return FThetaIntrinsics(res, shutter, pp, ref, bw, fw, max_angle, cde)  # type: ignore[arg-type]
-    fl = parse_floats(p.get("focal_length"), f"{where}.parameters.focal_length", 2)
-    if fl[0] <= 0 or fl[1] <= 0:
-        raise SceneFormatError(f"{where}.parameters.focal_length: must be positive, got {list(fl)}")
-    if kind in ("opencv-pinhole", "opencv_pinhole", "pinhole"):
-        return OpenCVPinholeIntrinsics(
-            res, shutter, pp, fl,  # type: ignore[arg-type]
-            parse_floats(p.get("radial_coeffs", ()), f"{where}.parameters.radial_coeffs", pad=6),
-            parse_floats(p.get("tangential_coeffs", ()), f"{where}.parameters.tangential_coeffs", pad=2),
-            parse_floats(p.get("thin_prism_coeffs", ()), f"{where}.parameters.thin_prism_coeffs", pad=4),
-        )
-    if kind in ("opencv-fisheye", "opencv_fisheye", "fisheye"):
-        max_angle = parse_max_angle(p.get("max_angle"), math.pi / 2, f"{where}.parameters.max_angle")
-        return OpenCVFisheyeIntrinsics(
-            res, shutter, pp, fl,  # type: ignore[arg-type]
-            parse_floats(p.get("radial_coeffs", ()), f"{where}.parameters.radial_coeffs", pad=4),
-            max_angle,
-        )
-    raise UnsupportedSceneError(f"{where}.type: unsupported camera model {model['type']!r}")
+    at = f"{where}.parameters"
+    return build_intrinsics(
+        kind, at, resolution=_resolution(p, at),
+        shutter=_enum(ShutterType, p.get("shutter_type"), f"{at}.shutter_type", ShutterType.GLOBAL),
+        principal_point=p.get("principal_point"), focal_length=p.get("focal_length"),
+        reference_poly=_enum(PolynomialType, p.get("reference_poly"), f"{at}.reference_poly",
+                             PolynomialType.PIXELDIST_TO_ANGLE),
+        pixeldist_to_angle_poly=p.get("pixeldist_to_angle_poly"),
+        angle_to_pixeldist_poly=p.get("angle_to_pixeldist_poly"), linear_cde=p.get("linear_cde"),
+        radial_coeffs=p.get("radial_coeffs"), tangential_coeffs=p.get("tangential_coeffs"),
+        thin_prism_coeffs=p.get("thin_prism_coeffs"), max_angle=p.get("max_angle"))
 
 
 def _frame_windows(value: Any, where: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Decoding of the NuRec `.nurec` payload: gzip -> msgpack -> `nre_data` -> Gaussian layers (numpy).
 
-Host-only. See scene_format.md section 3. Stored values are pre-activation; this module applies the
+Host-only. See docs/scene_format.md#payload-encoding. Stored values are pre-activation; this module applies the
 activations the layer config names and returns render-ready arrays (types.Gaussians conventions).
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from nurec_jax import geometry, sh
 from nurec_jax.errors import SceneFormatError, UnsupportedSceneError
+from nurec_jax.types import HostLayer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -36,41 +37,6 @@ _SUPPORTED_ACTIVATIONS = {
     "scale_activation": ("exp",),
     "rotation_activation": ("normalize",),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class HostLayer:
-    """One decoded Gaussian layer, activated, float32 numpy.
-
-    Attributes:
-      name: layer name (`background`, `road`, `dynamic_rigids`, `gaussians`, ...).
-      rigid: True for rigid-actor layers (Gaussians in cuboid-local frames).
-      means, quats, scales, opacities, sh: as in `types.Gaussians`.
-      sh_degree: active degree.
-      cuboid_ids: (N,) int32 index into `track_ids` (rigid layers), else None.
-      track_ids: the layer's own clean track list (rigid layers), else ().
-      dropped: number of Gaussians dropped for non-finite or degenerate values.
-      colour_convention: "radiance_sph_O0" or "3dgs" (what the file stored; `sh` is always 3dgs).
-    """
-
-    name: str
-    rigid: bool
-    means: np.ndarray
-    quats: np.ndarray
-    scales: np.ndarray
-    opacities: np.ndarray
-    sh: np.ndarray
-    sh_degree: int
-    cuboid_ids: np.ndarray | None
-    track_ids: tuple[str, ...]
-    dropped: int
-    colour_convention: str
-    lidar_intensity: np.ndarray | None = None  # (N,) the layer's lidar feature (channel 0), if it has one
-    approximation: str = ""  # what this layer's render leaves out of NuRec's model, "" when nothing
-
-    @property
-    def count(self) -> int:
-        return int(self.means.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,7 +354,7 @@ def _decode_layer(name: str, cfg: Mapping[str, Any], state: StateSource, obj_tra
     lidar = None
     if "lidar_extra_signal" in present:
         sig = state.array(pre + "lidar_extra_signal")
-        if sig.size:  # NRE: channel 0 is intensity, no activation (rendering.md 5.1)
+        if sig.size:  # NRE: channel 0 is intensity, no activation (docs/scene_format.md#gaussian-layers)
             if sig.shape[0] != n:
                 raise SceneFormatError(f"{wl}: lidar_extra_signal has shape {list(sig.shape)} for {n} Gaussians")
             lidar = sig.reshape(n, -1)[:, 0].astype(np.float32)

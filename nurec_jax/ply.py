@@ -13,7 +13,8 @@ import numpy as np
 
 from nurec_jax import sh
 from nurec_jax.errors import SceneFormatError
-from nurec_jax.payload import HostLayer, activated_layer
+from nurec_jax.payload import activated_layer
+from nurec_jax.types import HostLayer
 
 _PLY_TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",

@@ -6,7 +6,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nurec_jax import math as nmath
 
@@ -86,6 +85,3 @@ class PosePair:
         t = self.start.trans + tau[..., None] * (self.end.trans - self.start.trans)
         return Pose(q, t)
 
-
-def pose_matrix_np(pose: Pose) -> np.ndarray:
-    return np.asarray(pose.as_matrix())

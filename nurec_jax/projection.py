@@ -1,6 +1,6 @@
 """Projection: each Gaussian's tile-selection rectangle from the unscented transform of its 7 sigma
 points through the exact camera, under the rolling-shutter fixed point, plus culling, the depth sort
-key and view-dependent colours (rendering.md 2.1-2.2, 4). Nothing here but the colours is
+key and view-dependent colours (docs/rendering.md#unscented-projection, #rolling-shutter). Nothing here but the colours is
 differentiated: rectangles and keys choose which pairs are evaluated, eval3d decides their alpha.
 """
 
@@ -55,7 +55,7 @@ def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx
                    iterations: int):
     """Projects the sigma points of each Gaussian (frame `frame_idx` [N]), given as components
     xyz = (x, y, z) each [S, N] with the centre at s = 0, under the rolling-shutter fixed point
-    (rendering.md 4). Component arrays with the Gaussians on the minor axis vectorise on CPU, where
+    (docs/rendering.md#rolling-shutter). Component arrays with the Gaussians on the minor axis vectorise on CPU, where
     (..., 3) ones do not.
 
     Returns a list of (u, v, valid), each [S, N]: under a global shutter one estimate; under a rolling
@@ -98,7 +98,7 @@ def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx
 
 def sigma_points(g: MergedGaussians):
     """The 7 unscented sigma points of every Gaussian in its own frame, as components (x, y, z) each
-    [7, N]: the centre, then centre +- each scaled principal axis (rendering.md 2.1)."""
+    [7, N]: the centre, then centre +- each scaled principal axis (docs/rendering.md#unscented-projection)."""
     lam = C.UT_ALPHA ** 2 * (3 + C.UT_KAPPA) - 3
     spread = math.sqrt(3 + lam)
     rot = nmath.quat_to_matrix(g.quats)  # column j is principal axis j
@@ -111,7 +111,7 @@ def sigma_points(g: MergedGaussians):
 
 def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: MergedGaussians, shutter: int,
                         iterations: int):
-    """Tile-selection rectangle of every Gaussian from its 7 sigma points (rendering.md 2.1-2.2).
+    """Tile-selection rectangle of every Gaussian from its 7 sigma points (docs/rendering.md#unscented-projection).
 
     Returns (lo (N, 2), hi (N, 2), valid (N,)) in pixels. Under a rolling shutter the rectangle is
     the union of the fixed-point footprint and the start- and end-of-exposure footprints: the UT

@@ -1,5 +1,5 @@
 """Exposure times and rays: when each pixel is exposed (rolling shutter), the camera pose at that time,
-and each pixel's ray in every frame (rendering.md 4, protocol.md 7.4).
+and each pixel's ray in every frame (docs/rendering.md#rolling-shutter).
 
 Exposure times are quantised to rows (or columns) of the image, so poses come from a per-row table
 (`pose_table`) built once per frame. Pixels are laid out tile by tile (`pixel_grid` / `untile`).
@@ -21,7 +21,7 @@ from nurec_jax.poses import PosePair
 
 
 def shutter_tau(uv: jax.Array, width: int, height: int, shutter_type: int) -> jax.Array:
-    """Relative exposure time in [0, 1] of continuous image points (protocol.md 7.4)."""
+    """Relative exposure time in [0, 1] of continuous image points (docs/rendering.md#rolling-shutter)."""
     u, v = uv[..., 0], uv[..., 1]
     hm, wm = max(height - 1, 1), max(width - 1, 1)
     st = ShutterType(shutter_type)

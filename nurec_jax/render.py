@@ -1,6 +1,6 @@
 """The differentiable camera renderer (NuRec's 3DGUT): unscented-transform tiling + per-ray eval3d.
 
-`render` composes one module per stage of the pipeline (rendering.md section 9):
+`render` composes one module per stage of the pipeline (docs/rendering.md#pipeline):
   1. `nurec_jax.rays`: per pixel its exposure time tau (rolling shutter), its camera pose at tau, its
      ray, and the same ray in every actor's frame (`nurec_jax.frames`) at tau.
   2. `nurec_jax.projection`: per Gaussian (no gradients) the 7 sigma points through the exact camera
@@ -27,12 +27,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from nurec_jax import ppisp as ppisp_lib
 from nurec_jax.binning import Binning, bin_gaussians, depth_key  # noqa: F401 (public names)
 from nurec_jax.cameras import Camera
 from nurec_jax.compose import RenderOutput, compose_image, sky_color  # noqa: F401
 from nurec_jax.compositing import composite_tiles, compositor  # noqa: F401
 from nurec_jax.frames import ActorPoses, MergedGaussians, checked_actors, frame_pairs, merge_gaussians
-from nurec_jax import ppisp as ppisp_lib
 from nurec_jax.poses import PosePair
 from nurec_jax.ppisp import IspIndex, Ppisp
 from nurec_jax.projection import project_gaussians, project_points, unscented_footprint  # noqa: F401

@@ -3,7 +3,8 @@ on overflow, and helpers that pose cameras and actors from a scene's recorded tr
 
 `Renderer` (camera frames) and `LidarCaster` (lidar spins) are what the server and the CLIs use; both
 keep their compiled functions in `COMPILED`, one bounded process-wide LRU of executables (one per
-static signature, shared by every instance; evicted ones are freed), keep the capacity bucket found per
+static signature and device, shared by every instance; evicted ones are freed), run each frame on the
+device its scene's arrays are committed to (inputs follow the scene), keep the capacity bucket found per
 (scene, sensor size) under a lock, and re-run a frame or pass that overflowed with the next sufficient
 power-of-two bucket. Research code may call
 `nurec_jax.render.render` or `nurec_jax.lidar.raycast_pass` directly under its own `jax.jit` / `jax.grad`.
@@ -31,8 +32,17 @@ from nurec_jax.lidar_models import LidarModel
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.poses import PosePair
 from nurec_jax.ppisp import IspIndex
-from nurec_jax.render import (ActorPoses, RenderOptions, RenderOutput, bin_frame, compose_frame, composite_frame,
-                              prepare_frame, render, tile_size_for)
+from nurec_jax.render import (
+    ActorPoses,
+    RenderOptions,
+    RenderOutput,
+    bin_frame,
+    compose_frame,
+    composite_frame,
+    prepare_frame,
+    render,
+    tile_size_for,
+)
 from nurec_jax.types import SceneGaussians
 
 _LOGGER = logging.getLogger(__name__)
@@ -47,7 +57,7 @@ class Stage(Protocol):
 
 class StageTimer(Protocol):
     """What `Renderer.render(timer=...)` needs: `with timer.stage("compositing") as st: st.wait(out)`.
-    The server's `nurec_jax.server.timing.StageTimer` is one; `RecordingTimer` below is a minimal one."""
+    The server's `nurec_jax.server.stage_timer.StageTimer` is one; `RecordingTimer` below is a minimal one."""
 
     def stage(self, name: str) -> ContextManager[Stage]:
         """A context manager that times stage `name`."""
@@ -139,6 +149,29 @@ def _leaf_signature(x) -> Any:
     return (tuple(x.shape), np.dtype(x.dtype), bool(getattr(x, "weak_type", False)))
 
 
+def committed_device(x):
+    """The device a committed single-device `jax.Array` lives on (where computations on it run), else None
+    (numpy, Python scalars, arrays created without a device: they follow the computation)."""
+    if isinstance(x, jax.Array) and x.committed:
+        devices = x.devices()
+        if len(devices) == 1:
+            return next(iter(devices))
+    return None
+
+
+def _run_device(leaves):
+    """The device a computation over `leaves` runs on: the first committed leaf's, else the default device
+    in effect (the thread's `jax.default_device`, else the first device)."""
+    for x in leaves:
+        device = committed_device(x)
+        if device is not None:
+            return device
+    default = jax.config.jax_default_device
+    if isinstance(default, jax.Device):
+        return default
+    return jax.devices(default)[0] if isinstance(default, str) else jax.devices()[0]
+
+
 class _Pending:
     """A compile in progress: other threads wanting the same signature wait for it."""
 
@@ -156,7 +189,9 @@ class CompiledCache:
     object: once the wrapper goes out of scope nothing in jit's own caches refers to the executable, so
     evicting the entry (at most `max_entries`, least recently used first) frees it. The key is the
     function's name, the argument pytree structure (which holds the cameras' static fields), every
-    leaf's shape / dtype / weak type and the static keyword values.
+    leaf's shape / dtype / weak type, the static keyword values and the device the computation runs on
+    (an executable is compiled for one device: with `--devices`, each device that renders a shape has
+    its own entry, and the bound counts them all).
 
     Evicting also empties JAX's own tracing and lowering caches (`jax.clear_caches`, with
     `clear_jax_caches`): they are bounded LRUs of a few thousand entries each, but every new signature
@@ -229,7 +264,8 @@ class CompiledCache:
     @staticmethod
     def key(name: str, args: tuple, kwargs: dict, static: dict) -> tuple:
         leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
-        return (name, tree, tuple(_leaf_signature(x) for x in leaves), tuple(sorted(static.items())))
+        return (name, tree, tuple(_leaf_signature(x) for x in leaves), tuple(sorted(static.items())),
+                _run_device(leaves))
 
     def get(self, name: str, fn, counter: list, args: tuple, kwargs: dict | None = None,
             static: dict | None = None):
@@ -370,7 +406,9 @@ class Renderer:
         runs as four separately compiled, timed stages. `isp` selects the camera and frame of the scene's
         PPISP post-processing (see `isp_index`); ignored for scenes without one. `check()` (if given) runs
         before each device run (after any compile, between stages, before an overflow re-render) and may
-        raise to stop the frame (the server's deadline and cancellation check)."""
+        raise to stop the frame (the server's deadline and cancellation check). A scene committed to one
+        device (`jax.device_put`, as the server's `--devices` places scenes) renders on that device: the
+        camera, poses and actors are put there too, and the compiled function is that device's."""
         key = self._key(camera, cache_key)
         n_gaussians = gaussians.static.count + gaussians.dynamic.count
         opts = dataclasses.replace(self.options_for(camera, cache_key, n_gaussians),
@@ -379,6 +417,9 @@ class Renderer:
             actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)
         # One argument structure per scene kind, so every caller shares one compiled function.
         isp = None if gaussians.ppisp is None else (IspIndex.of() if isp is None else isp)
+        device = committed_device(gaussians.static.means)
+        if device is not None:  # a scene placed on one device (--devices): its inputs go there, not to device 0
+            camera, sensor_pose, actors, isp = jax.device_put((camera, sensor_pose, actors, isp), device)
         while True:
             if timer is None:
                 out = COMPILED.call("render", render, _TRACES, (gaussians, camera, sensor_pose, actors),
@@ -419,6 +460,9 @@ class LidarCaster:
         if actors is None:
             actors = ActorPoses.hidden(len(gaussians.track_ids), dtype)
         tables = lidar_tables(model, dtype)
+        device = committed_device(gaussians.static.means)
+        if device is not None:  # a scene placed on one device (--devices): its inputs go there
+            tables, sensor_pose, actors = jax.device_put((tables, sensor_pose, actors), device)
         n_ct = column_tiles_for(tables, ray_chunk_size)
         key = (cache_key, model.static_key(), n_ct)
         opts = dataclasses.replace(self.options, pair_capacity=self._buckets.get(key, self.options.pair_capacity),
@@ -428,8 +472,9 @@ class LidarCaster:
         while c0 < tables.column_tiles:
             if check is not None:
                 check()
+            first = jnp.int32(c0) if device is None else jax.device_put(np.int32(c0), device)
             out = COMPILED.call("lidar_pass", raycast_pass, _LIDAR_TRACES,
-                                (gaussians, tables, sensor_pose, actors, jnp.int32(c0)),
+                                (gaussians, tables, sensor_pose, actors, first),
                                 static=dict(n_col_tiles=n_ct, options=opts), check=check)
             pairs = int(out.num_pairs)
             if pairs > opts.pair_capacity:

@@ -24,9 +24,9 @@ from nurec_jax import ppisp as ppisp_lib
 from nurec_jax.archive import Archive
 from nurec_jax.errors import SceneFormatError
 from nurec_jax.metadata import RigDocument, SceneMetadata, metadata_lines, parse_rig_document, parse_sequence_tracks
-from nurec_jax.payload import HostLayer, decode_payload
+from nurec_jax.payload import decode_payload
 from nurec_jax.ply import read_ply_gaussians
-from nurec_jax.types import Gaussians, SceneGaussians, Sky
+from nurec_jax.types import Gaussians, HostLayer, SceneGaussians, Sky
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -65,12 +65,3 @@ def texel_directions(size: int) -> np.ndarray:
         g[..., ta] = ts * tc
         out[f] = from_gl(g / np.linalg.norm(g, axis=-1, keepdims=True))
     return out
-
-
-def sample_nearest(cubemap, d, xp=np):
-    """Nearest-texel lookup of (6, S, S, 3) `cubemap` toward sky-frame directions (..., 3)."""
-    size = cubemap.shape[1]
-    face, u, v = direction_to_face_uv(d, xp)
-    col = xp.clip((u * size).astype(xp.int32), 0, size - 1)
-    row = xp.clip((v * size).astype(xp.int32), 0, size - 1)
-    return cubemap[face, row, col]

@@ -19,8 +19,45 @@ import numpy as np
 from nurec_jax.ppisp import Ppisp
 
 
-def _static(**kwargs):
+def static_field(**kwargs):
+    """A dataclass field that is static pytree metadata (part of the jit cache key), not a traced leaf."""
     return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLayer:
+    """One decoded Gaussian layer on the host, activated, float32 numpy: what every scene reader (`.nurec`
+    payloads, checkpoints, PLY files, USD ParticleFields) produces before the layers go to the device.
+
+    Attributes:
+      name: layer name (`background`, `road`, `dynamic_rigids`, `gaussians`, ...).
+      rigid: True for rigid-actor layers (Gaussians in cuboid-local frames).
+      means, quats, scales, opacities, sh: as in `Gaussians`.
+      sh_degree: active degree.
+      cuboid_ids: (N,) int32 index into `track_ids` (rigid layers), else None.
+      track_ids: the layer's own clean track list (rigid layers), else ().
+      dropped: number of Gaussians dropped for non-finite or degenerate values.
+      colour_convention: "radiance_sph_O0" or "3dgs" (what the file stored; `sh` is always 3dgs).
+    """
+
+    name: str
+    rigid: bool
+    means: np.ndarray
+    quats: np.ndarray
+    scales: np.ndarray
+    opacities: np.ndarray
+    sh: np.ndarray
+    sh_degree: int
+    cuboid_ids: np.ndarray | None
+    track_ids: tuple[str, ...]
+    dropped: int
+    colour_convention: str
+    lidar_intensity: np.ndarray | None = None  # (N,) the layer's lidar feature (channel 0), if it has one
+    approximation: str = ""  # what this layer's render leaves out of NuRec's model, "" when nothing
+
+    @property
+    def count(self) -> int:
+        return int(self.means.shape[0])
 
 
 @jax.tree_util.register_dataclass
@@ -43,7 +80,7 @@ class Gaussians:
     scales: jax.Array
     opacities: jax.Array
     sh: jax.Array
-    sh_degree: int = _static(default=0)
+    sh_degree: int = static_field(default=0)
 
     @property
     def count(self) -> int:
@@ -122,8 +159,8 @@ class SceneGaussians:
     dynamic: Gaussians
     dynamic_track: jax.Array
     sky: Sky
-    static_layer_names: tuple[str, ...] = _static(default=())
-    track_ids: tuple[str, ...] = _static(default=())
+    static_layer_names: tuple[str, ...] = static_field(default=())
+    track_ids: tuple[str, ...] = static_field(default=())
     static_intensity: jax.Array | None = None
     dynamic_intensity: jax.Array | None = None
     ppisp: Ppisp | None = None

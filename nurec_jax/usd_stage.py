@@ -15,7 +15,8 @@ import numpy as np
 
 from nurec_jax import geometry, sh
 from nurec_jax.errors import SceneFormatError, UnsupportedSceneError
-from nurec_jax.payload import HostLayer, valid_gaussians
+from nurec_jax.payload import valid_gaussians
+from nurec_jax.types import HostLayer
 
 _LOGGER = logging.getLogger(__name__)
 

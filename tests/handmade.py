@@ -1,4 +1,4 @@
-"""A minimal NuRec `.usdz` writer written from scene_format.md alone (independent of the generator).
+"""A minimal NuRec `.usdz` writer written from docs/scene_format.md alone (independent of the generator).
 
 Tests use it to build small scenes, and malformed ones, by hand.
 """

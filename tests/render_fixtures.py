@@ -8,8 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from nurec_jax import cameras, geometry
-from nurec_jax.metadata import (FThetaIntrinsics, OpenCVFisheyeIntrinsics, OpenCVPinholeIntrinsics, PolynomialType,
-                                ShutterType)
+from nurec_jax.metadata import (
+    FThetaIntrinsics,
+    OpenCVFisheyeIntrinsics,
+    OpenCVPinholeIntrinsics,
+    PolynomialType,
+    ShutterType,
+)
 from nurec_jax.poses import PosePair
 from nurec_jax.render import ActorPoses
 from nurec_jax.types import Gaussians, SceneGaussians, Sky

@@ -9,15 +9,16 @@ import os
 import zipfile
 
 import jax.numpy as jnp
-import numpy as np
-import pytest
-
 import make_artifact_variants as variants
 import make_sample_scene as sample
+import numpy as np
+import pytest
 import torch_zip
 from thin_scene import write_thin_scene
 
-from nurec_jax import cameras, ppisp, renderer as RR, scene as S
+from nurec_jax import cameras, ppisp
+from nurec_jax import renderer as RR
+from nurec_jax import scene as S
 from nurec_jax.errors import SceneFormatError
 from nurec_jax.torch_checkpoint import UnsafeCheckpointError
 

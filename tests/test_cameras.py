@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import render_fixtures as fx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nurec_jax
-import render_fixtures as fx
 from nurec_jax import cameras
 from nurec_jax.metadata import FThetaIntrinsics, PolynomialType, ShutterType
 

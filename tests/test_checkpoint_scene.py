@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 
+import handmade as hm
 import numpy as np
 import pytest
 import yaml
-
-import handmade as hm
 
 from nurec_jax import scene as S
 from nurec_jax.errors import SceneFormatError

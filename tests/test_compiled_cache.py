@@ -12,12 +12,12 @@ import weakref
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_render_analytic import _identity_pose, _pinhole, _scene
 
-from nurec_jax import render as R, renderer as RR
+from nurec_jax import render as R
+from nurec_jax import renderer as RR
 from nurec_jax.server import requests as req_lib
 from nurec_jax.server.options import ServerOptions
-
-from test_render_analytic import _identity_pose, _pinhole, _scene
 
 
 def _scale(x, *, k):
@@ -154,7 +154,7 @@ def test_output_pixel_limit_defaults_agree_and_name_the_fields():
     assert req_lib.max_output_pixels == ServerOptions().max_output_pixels
     assert ServerOptions().max_output_pixels >= 3848 * 2168  # the largest real NuRec camera fits
     req_lib.check_output_pixels(3848, 2168, 3848, 2168, (3848, 2168))
-    from nurec_jax.server.errors import InvalidArgument
+    from nurec_jax.server.request_errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match=r"items\[2\]\.request\.resolution_w/resolution_h: 5000x1 gives an "
                                               r"output of 5000x2812 .* at most 12582912 pixels"):

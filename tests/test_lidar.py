@@ -10,7 +10,7 @@ import pytest
 from nurec_jax import cameras, lidar, lidar_models, sh
 from nurec_jax import renderer as RR
 from nurec_jax.metadata import OpenCVPinholeIntrinsics, ShutterType
-from nurec_jax.poses import Pose, PosePair
+from nurec_jax.poses import PosePair
 from nurec_jax.render import RenderOptions, render
 from nurec_jax.types import Gaussians, SceneGaussians, Sky
 

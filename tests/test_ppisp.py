@@ -7,9 +7,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ppisp_numpy
 import pytest
 
-import ppisp_numpy
 from nurec_jax import ppisp
 from nurec_jax.errors import SceneFormatError
 

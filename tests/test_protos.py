@@ -35,6 +35,24 @@ def test_service_identity_and_rpcs():
     assert hasattr(sensorsim_pb2_grpc, "SensorsimServiceStub")
 
 
+def test_renamed_nurec_26_protos_describe_the_same_wire():
+    """NuRec 26.x's package rename: every message of both sets has the same fields, numbers and types."""
+    from nurec_jax._proto.nurec import common_pb2 as new_common
+    from nurec_jax._proto.nurec import sensorsim_pb2 as new_sensorsim
+
+    svc = new_sensorsim.DESCRIPTOR.services_by_name["SensorsimService"]
+    assert svc.full_name == "nurec.grpc.protos.sensorsim.SensorsimService"
+    assert new_common.DESCRIPTOR.package == "nurec.grpc.protos.common"
+    old_svc = sensorsim_pb2.DESCRIPTOR.services_by_name["SensorsimService"]
+    assert [m.name for m in svc.methods] == [m.name for m in old_svc.methods]
+    for old_mod, new_mod in ((common_pb2, new_common), (sensorsim_pb2, new_sensorsim)):
+        assert sorted(old_mod.DESCRIPTOR.message_types_by_name) == sorted(new_mod.DESCRIPTOR.message_types_by_name)
+        for name, old_msg in old_mod.DESCRIPTOR.message_types_by_name.items():
+            new_msg = new_mod.DESCRIPTOR.message_types_by_name[name]
+            assert [(f.name, f.number, f.type) for f in old_msg.fields] == \
+                [(f.name, f.number, f.type) for f in new_msg.fields], name
+
+
 def test_common_field_numbers():
     assert _fields(common_pb2.Quat) == {"w": (1, FD.TYPE_FLOAT, False), "x": (2, FD.TYPE_FLOAT, False),
                                         "y": (3, FD.TYPE_FLOAT, False), "z": (4, FD.TYPE_FLOAT, False)}
@@ -51,7 +69,7 @@ def test_render_request_field_numbers():
             "frame_end_us": (6, FD.TYPE_FIXED64), "sensor_pose": (7, FD.TYPE_MESSAGE),
             "dynamic_objects": (8, FD.TYPE_MESSAGE), "image_format": (9, FD.TYPE_ENUM),
             "image_quality": (10, FD.TYPE_FLOAT), "insert_ego_mask": (11, FD.TYPE_BOOL),
-            "ego_mask_id": (12, FD.TYPE_MESSAGE)}
+            "ego_mask_id": (12, FD.TYPE_MESSAGE), "ego_pose": (1013, FD.TYPE_MESSAGE)}
     assert {k: v[:2] for k, v in f.items()} == want
     cam = _fields(sensorsim_pb2.CameraSpec)
     assert cam["ftheta_param"][0] == 2 and cam["opencv_pinhole_param"][0] == 3 and cam["opencv_fisheye_param"][0] == 4

@@ -1,6 +1,7 @@
 """Research use: camera pose refinement through the renderer recovers a perturbed pose."""
 
 import refine_pose as rp
+
 from nurec_jax import render as R
 
 

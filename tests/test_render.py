@@ -2,13 +2,13 @@
 
 import dataclasses
 
+import bruteforce
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import bruteforce
 import render_fixtures as fx
+
 from nurec_jax import render as R
 from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import PosePair

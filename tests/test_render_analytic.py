@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nurec_jax import cameras, constants as C, render as R, renderer as RR
+from nurec_jax import cameras
+from nurec_jax import constants as C
+from nurec_jax import render as R
+from nurec_jax import renderer as RR
 from nurec_jax.metadata import FThetaIntrinsics, OpenCVPinholeIntrinsics, PolynomialType, ShutterType
 from nurec_jax.poses import PosePair
 from nurec_jax.types import Gaussians, SceneGaussians, Sky
@@ -145,7 +148,7 @@ def test_renderer_grows_capacity_and_caches_compiles():
 
 def test_staged_render_matches_and_times_each_stage():
     # DETAILS timing renders through four separately compiled stages; the frame must be the same.
-    from nurec_jax.server.timing import StageTimer
+    from nurec_jax.server.stage_timer import StageTimer
 
     cam = _pinhole(size=32)
     rng = np.random.default_rng(1)

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import render_fixtures as fx
+
 from nurec_jax import render as R
 from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import PosePair

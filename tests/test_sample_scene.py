@@ -1,18 +1,16 @@
 """The bundled sample scene: reproducible from its generator, faithful, and loaded back exactly."""
 
 import gzip
-import hashlib
-import io
 import json
 import re
 import zipfile
 
+import make_sample_scene as gen
 import msgpack
 import numpy as np
 import pytest
 import yaml
 
-import make_sample_scene as gen
 import nurec_jax
 
 

@@ -4,11 +4,11 @@ import gzip
 import os
 import zipfile
 
+import handmade as hm
 import msgpack
 import numpy as np
 import pytest
 
-import handmade as hm
 import nurec_jax
 from nurec_jax import SceneFormatError, UnsupportedSceneError
 

@@ -2,10 +2,10 @@
 
 import math
 
+import handmade as hm
 import numpy as np
 import pytest
 
-import handmade as hm
 import nurec_jax
 from nurec_jax import sh
 

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import grpc
+import handmade as hm
 import numpy as np
 import pytest
 from PIL import Image
 
-import handmade as hm
 import nurec_jax
 from nurec_jax import lidar_models, renderer
 from nurec_jax import scene as scene_lib
@@ -22,7 +22,7 @@ from nurec_jax.errors import SceneFormatError
 from nurec_jax.metadata import parse_rig_document, parse_rig_trajectories, parse_sequence_tracks
 from nurec_jax.render import RenderOptions
 from nurec_jax.server import convert, requests, warmup
-from nurec_jax.server.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from nurec_jax.server.request_errors import FailedPrecondition, InvalidArgument, OutOfRange
 
 FRONT = "camera_front_wide_120fov"
 SA, SB = hm.TWO_SEQ

@@ -53,7 +53,9 @@ import numpy as np
 from absl import app, flags
 
 import nurec_jax
-from nurec_jax import cameras, lidar, lidar_models, render as R, renderer as RR, sh
+from nurec_jax import cameras, lidar, lidar_models, sh
+from nurec_jax import render as R
+from nurec_jax import renderer as RR
 from nurec_jax.poses import Pose, PosePair
 from nurec_jax.server.app import enable_compilation_cache
 from nurec_jax.types import Gaussians, SceneGaussians, Sky

@@ -26,7 +26,9 @@ import numpy as np
 from absl import app, flags
 
 import nurec_jax
-from nurec_jax import cameras, render as R, renderer as RR
+from nurec_jax import cameras
+from nurec_jax import render as R
+from nurec_jax import renderer as RR
 
 _WIDTHS = flags.DEFINE_list("widths", ["160", "320", "480"], "Output widths (height keeps the aspect).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions after warm-up.")

@@ -31,7 +31,9 @@ import numpy as np
 from absl import app, flags
 
 import nurec_jax
-from nurec_jax import cameras, lidar_models, math as nmath, renderer as RR
+from nurec_jax import cameras, lidar_models
+from nurec_jax import math as nmath
+from nurec_jax import renderer as RR
 from nurec_jax.poses import PosePair
 from nurec_jax.types import Gaussians
 

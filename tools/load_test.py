@@ -11,6 +11,7 @@ a separate process on a thinned copy of the sample scene (every 25th Gaussian), 
 from __future__ import annotations
 
 import argparse
+import collections
 import http.server
 import os
 import re
@@ -57,12 +58,13 @@ def start_server(scene: str, cache_dir: str, *extra: str, timeout_s: float = 180
             pass
 
     threading.Thread(target=read, daemon=True).start()
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    errors = collections.deque(maxlen=20)  # the last stderr lines, shown if the server does not start
+    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
     deadline = time.monotonic() + timeout_s
     while "port" not in found:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit("serve-grpc did not start")
+            raise SystemExit("serve-grpc did not start:\n" + "".join(errors))
         time.sleep(0.05)
     return proc, found["port"]
 

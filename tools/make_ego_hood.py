@@ -1,5 +1,5 @@
 """Generates an ego-hood mask for a scene camera: `<output-dir>/<rig-id>/<camera>.png` (RGBA, transparent
-outside the hood), the layout `serve-grpc --egocar-hood-dir` reads (protocol.md 6.5, 7.7).
+outside the hood), the layout `serve-grpc --egocar-hood-dir` reads (docs/wire.md#ego-masks).
 
 The hood is modelled in 3D and seen through the camera's own model (FTheta, pinhole or fisheye, with its
 mount from the scene's calibration): a gently crowned bonnet below and ahead of the camera, with a

@@ -1,6 +1,6 @@
 """Deterministic generator of nurec-jax's bundled sample scene: a small NuRec driving scene.
 
-Writes a NuRec `.usdz` laid out as scene_format.md section 8 describes: USD layers written with
+Writes a NuRec `.usdz` laid out as docs/scene_format.md#a-minimal-scene describes: USD layers written with
 usd-core (`default.usda`, `volume.usda`, `rig_trajectories.usda`), a gzip+msgpack `volume.nurec`
 with layers `background`, `road` and `dynamic_rigids`, a sky cubemap, `metadata.yaml`,
 `rig_trajectories.json` (4 cameras, a lidar, a 12 s ego trajectory, non-zero `world_to_nre`) and

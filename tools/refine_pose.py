@@ -19,7 +19,9 @@ import optax
 from absl import app, flags
 
 import nurec_jax
-from nurec_jax import cameras, render as R, renderer as RR
+from nurec_jax import cameras
+from nurec_jax import render as R
+from nurec_jax import renderer as RR
 from nurec_jax.poses import Pose, PosePair
 from nurec_jax.types import SceneGaussians
 

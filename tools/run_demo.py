@@ -74,7 +74,7 @@ def main() -> int:
             server.wait(timeout=60)
     if rc == 0:
         print(f"demo: images and animations in {os.path.abspath(args.output_dir)}/ "
-              f"(one folder per camera and per lidar: images, <camera>.gif, spins as .ply + _bev.png); the car "
+              f"(one folder per camera and per lidar: images, <camera>.mp4 and .gif, spins as .ply + _bev.png); the car "
               f"ahead is replaced by the scene's box truck and the front camera shows the ego hood")
     return rc
 

@@ -239,7 +239,7 @@ class AvailableTrajectoriesReturn(_message.Message):
     def __init__(self, available_trajectories: _Optional[_Iterable[_Union[AvailableTrajectoriesReturn.AvailableTrajectory, _Mapping]]] = ...) -> None: ...
 
 class RGBRenderRequest(_message.Message):
-    __slots__ = ("scene_id", "resolution_h", "resolution_w", "camera_intrinsics", "frame_start_us", "frame_end_us", "sensor_pose", "dynamic_objects", "image_format", "image_quality", "insert_ego_mask", "ego_mask_id")
+    __slots__ = ("scene_id", "resolution_h", "resolution_w", "camera_intrinsics", "frame_start_us", "frame_end_us", "sensor_pose", "dynamic_objects", "image_format", "image_quality", "insert_ego_mask", "ego_mask_id", "ego_pose")
     SCENE_ID_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_H_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_W_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class RGBRenderRequest(_message.Message):
     IMAGE_QUALITY_FIELD_NUMBER: _ClassVar[int]
     INSERT_EGO_MASK_FIELD_NUMBER: _ClassVar[int]
     EGO_MASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EGO_POSE_FIELD_NUMBER: _ClassVar[int]
     scene_id: str
     resolution_h: int
     resolution_w: int
@@ -264,7 +265,8 @@ class RGBRenderRequest(_message.Message):
     image_quality: float
     insert_ego_mask: bool
     ego_mask_id: EgoMaskId
-    def __init__(self, scene_id: _Optional[str] = ..., resolution_h: _Optional[int] = ..., resolution_w: _Optional[int] = ..., camera_intrinsics: _Optional[_Union[CameraSpec, _Mapping]] = ..., frame_start_us: _Optional[int] = ..., frame_end_us: _Optional[int] = ..., sensor_pose: _Optional[_Union[PosePair, _Mapping]] = ..., dynamic_objects: _Optional[_Iterable[_Union[DynamicObject, _Mapping]]] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., image_quality: _Optional[float] = ..., insert_ego_mask: _Optional[bool] = ..., ego_mask_id: _Optional[_Union[EgoMaskId, _Mapping]] = ...) -> None: ...
+    ego_pose: PosePair
+    def __init__(self, scene_id: _Optional[str] = ..., resolution_h: _Optional[int] = ..., resolution_w: _Optional[int] = ..., camera_intrinsics: _Optional[_Union[CameraSpec, _Mapping]] = ..., frame_start_us: _Optional[int] = ..., frame_end_us: _Optional[int] = ..., sensor_pose: _Optional[_Union[PosePair, _Mapping]] = ..., dynamic_objects: _Optional[_Iterable[_Union[DynamicObject, _Mapping]]] = ..., image_format: _Optional[_Union[ImageFormat, str]] = ..., image_quality: _Optional[float] = ..., insert_ego_mask: _Optional[bool] = ..., ego_mask_id: _Optional[_Union[EgoMaskId, _Mapping]] = ..., ego_pose: _Optional[_Union[PosePair, _Mapping]] = ...) -> None: ...
 
 class RGBRenderReturn(_message.Message):
     __slots__ = ("image_bytes",)

@@ -1,6 +1,9 @@
 """`nurec-render`: render recorded camera frames of a scene to PNG files (no server).
 
-    nurec-render --output_dir=out --cameras=camera_front_wide_120fov --frames=0,30,60 --width=480
+    nurec-render --output-dir=out --cameras=camera_front_wide_120fov --frames=0,30,60 --width=480
+
+Writes <output-dir>/<scene>_<camera>_<frame>.png (and _depth.png with --depth) for each camera and frame,
+rendered in this process (JAX: the CPU, or a GPU after `make install EXTRAS=test,cuda12`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import time
 import numpy as np
 from absl import app, flags
 
+from nurec_jax.cli import _flags, _help
 from nurec_jax.cli.scene_errors import one_line_scene_errors
 
 _SCENE = flags.DEFINE_string("scene", None, "Scene file; default: the bundled sample scene.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Where PNG files are written.")
 _CAMERAS = flags.DEFINE_list("cameras", None, "Camera logical ids (default: every camera of the scene).")
-_FRAMES = flags.DEFINE_list("frames", ["0"], "Recorded frame indices of each camera.")
+_FRAMES = flags.DEFINE_list("frames", ["0"], "Recorded frame indices of each camera, comma separated.")
 _WIDTH = flags.DEFINE_integer("width", 480, "Output width; the height keeps the camera's aspect (NuRec's rule).")
 _DISABLE_RS = flags.DEFINE_bool("disable_rolling_shutter", False, "Render every pixel at the start pose.")
 _DEPTH = flags.DEFINE_bool("depth", False, "Also write a depth image (metres / 80 as grey levels).")
@@ -25,11 +29,21 @@ _TRAJECTORY = flags.DEFINE_integer(
     "the first calibration of each camera.")
 
 
+def _frame_indices(values: list[str]) -> bool:
+    return bool(values) and all(v.strip().isdigit() for v in values)
+
+
+flags.register_validator("frames", _frame_indices,
+                         message="--frames takes recorded frame indices, integers >= 0 separated by commas")
+
+
 def _main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from PIL import Image
 
-    from nurec_jax import cameras, data, renderer, scene as scene_lib
+    from nurec_jax import cameras, data, renderer
+    from nurec_jax import scene as scene_lib
 
     path = _SCENE.value or data.sample_scene_path()
     scene = scene_lib.load_scene(path)
@@ -72,7 +86,8 @@ def _main(argv):
 
 
 def main():
-    app.run(one_line_scene_errors(_main))
+    _flags.run(one_line_scene_errors(_main, "nurec-render"), prog="nurec-render", module_globals=globals(),
+               groups=_help.RENDER_FRAME, ranges={"width": _flags.AT_LEAST_1, "trajectory_idx": _flags.NON_NEGATIVE})
 
 
 if __name__ == "__main__":

@@ -4,25 +4,31 @@
 
 Walks the ego trajectory (every `--frame-step`-th recorded frame of each camera), asks the server for
 one image per frame, writes them under `<output-dir>/<camera>/`, plus `timestamps.json`,
-`render_grpc_cli_args.json` and one animation per camera (GIF, or MP4 when ffmpeg is installed).
+`render_grpc_cli_args.json` and an MP4 and a GIF per camera, playing at the recorded rate. With
+`--lidar`, each spin becomes a .ply (or .bin) and a bird's-eye-view PNG under `<output-dir>/<lidar>/`.
+The first request of each camera (and of the lidar) runs alone: the server compiles a renderer for a
+new size then, which takes a while on a CPU.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
-import shutil
-import subprocess
+import re
 import sys
-import tempfile
 import time
 
+# gRPC's own log would repeat every failed TLS handshake while render-grpc waits for the server; its
+# errors still show, and render-grpc says in one line why it gave up.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 import numpy as np
 from absl import app, flags
 
-from nurec_jax.cli import _flags
+from nurec_jax.cli import _flags, _help, _progress, _video
+from nurec_jax.cli.scene_errors import one_line_scene_errors
 
 _ARTIFACT = flags.DEFINE_string("artifact_path", None, "The scene .usdz (its id and recorded frames are read).")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where images are written.")
@@ -36,7 +42,8 @@ _TLS_NAME = flags.DEFINE_string("tls_server_name", None, "Name to check the serv
                                 "of --host (e.g. localhost when connecting by address).")
 _TOKEN_FILE = flags.DEFINE_string("auth_token_file", None, "File holding the server's token, sent as "
                                   "'authorization: Bearer <token>' on every call.")
-_HEIGHT = flags.DEFINE_integer("height", 300, "Output height (width follows the camera's aspect, NuRec's rule).")
+_HEIGHT = flags.DEFINE_integer("height", 300, "Output height, pixels (width follows the camera's aspect, NuRec's "
+                                "rule).")
 _CAMERA = flags.DEFINE_list("camera_id", ["camera_front_wide_120fov"], "Camera logical id(s), comma separated.")
 _FORMAT = flags.DEFINE_enum("image_format", "jpeg", ["png", "jpeg"], "Image format.")
 _FRAME_STEP = flags.DEFINE_integer("frame_step", 1, "Render every n-th recorded frame.")
@@ -56,12 +63,18 @@ _FRAME_NAMING = flags.DEFINE_enum("frame_naming", "frame-end-timestamp",
                                   ["frame-end-timestamp", "contiguous-output-index"], "Image file names.")
 _SEQUENTIAL = flags.DEFINE_boolean("sequential", False, "One request at a time.")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 4, "Requests in flight at once (unless --sequential).")
-_VIDEO = flags.DEFINE_enum("video_format", "gif", ["gif", "mp4", "none"], "Animation of each camera's frames.")
-_FPS = flags.DEFINE_float("video_fps", 10.0, "Animation frame rate.")
-_TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Per-request deadline, seconds.")
+_VIDEO = flags.DEFINE_list("video_format", list(_video.FORMATS),
+                           "Animations of each camera's frames, comma separated: mp4 (H.264), gif, or none.")
+_FPS = flags.DEFINE_float("video_fps", None, "Animation frame rate; default: the rate the frames were recorded at, "
+                          "i.e. one over (recorded frame interval x --frame-step): 1/3 fps for every 30th frame of a "
+                          "10 Hz camera.")
+_CONNECT_TIMEOUT = flags.DEFINE_float("connect_timeout_s", 30.0, "How long to wait for the server to answer at "
+                                      "start (it may still be starting) before giving up, seconds.")
+_TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Per-request deadline, seconds (the first request of a new size "
+                              "includes the server's compile).")
 _SCENE_URL = flags.DEFINE_string("scene_url", None, "When the server does not serve the scene yet: an http(s) URL "
                                  "it downloads the scene from (sent as x-nre-scene-url / x-nre-scene-id).")
-_PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+_PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar on a terminal (plain lines elsewhere).")
 _LIDAR = flags.DEFINE_boolean("lidar", False, "Also render lidar spins (a .ply and a bird's-eye-view PNG each).")
 _LIDAR_ID = flags.DEFINE_string("lidar_id", None, "Scene lidar whose mount (and spin windows) to use; default: "
                                 "the scene's first lidar.")
@@ -116,36 +129,115 @@ def _demo_actors(tracks, sensorsim_pb2, start_us, end_us):
     return out
 
 
-def _write_video(paths: list[str], out_path: str, fps: float) -> str | None:
-    from PIL import Image
+def _unreachable_line(target: str, details: str, connect_s: float, tls: bool) -> str:
+    """The one line render-grpc ends with when no server answered at `target` within `connect_s`.
 
-    if not paths:
-        return None
-    if out_path.endswith(".mp4"):
-        ffmpeg = shutil.which("ffmpeg")
-        if ffmpeg is None:
-            print("render-grpc: ffmpeg not found; writing a GIF instead of MP4", file=sys.stderr)
-            out_path = out_path[:-4] + ".gif"
+    `details` is gRPC's text for the last connection attempt ("failed to connect to all addresses; last
+    error: UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused"). A plaintext
+    client sees a TLS server close the socket; a TLS client sees a plaintext server fail the handshake."""
+    m = re.search(r"last error: \w+: (?:ipv4:|ipv6:|unix:)?\S+?: (.*)$", details)
+    reason = (m.group(1) if m else details).removesuffix(": OK").strip()
+    low = reason.lower()
+    hint = "start serve-grpc there, or pass --host / --port"
+    if "wrong_version_number" in low:
+        reason, hint = "TLS handshake failed", "the server is plaintext: leave out the --tls-* flags"
+    elif "certificate_verify_failed" in low or "verify failed" in low:
+        reason, hint = "TLS handshake failed", "the server's certificate is not signed by --tls-ca-file's CA"
+    elif "handshake" in low:
+        reason, hint = "TLS handshake failed", "check the --tls-* flags (a plaintext server needs none)"
+    elif "socket closed" in low and not tls:
+        reason, hint = "the server closed the connection", "a server with TLS needs --tls-ca-file"
+    elif "refused" in low:
+        reason = "connection refused"
+    return f"render-grpc: no server answered at {target} within {connect_s:g} s ({reason}); {hint}"
+
+
+def _connect(stub, target: str, tls: bool):
+    """Waits up to --connect-timeout-s for the server's get_version; (version, None) or (None, error line)."""
+    from nurec_jax._proto import common_pb2
+
+    print(f"render-grpc: waiting for server at {target} (up to {_CONNECT_TIMEOUT.value:g} s)", flush=True)
+    try:
+        return stub.get_version(common_pb2.Empty(), wait_for_ready=True, timeout=_CONNECT_TIMEOUT.value), None
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return None, f"render-grpc: cannot reach the server at {target}: {e.code().name} {e.details()}"
+    try:  # one more try without waiting: its error says why the channel never became ready
+        return stub.get_version(common_pb2.Empty(), timeout=5.0), None
+    except grpc.RpcError as e:
+        return None, _unreachable_line(target, e.details() or e.code().name, _CONNECT_TIMEOUT.value, tls)
+
+
+def _output_size(spec, height: int) -> tuple[int, int]:
+    """(width, height) the server renders a camera at for render-grpc's request (NuRec's size rule)."""
+    from nurec_jax import cameras
+
+    if spec.resolution_w <= 0 or spec.resolution_h <= 0:
+        return 0, height
+    w, h, _ = cameras.output_resolution(spec.resolution_w, spec.resolution_h, 1, height)
+    return w, h
+
+
+def _render_all(jobs, run, written, progress: _progress.Progress,
+                first_notes: dict[str, tuple[str, str, str]]) -> int:
+    """Runs `run(job)` for every (sensor, index, start_us, end_us, request) job on --concurrency threads
+    (one with --sequential), files each result in `written[sensor]` and returns how many failed.
+
+    The first job of each sensor runs before that sensor's others: the server compiles for a size (or
+    lidar pass) it has not rendered yet during that request, and the others would only queue behind it."""
+    counts = collections.Counter(job[0] for job in jobs)
+    firsts: dict[str, tuple] = {}
+    later: dict[str, list[tuple]] = collections.defaultdict(list)
+    for job in jobs:
+        if job[0] in firsts:
+            later[job[0]].append(job)
         else:
-            with tempfile.TemporaryDirectory() as tmp:
-                for i, p in enumerate(paths):
-                    Image.open(p).convert("RGB").save(os.path.join(tmp, f"{i:06d}.png"))
-                subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-framerate", str(fps), "-i",
-                                os.path.join(tmp, "%06d.png"), "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
-                                "-pix_fmt", "yuv420p", out_path], check=True)
-            return out_path
-    frames = [Image.open(p).convert("RGB") for p in paths]
-    frames[0].save(out_path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
-    return out_path
+            firsts[job[0]] = job
+
+    def note(sensor) -> tuple[str, str, str]:
+        return first_notes.get(sensor, ("a renderer", "first request", "frame"))
+
+    def label(job) -> str:
+        return f"{job[0]} {note(job[0])[2]} {job[1] + 1}/{counts[job[0]]}"
+
+    def timed(job):
+        if firsts[job[0]] is job:
+            what, why, _ = note(job[0])
+            progress.say(f"{job[0]}: compiling {what} on the server unless it already has ({why})")
+        progress.started(label(job))
+        t0 = time.perf_counter()
+        return run(job), time.perf_counter() - t0
+
+    failures = 0
+    workers = 1 if _SEQUENTIAL.value else max(1, _CONCURRENCY.value)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = {pool.submit(timed, job): job for job in firsts.values()}
+        while pending:
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                job = pending.pop(fut)
+                first = firsts[job[0]] is job
+                try:
+                    (sensor, index, out, s_us, e_us), seconds = fut.result()
+                except grpc.RpcError as e:
+                    failures += 1
+                    progress.finished(label(job), 0.0, ok=False)
+                    progress.say(f"render-grpc: {label(job)}: {e.code().name}: {e.details()}")
+                else:
+                    written[sensor].append((index, out, s_us, e_us))
+                    progress.finished(label(job), seconds)
+                    if first and counts[sensor] > 1:
+                        progress.say(f"{sensor}: first {note(sensor)[2]} in {seconds:.1f} s; "
+                                     f"{counts[sensor] - 1} more to go")
+                if first:
+                    for other in later.pop(job[0], []):
+                        pending[pool.submit(timed, other)] = other
+    return failures
 
 
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _ARTIFACT.value or not _OUTPUT.value:
-        raise app.UsageError("--artifact-path and --output-dir are required")
-    if _FRAME_STEP.value < 1:
-        raise app.UsageError("--frame-step must be >= 1")
     from nurec_jax import geometry
     from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
     from nurec_jax.scene import read_scene_metadata
@@ -168,12 +260,15 @@ def _main(argv):
         return 2
     stub = sensorsim_pb2_grpc.SensorsimServiceStub(channel)
     timeout = _TIMEOUT.value
+    target = f"{_HOST.value}:{_PORT.value}"
+    version, error = _connect(stub, target, tls=bool(_TLS_CA.value or _TLS_CERT.value))
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 1
     try:
-        version = stub.get_version(common_pb2.Empty(), wait_for_ready=True, timeout=timeout)
         available = set(stub.get_available_scenes(common_pb2.Empty(), timeout=timeout).scene_ids)
     except grpc.RpcError as e:
-        print(f"render-grpc: cannot reach the server at {_HOST.value}:{_PORT.value}: {e.code().name} {e.details()}",
-              file=sys.stderr)
+        print(f"render-grpc: cannot reach the server at {target}: {e.code().name} {e.details()}", file=sys.stderr)
         return 1
     print(f"server {version.version_id} ({version.git_hash}); scene {scene_id!r}")
     md = ()
@@ -226,13 +321,15 @@ def _main(argv):
     demo_tracks = _demo_tracks(stub, sensorsim_pb2, scene_id, md) if _DEMO_ACTORS.value else []
     jobs = []
     written: dict[str, list[tuple[int, str, int, int]]] = {c: [] for c in _CAMERA.value}
+    rates: dict[str, float | None] = {}  # frames per second each camera's frames were recorded at
+    first_notes: dict[str, tuple[str, str, str]] = {}  # sensor -> (what its first request compiles, why, unit)
     for cam_id in _CAMERA.value:
         cam = by_id[cam_id]
         spec = sensorsim_pb2.CameraSpec()
         spec.CopyFrom(cam.intrinsics)
         if _DISABLE_RS.value:
             spec.shutter_type = sensorsim_pb2.GLOBAL
-        rig_to_cam = _pose_to_matrix(cam.rig_to_camera)  # camera -> rig (protocol.md 7.3)
+        rig_to_cam = _pose_to_matrix(cam.rig_to_camera)  # camera -> rig (docs/wire.md#camera-mounts)
         rig_ts, rig_mats = rig_by_idx.get(cam.trajectory_idx, first_rig)
         try:
             cal = scene_meta.camera(cam_id, cam.trajectory_idx)
@@ -242,7 +339,12 @@ def _main(argv):
             windows = [(int(s), int(e)) for s, e in cal.frame_timestamps_us]
         else:
             windows = [(int(t), int(t) + 1) for t in rig_ts]
-        windows = windows[::_FRAME_STEP.value][:_MAX_FRAMES.value]
+        windows = windows[::_FRAME_STEP.value]
+        rates[cam_id] = _video.implied_fps([e for _, e in windows])
+        windows = windows[:_MAX_FRAMES.value]
+        w, h = _output_size(cam.intrinsics, _HEIGHT.value)
+        size = f"{w}x{h} images" if w else f"images {h} high"
+        first_notes[cam_id] = (size, "first request of this size", "frame")
         for index, (s_us, e_us) in enumerate(windows):
             s_us, e_us = max(s_us, int(rig_ts[0])), min(e_us, int(rig_ts[-1]) + 1)
             poses = [geometry.interpolate_poses(rig_ts, rig_mats, t) @ rig_to_cam for t in (s_us, e_us)]
@@ -301,6 +403,7 @@ def _main(argv):
             lidar_jobs.append((lidar_id, index, s_us, e_us, req))
         os.makedirs(os.path.join(_OUTPUT.value, lidar_id), exist_ok=True)
         written[lidar_id] = []
+        first_notes[lidar_id] = (f"the {_LIDAR_TYPE.value} lidar pass", "first spin of this lidar type", "spin")
 
     ext = "png" if _FORMAT.value == "png" else "jpeg"
 
@@ -321,7 +424,8 @@ def _main(argv):
                 np.concatenate([pts, inten[:, None]], 1).astype("<f4").tofile(out)
             pointcloud.write_bev_png(os.path.join(_OUTPUT.value, cam_id, f"{name}_bev.png"), pts,
                                      inten if _BEV_COLOR.value == "intensity" else None,
-                                     value_range=(0.0, 1.0) if _BEV_COLOR.value == "intensity" else (-2.5, 3.0))
+                                     value_range=(0.0, 1.0) if _BEV_COLOR.value == "intensity" else (-2.5, 3.0),
+                                     value_label="intensity" if _BEV_COLOR.value == "intensity" else "height (m)")
             return cam_id, index, out, s_us, e_us
         reply = stub.render_rgb(req, metadata=md, timeout=timeout, wait_for_ready=True)
         out = os.path.join(_OUTPUT.value, cam_id, f"{name}.{ext}")
@@ -334,42 +438,27 @@ def _main(argv):
     for cam_id in _CAMERA.value:
         os.makedirs(os.path.join(_OUTPUT.value, cam_id), exist_ok=True)
     start = time.perf_counter()
-    failures = 0
-    bar = None
-    if _PROGRESS.value:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), unit="frame", desc="render-grpc", file=sys.stderr)
-    workers = 1 if _SEQUENTIAL.value else max(1, _CONCURRENCY.value)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(run, j) for j in jobs]
-        for fut in concurrent.futures.as_completed(futures):
-            try:
-                cam_id, index, out, s_us, e_us = fut.result()
-                written[cam_id].append((index, out, s_us, e_us))
-            except grpc.RpcError as e:
-                failures += 1
-                print(f"render-grpc: {e.code().name}: {e.details()}", file=sys.stderr)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    with _progress.Progress(len(jobs), bar=_PROGRESS.value) as progress:
+        failures = _render_all(jobs, run, written, progress, first_notes)
     elapsed = time.perf_counter() - start
     stamps = {}
     for cam_id, items in written.items():
         items.sort()
         stamps[cam_id] = [{"file": os.path.basename(p), "frame_start_us": s, "frame_end_us": e}
                           for _, p, s, e in items]
-        if _VIDEO.value != "none" and items and cam_id in _CAMERA.value:
-            video = _write_video([p for _, p, _, _ in items], os.path.join(_OUTPUT.value, f"{cam_id}.{_VIDEO.value}"),
-                                 _FPS.value)
-            print(f"{video}")
+        formats = [f for f in _VIDEO.value if f != "none"]
+        if formats and items and cam_id in _CAMERA.value:
+            fps = _FPS.value or rates.get(cam_id) or _video.DEFAULT_FPS
+            for video in _video.write_animations([p for _, p, _, _ in items], os.path.join(_OUTPUT.value, cam_id),
+                                                 formats, fps):
+                print(f"{video}  ({len(items)} frames at {fps:.3g} fps)")
     with open(os.path.join(_OUTPUT.value, "timestamps.json"), "w") as f:
         json.dump(stamps, f, indent=1)
     with open(os.path.join(_OUTPUT.value, "render_grpc_cli_args.json"), "w") as f:
-        json.dump({name: flags.FLAGS[name].value for name in _OWN_FLAGS}, f, indent=1)
+        json.dump({name: flags.FLAGS[name].value for name in _flags.own_flags(globals())}, f, indent=1)
     n = sum(len(v) for v in written.values())
-    print(f"render-grpc: {n} image(s) / spin(s) in {os.path.abspath(_OUTPUT.value)} ({elapsed:.1f} s, {failures} failed)")
+    print(f"render-grpc: {n} image(s) / spin(s) in {os.path.abspath(_OUTPUT.value)} ({elapsed:.1f} s, "
+          f"{failures} failed)")
     if edit is not None:
         try:
             stub.restore_model_parameters(sensorsim_pb2.RestoreModelParametersRequest(scene_id=scene_id),
@@ -406,17 +495,28 @@ def _edit_request(value: str, scene_id: str):
     return req
 
 
-_OWN_FLAGS = ("artifact_path", "edit_assets", "output_dir", "host", "port", "tls_ca_file", "tls_cert_file",
-              "tls_key_file", "tls_server_name", "auth_token_file", "height", "camera_id", "image_format", "frame_step",
-              "max_frames", "disable_rolling_shutter", "demo_actor_transform", "shutdown_server_on_completion",
-              "rig_name", "frame_naming", "sequential", "concurrency", "video_format", "video_fps", "timeout_s",
-              "lidar", "lidar_id", "lidar_type", "lidar_format", "lidar_frame_step", "lidar_raydrop_threshold",
-              "lidar_opacity_threshold", "lidar_distance_filter", "lidar_distance_filter_threshold",
-              "lidar_bev_color")
+_RANGES = {
+    "port": _flags.Range(1, 65535), "height": _flags.Range(1, 65535), "frame_step": _flags.AT_LEAST_1,
+    "max_frames": _flags.AT_LEAST_1, "concurrency": _flags.AT_LEAST_1, "video_fps": _flags.POSITIVE,
+    "connect_timeout_s": _flags.POSITIVE, "timeout_s": _flags.POSITIVE, "lidar_frame_step": _flags.AT_LEAST_1,
+    "lidar_raydrop_threshold": _flags.FRACTION, "lidar_opacity_threshold": _flags.FRACTION,
+    "lidar_distance_filter_threshold": _flags.NON_NEGATIVE,
+}
+_REQUIRED = {"artifact_path": "the scene .usdz the server serves; its recorded frames are read",
+             "output_dir": "where images are written"}
+
+
+def _video_formats(values: list[str]) -> bool:
+    return set(values) <= {*_video.FORMATS, "none"} and not ("none" in values and len(values) > 1)
+
+
+flags.register_validator("video_format", _video_formats,
+                         message="--video-format takes mp4 and/or gif separated by a comma, or none")
 
 
 def main():
-    app.run(_main, flags_parser=_flags.parser())
+    _flags.run(one_line_scene_errors(_main, "render-grpc"), prog="render-grpc", module_globals=globals(),
+               groups=_help.RENDER_GRPC, ranges=_RANGES, required=_REQUIRED)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,16 @@ import sys
 from nurec_jax.errors import SceneFormatError
 
 
-def one_line_scene_errors(main):
+def one_line_scene_errors(main, prog: str | None = None):
     """Wraps an absl `main(argv)` so a malformed or missing scene file ends the program with one line on
-    stderr naming what is wrong (exit status 1) instead of a traceback."""
+    stderr naming what is wrong (exit status 1) instead of a traceback; `prog` starts the line (default:
+    the program's file name)."""
 
     @functools.wraps(main)
     def wrapped(argv):
         try:
             return main(argv)
-        except (SceneFormatError, FileNotFoundError) as e:
-            sys.exit(f"{os.path.basename(sys.argv[0])}: {e}")
+        except (SceneFormatError, OSError) as e:  # OSError: missing, unreadable, a directory, ...
+            sys.exit(f"{prog or os.path.basename(sys.argv[0])}: {e}")
 
     return wrapped

@@ -1,7 +1,7 @@
 """`nurec-scene-info`: load a NuRec scene and print its summary.
 
     nurec-scene-info                       # the bundled sample scene
-    nurec-scene-info --scene=/path/scene.usdz [--metadata_only]
+    nurec-scene-info --scene=/path/scene.usdz [--metadata-only]
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import time
 
 from absl import app, flags
 
+from nurec_jax.cli import _flags, _help
 from nurec_jax.cli.scene_errors import one_line_scene_errors
 
 _SCENE = flags.DEFINE_string("scene", None, "Scene file (.usdz, .ply, .usd*); default: the bundled sample.")
@@ -18,7 +19,8 @@ _MAX_PAYLOAD_MB = flags.DEFINE_integer("max_payload_mb", 8192, "Largest decompre
 
 
 def _main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from nurec_jax import data, scene
     from nurec_jax.metadata import metadata_lines
 
@@ -39,7 +41,8 @@ def _main(argv):
 
 
 def main():
-    app.run(one_line_scene_errors(_main))
+    _flags.run(one_line_scene_errors(_main, "nurec-scene-info"), prog="nurec-scene-info",
+               module_globals=globals(), groups=_help.SCENE_INFO, ranges={"max_payload_mb": _flags.AT_LEAST_1})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from nurec_jax.cli import _flags
+from nurec_jax.cli import _flags, _help
 from nurec_jax.server import options as opt
 
 _D = opt.ServerOptions()
@@ -60,7 +60,8 @@ _HOOD_DIR = flags.DEFINE_string("egocar_hood_dir", None, "Ego hood masks: <dir>/
 _DIFIX = flags.DEFINE_boolean("enable_difix", _D.enable_difix, "Post-process every camera image with the model at "
                               "<--difix-cache>/<--difix-model-filename> (a nurec-jax post-processing model: "
                               "tools/make_postprocess_model.py; NVIDIA's DiFix checkpoint cannot be used).")
-_DIFIX_URL = flags.DEFINE_string("difix_url", None, "DiFix model URL.")
+_DIFIX_URL = flags.DEFINE_string("difix_url", None, "http(s) URL of the post-processing model, downloaded into "
+                                 "--difix-cache when the file is not there (the --download-* rules apply).")
 _DIFIX_CACHE = flags.DEFINE_string("difix_cache", _D.difix_cache, "DiFix model cache directory.")
 _DIFIX_FILE = flags.DEFINE_string("difix_model_filename", _D.difix_model_filename, "DiFix model file name.")
 _DIFIX_RES = flags.DEFINE_list("difix_resolution", [str(v) for v in _D.difix_resolution], "DiFix input H W.")
@@ -77,7 +78,8 @@ _PROFILING = flags.DEFINE_enum("profiling_backend", _D.profiling_backend, list(o
 _METRICS_DIR = flags.DEFINE_string("metrics_output_dir", None, "Write render-time metrics (metrics.yaml, "
                                     "the first 3 renders skipped) into this directory.")
 _MAX_BACKENDS = flags.DEFINE_integer("max_backends_per_scene", None,
-                                     "Accepted for compatibility; one shared device copy serves each scene.")
+                                     "With --devices: a scene whose every copy is busy gets another copy on the "
+                                     "least loaded device with room, up to this many (unset: one copy per scene).")
 _TRACE_DIR = flags.DEFINE_string("profiling_trace_dir", _D.profiling_trace_dir,
                                  "Where --profiling-backend JAX writes its trace (open with TensorBoard/Perfetto).")
 _METRICS_PORT = flags.DEFINE_integer("metrics_port", None, "Serve GET /metrics (Prometheus text) and /healthz "
@@ -118,6 +120,14 @@ _MAX_OUT_PX = flags.DEFINE_integer("max_output_pixels", _D.max_output_pixels,
 _MAX_VARIANTS = flags.DEFINE_integer("max_compiled_variants", _D.max_compiled_variants,
                                      "Compiled render/lidar functions kept in memory (one per output size, camera "
                                      "model, scene shape and pair bucket; least recently used freed first).")
+# Several accelerators (nurec-jax)
+_DEVICES = flags.DEFINE_string("devices", None,
+                               "Render on several local accelerators in this process: 'all', or device ids such as "
+                               "0,1 (as jax.local_devices() numbers them). Each scene is loaded on the least loaded "
+                               "device and scenes on different devices render at the same time; --cache-size and "
+                               "--max-workers then count per device, --max-backends-per-scene lets a busy scene "
+                               "get copies on other devices, and compiled functions are per device (raise "
+                               "--max-compiled-variants). Unset: the default device only.")
 
 
 def options_from_flags() -> opt.ServerOptions:
@@ -144,13 +154,13 @@ def options_from_flags() -> opt.ServerOptions:
         tls_cert_file=_TLS_CERT.value or None, tls_key_file=_TLS_KEY.value or None,
         tls_client_ca_file=_TLS_CLIENT_CA.value or None, auth_token_file=_TOKEN_FILE.value or None,
         allow_remote_shutdown=_REMOTE_SHUTDOWN.value, asset_dir=_ASSET_DIR.value or None,
-        max_output_pixels=_MAX_OUT_PX.value, max_compiled_variants=_MAX_VARIANTS.value)
+        max_output_pixels=_MAX_OUT_PX.value, max_compiled_variants=_MAX_VARIANTS.value,
+        devices=_DEVICES.value or None)
 
 
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from nurec_jax.server.app import Server
 
     options = options_from_flags()
@@ -179,7 +189,10 @@ def _main(argv):
 
 
 def main():
-    app.run(_main, flags_parser=_flags.parser({"difix_resolution": 2}))
+    # Most ranges are checked by ServerOptions.validate (one line, exit 2); these two are not.
+    _flags.run(_main, prog="serve-grpc", module_globals=globals(), groups=_help.SERVE_GRPC,
+               multi={"difix_resolution": 2},
+               ranges={"max_message_mb": _flags.AT_LEAST_1, "shutdown_grace_s": _flags.NON_NEGATIVE})
 
 
 if __name__ == "__main__":

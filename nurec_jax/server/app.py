@@ -1,8 +1,9 @@
 """The server: `create_server(address, options) -> (Server, port)`.
 
 `Server` runs a grpc.aio server on its own event-loop thread, so the CLI, tests and benchmarks can
-drive it from ordinary synchronous code. It registers SensorsimService, the standard health service
-(for "" and the SensorsimService name) and server reflection. Health is NOT_SERVING until the
+drive it from ordinary synchronous code. It registers SensorsimService under NRE's name
+(`nre.grpc.protos.sensorsim.SensorsimService`) and NuRec 26.x's (`nurec.grpc.protos.sensorsim...`), the
+standard health service (for "" and both service names) and server reflection (listing both). Health is NOT_SERVING until the
 start-up warm-up (`--test-scenes-are-valid`) is done, and flips back to NOT_SERVING on shutdown,
 before in-flight calls are allowed to finish.
 
@@ -15,6 +16,7 @@ and open: it serves only health, for probes that speak neither TLS nor tokens.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -24,23 +26,23 @@ import jax
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nurec_jax._proto import sensorsim_pb2, sensorsim_pb2_grpc
-from nurec_jax.renderer import LidarCaster
 from nurec_jax.render import RenderOptions
-from nurec_jax.renderer import Renderer
+from nurec_jax.renderer import LidarCaster, Renderer
 from nurec_jax.scene import LoadOptions, Scene, load_scene
-from nurec_jax.server.downloads import DownloadCache
-from nurec_jax.server.ego_masks import EgoMasks
-from nurec_jax.server.models import ModelCache
-from nurec_jax.server.options import ServerOptions
-from nurec_jax.server.registry import SceneRegistry, discover_artifacts
-from nurec_jax.server import auth, metrics_http, postprocess, timing, warmup
+from nurec_jax.server import auth, downloads, metrics, postprocess, warmup
 from nurec_jax.server import requests as requests_lib
-from nurec_jax.server.servicer import SensorsimServicer, add_to_server
+from nurec_jax.server.download_cache import DownloadCache
+from nurec_jax.server.ego_masks import EgoMasks
+from nurec_jax.server.options import ServerOptions
+from nurec_jax.server.profiler import Profiler
+from nurec_jax.server.registry import SceneRegistry, discover_artifacts
+from nurec_jax.server.scene_cache import SceneCache, load_on_device, resolve_devices
+from nurec_jax.server.servicer import SERVICE_NAMES, SensorsimServicer, add_to_server
+from nurec_jax.server.timing_log import TimingLog
 
 _LOGGER = logging.getLogger(__name__)
 
-SERVICE_NAME = sensorsim_pb2.DESCRIPTOR.services_by_name["SensorsimService"].full_name
+SERVICE_NAME = SERVICE_NAMES[0]  # NRE's
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -64,6 +66,9 @@ class Server:
                  lidar_caster: LidarCaster | None = None):
         options.validate()
         self.options = options
+        # Several accelerators (nurec-jax): the local devices --devices names (a bad id stops the server here,
+        # naming the flag); None without it: JAX's default device, one lock, as with one accelerator.
+        self.devices = resolve_devices(options.devices)
         if options.compilation_cache_dir:
             enable_compilation_cache(options.compilation_cache_dir)
         self.address = address or f"{options.host}:{options.port}"
@@ -75,13 +80,20 @@ class Server:
             options.artifact_glob, load_options)
         if options.test_scenes_are_valid and broken:
             raise ValueError("unreadable scene artifacts: " + "; ".join(f"{p}: {e}" for p, e in broken.items()))
-        downloads = DownloadCache.from_options(options)
-        self.registry = SceneRegistry(artifacts, downloads, load_options, broken)
+        download_cache = DownloadCache.from_options(options)
+        self.registry = SceneRegistry(artifacts, download_cache, load_options, broken)
 
         def default_loader(scene_id: str) -> Scene:
             return load_scene(self.registry.entry(scene_id).path, load_options)
 
-        self.models = ModelCache(loader or default_loader, options.cache_size)
+        load = loader or default_loader
+        # --cache-size and --max-workers count per device; a scene's instances live on one device each.
+        self.scene_cache = SceneCache(load if self.devices is None else functools.partial(load_on_device, load),
+                                 options.cache_size, devices=self.devices,
+                                 max_instances=options.max_backends_per_scene or 1)
+        if self.devices is not None:
+            _LOGGER.info("devices: %s (--cache-size %d scenes each)", ", ".join(map(str, self.devices)),
+                         options.cache_size)
         self.renderer = renderer or Renderer(
             RenderOptions(pair_capacity=options.initial_pair_capacity),
             max_pair_capacity=options.max_pair_capacity)
@@ -93,27 +105,29 @@ class Server:
         # Operations: timing log / metrics.yaml, profiler, post-processing model. Each raises ValueError naming
         # its flag (a missing nvtx package, Tracy, an unusable path, no post-processing model), so a
         # misconfigured server refuses to start instead of failing requests.
-        self.timing_log = timing.TimingLog(options.timing_verbosity if options.enable_timing else "NONE",
+        self.timing_log = TimingLog(options.timing_verbosity if options.enable_timing else "NONE",
                                            options.timing_logfile if options.enable_timing else None,
                                            options.metrics_output_dir)
-        self.profiler = timing.Profiler(options.profiling_backend, os.path.expanduser(options.profiling_trace_dir))
+        self.profiler = Profiler(options.profiling_backend, os.path.expanduser(options.profiling_trace_dir))
         postprocessor = None
         if options.enable_difix:
             postprocessor = postprocess.load_postprocessor(options.difix_cache, options.difix_model_filename,
-                                                           options.difix_url, options.difix_resolution)
+                                                           options.difix_url, options.difix_resolution,
+                                                           downloads.policy_from_options(options),
+                                                           downloads.Limits.from_options(options))
             _LOGGER.info("post-processing (--enable-difix): %s", postprocessor.describe())
-        self.servicer = SensorsimServicer(options, self.registry, self.models, self.renderer,
+        self.servicer = SensorsimServicer(options, self.registry, self.scene_cache, self.renderer,
                                           EgoMasks(options.egocar_hood_dir), self.lidar_caster,
                                           timing_log=self.timing_log, profiler=self.profiler,
                                           postprocessor=postprocessor)
-        self.metrics_server = None if options.metrics_port is None else metrics_http.MetricsServer(
+        self.metrics_server = None if options.metrics_port is None else metrics.MetricsServer(
             options.host, options.metrics_port, self.servicer.snapshot)
         self.metrics_port: int | None = None
         self.servicer.on_shut_down = lambda: self.request_shutdown(delay_s=0.1)
-        self.models.on_drop = self.servicer.editor.forget_view
+        self.scene_cache.on_drop = self.servicer.editor.forget_view
 
         def unregistered(scene_id: str) -> None:
-            self.models.drop(scene_id)
+            self.scene_cache.drop(scene_id)
             self.servicer.editor.restore(scene_id)
 
         self.registry.on_unregister = unregistered
@@ -141,10 +155,11 @@ class Server:
         add_to_server(self.servicer, self._server)  # undecodable requests answer INVALID_ARGUMENT
         self.health = health.aio.HealthServicer()
         await self.health.set("", NOT_SERVING)
-        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        for name in SERVICE_NAMES:  # NRE's name and NuRec 26.x's
+            await self.health.set(name, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         try:
             port = (self._server.add_insecure_port(self.address) if self._credentials is None
                     else self._server.add_secure_port(self.address, self._credentials))
@@ -197,7 +212,7 @@ class Server:
                     if self._stopping.is_set():
                         return
                     _LOGGER.info("warm-up: loading scene %r", sid)
-                    with self.models.use(sid):
+                    with self.scene_cache.use(sid):
                         pass
         except BaseException as e:  # noqa: BLE001 - reported; the server stops
             self.warmup_error = e
@@ -206,12 +221,13 @@ class Server:
             return
         if not self._stopping.is_set():
             self._call(self.health.set("", SERVING), timeout=30)
-            self._call(self.health.set(SERVICE_NAME, SERVING), timeout=30)
+            for name in SERVICE_NAMES:
+                self._call(self.health.set(name, SERVING), timeout=30)
             self.serving.set()
             _LOGGER.info("health: SERVING")
             if self.options.test_scenes_are_valid and self.options.warmup_compiles:
-                warmup.warm_up(self.registry.ids(), self.registry, self.models, self.renderer,
-                               self.servicer.device_lock, self._stopping, self.servicer.warmup,
+                warmup.warm_up(self.registry.ids(), self.registry, self.scene_cache, self.renderer,
+                               self.servicer.device_locks, self._stopping, self.servicer.warmup,
                                self.options.warmup_height)
 
     # ----------------------------------------------------------------------------------------

@@ -1,14 +1,12 @@
 """Pure conversions between NuRec's protobuf messages and nurec-jax types.
 
-Pose convention (protocol.md 7.1): `Pose{vec, quat}` is the child -> parent transform
+Pose convention (docs/wire.md#poses-and-quaternions): `Pose{vec, quat}` is the child -> parent transform
 `p_parent = R(quat) p_child + vec`, quaternion Hamilton (w, x, y, z) by field name. NRE's helper order
 `[x, y, z, qx, qy, qz, qw]` (scipy) is what `grpc_pose_to_tquat` returns.
 Errors raise `ValueError` naming the offending field; the servicer maps them to INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +20,7 @@ from nurec_jax.metadata import (
     OpenCVPinholeIntrinsics,
     PolynomialType,
     ShutterType,
-    parse_floats,
-    parse_max_angle,
-    parse_poly,
+    build_intrinsics,
 )
 
 _MIN_QUAT_NORM = 1e-6
@@ -96,7 +92,7 @@ def camera_spec_from_intrinsics(logical_id: str, intr) -> sensorsim_pb2.CameraSp
 
 
 def available_camera(cal: CameraCalibration) -> sensorsim_pb2.AvailableCamerasReturn.AvailableCamera:
-    """`rig_to_camera` carries camera -> rig (T_sensor_rig), as NRE fills it (protocol.md 7.3).
+    """`rig_to_camera` carries camera -> rig (T_sensor_rig), as NRE fills it (docs/wire.md#camera-mounts).
     `trajectory_idx` (also in the intrinsics' CameraSpec, so a copied spec names the same calibration)
     is the index of the rig trajectory the camera belongs to (NRE left both 0)."""
     spec = camera_spec_from_intrinsics(cal.logical_id, cal.intrinsics)
@@ -106,25 +102,15 @@ def available_camera(cal: CameraCalibration) -> sensorsim_pb2.AvailableCamerasRe
         trajectory_idx=cal.trajectory_idx)
 
 
-def _positive_focal(p, field: str) -> tuple[float, float]:
-    fl = parse_floats((p.focal_length_x, p.focal_length_y), f"{field}.focal_length", error=ValueError)
-    if min(fl) <= 0:
-        raise ValueError(f"{field}.focal_length_x/focal_length_y: must be positive, got {fl}")
-    return fl
-
-
-def _principal_point(p, field: str) -> tuple[float, float]:
-    return parse_floats((p.principal_point_x, p.principal_point_y), f"{field}.principal_point", error=ValueError)
-
-
-def _max_angle(value: float, default: float, field: str) -> float:
+def _max_angle(value: float) -> float | None:
     # proto3 has no presence for doubles: 0 means unset (AlpaSim's convention).
-    return parse_max_angle(None if value == 0 else value, default, f"{field}.max_angle", error=ValueError)
+    return None if value == 0 else value
 
 
 def intrinsics_from_camera_spec(spec: sensorsim_pb2.CameraSpec, field: str = "camera_intrinsics"):
-    """CameraSpec with a `camera_param` -> intrinsics at its native resolution. Raises ValueError naming
-    the bad field; returns None when no `camera_param` is set (the scene's camera is meant)."""
+    """CameraSpec with a `camera_param` -> intrinsics at its native resolution (`metadata.build_intrinsics`,
+    the validation scene files get too). Raises ValueError naming the bad field; returns None when no
+    `camera_param` is set (the scene's camera is meant)."""
     which = spec.WhichOneof("camera_param")
     if which is None:
         return None
@@ -139,39 +125,27 @@ def intrinsics_from_camera_spec(spec: sensorsim_pb2.CameraSpec, field: str = "ca
         raise ValueError(f"{field}.shutter_type: unknown value {spec.shutter_type}") from None
     if shutter == ShutterType.UNKNOWN:
         shutter = ShutterType.GLOBAL
+    p = getattr(spec, which)
+    where = f"{field}.{which}"
+    common = dict(resolution=(w, h), shutter=shutter, principal_point=(p.principal_point_x, p.principal_point_y),
+                  error=ValueError)
     if which == "ftheta_param":
-        p = spec.ftheta_param
-        f = f"{field}.ftheta_param"
-        ref = PolynomialType(int(p.reference_poly)) if p.reference_poly in (1, 2) else None
-        if ref is None:
-            raise ValueError(f"{f}.reference_poly: must be PIXELDIST_TO_ANGLE or ANGLE_TO_PIXELDIST")
-        bw = parse_poly(p.pixeldist_to_angle_poly, f"{f}.pixeldist_to_angle_poly", error=ValueError)
-        fw = parse_poly(p.angle_to_pixeldist_poly, f"{f}.angle_to_pixeldist_poly", error=ValueError)
-        if (ref == PolynomialType.PIXELDIST_TO_ANGLE and not bw) or (ref == PolynomialType.ANGLE_TO_PIXELDIST
-                                                                    and not fw):
-            raise ValueError(f"{f}: the reference polynomial ({ref.name}) is empty")
-        cde = (1.0, 0.0, 0.0)
-        if p.HasField("linear_cde"):
-            cde = parse_floats((p.linear_cde.linear_c, p.linear_cde.linear_d, p.linear_cde.linear_e),
-                               f"{f}.linear_cde", error=ValueError)
-            if abs(cde[0] - cde[1] * cde[2]) < 1e-9:
-                raise ValueError(f"{f}.linear_cde: singular (c - d*e = 0)")
-        return FThetaIntrinsics((w, h), shutter, _principal_point(p, f), ref, bw, fw,
-                                _max_angle(p.max_angle, math.pi, f), cde)
+        if p.reference_poly not in (1, 2):
+            raise ValueError(f"{where}.reference_poly: must be PIXELDIST_TO_ANGLE or ANGLE_TO_PIXELDIST")
+        cde = p.linear_cde
+        return build_intrinsics(
+            "ftheta", where, reference_poly=PolynomialType(int(p.reference_poly)),
+            pixeldist_to_angle_poly=list(p.pixeldist_to_angle_poly),
+            angle_to_pixeldist_poly=list(p.angle_to_pixeldist_poly),
+            linear_cde=(cde.linear_c, cde.linear_d, cde.linear_e) if p.HasField("linear_cde") else None,
+            max_angle=_max_angle(p.max_angle), **common)
+    focal = dict(focal_length=(p.focal_length_x, p.focal_length_y), focal_field="focal_length_x/focal_length_y")
     if which == "opencv_pinhole_param":
-        p = spec.opencv_pinhole_param
-        f = f"{field}.opencv_pinhole_param"
-        return OpenCVPinholeIntrinsics(
-            (w, h), shutter, _principal_point(p, f), _positive_focal(p, f),
-            parse_floats(p.radial_coeffs, f"{f}.radial_coeffs", pad=6, error=ValueError),
-            parse_floats(p.tangential_coeffs, f"{f}.tangential_coeffs", pad=2, error=ValueError),
-            parse_floats(p.thin_prism_coeffs, f"{f}.thin_prism_coeffs", pad=4, error=ValueError))
-    p = spec.opencv_fisheye_param
-    f = f"{field}.opencv_fisheye_param"
-    return OpenCVFisheyeIntrinsics(
-        (w, h), shutter, _principal_point(p, f), _positive_focal(p, f),
-        parse_floats(p.radial_coeffs, f"{f}.radial_coeffs", pad=4, error=ValueError),
-        _max_angle(p.max_angle, math.pi / 2, f))
+        return build_intrinsics("opencv-pinhole", where, radial_coeffs=list(p.radial_coeffs),
+                                tangential_coeffs=list(p.tangential_coeffs),
+                                thin_prism_coeffs=list(p.thin_prism_coeffs), **focal, **common)
+    return build_intrinsics("opencv-fisheye", where, radial_coeffs=list(p.radial_coeffs),
+                            max_angle=_max_angle(p.max_angle), **focal, **common)
 
 
 def lidar_return(points: np.ndarray, intensities: np.ndarray, ring_ids: np.ndarray,

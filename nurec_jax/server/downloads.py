@@ -1,37 +1,30 @@
-"""The download cache behind the `x-nre-scene-url` / `x-nre-scene-id` request metadata.
+"""One hardened HTTP(S) downloader for every file nurec-jax fetches from a URL: the scenes clients name
+with `x-nre-scene-url` (`download_cache.py`) and the `--difix-url` post-processing model
+(`postprocess.py`). Both follow the same rules, set by the server's `--download-*` flags:
 
-Only `http://` and `https://` URLs are accepted: a path on the server's own disk never comes from the
-network (scenes on local disk are served through `--artifact-glob` only), and the refusal never looks
-at the disk, so it tells nothing about which files exist.
-
-Where a download may go (`DestinationPolicy`): the host is resolved once, every address it resolves to
-is checked (loopback, private, link-local, multicast, unspecified, reserved and other non-global ranges,
-IPv4 and IPv6, with IPv4 embedded in IPv6 unwrapped) unless `--download-allow-private` or an entry of
-`--download-allow-hosts` (a host name, `.suffix`, or an IP / CIDR) allows it, and the connection is
-opened to exactly those checked addresses (the Host header and TLS SNI keep the name), so a DNS answer
-that changes between check and connect changes nothing. Redirects are followed by hand, at most
-`MAX_REDIRECTS`, each destination checked the same way.
-
-Bounds: `--download-max-bytes` (from Content-Length before the body is read, and while streaming),
-`--download-timeout-s` for the whole download and `--download-stall-timeout-s` without a byte. Downloads
-run on their own `--download-workers` threads; clients wait for them without holding a thread. Clients
-asking for the same scene id share one download, which stops when the last of them gives up.
-
-The cache directory holds `<scene_id>.usdz` files and `index.json` (scene id -> URL, in LRU order,
-written atomically). A download is streamed into a hidden `.<id>.<random>.part.usdz` file, checked to be
-a zip archive and a readable scene, and only then renamed into place; a file that fails never enters the
-cache and evicts nothing. At start, partial files left by a crash are deleted and the directory is
-indexed again, so a restarted server knows (and counts, and evicts) the files an earlier one fetched.
+- Only `http://` and `https://`: a path on the server's own disk never comes from a URL, and the refusal
+  never looks at the disk, so it tells nothing about which files exist.
+- Destinations (`DestinationPolicy`): the host is resolved once, every address it resolves to is checked
+  (loopback, private, link-local, multicast, unspecified, reserved and other non-global ranges, IPv4 and
+  IPv6, with IPv4 embedded in IPv6 unwrapped) unless `--download-allow-private` or an entry of
+  `--download-allow-hosts` (a host name, `.suffix`, or an IP / CIDR) allows it, and the connection is
+  opened to exactly those checked addresses (the Host header and TLS SNI keep the name), so a DNS answer
+  that changes between check and connect changes nothing. Redirects are followed by hand, at most
+  `MAX_REDIRECTS`, each destination checked the same way. (`urllib` resolves and redirects on its own, so
+  none of this could hold with it.)
+- Bounds (`Limits`): `--download-max-bytes` (from Content-Length before the body is read, and while
+  streaming), `--download-timeout-s` for the whole transfer, `--download-stall-timeout-s` without a byte.
+- Cancellation: a `Transfer` can be aborted from any thread; a blocked read returns at once.
+- Files are written atomically (`fetch_file`): streamed into a hidden partial file beside the target,
+  validated, then renamed; a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import http.client
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -40,63 +33,51 @@ import ssl
 import tempfile
 import threading
 import urllib.parse
-import zipfile
 
 import grpc
 
-from nurec_jax.fileio import atomic_file
-from nurec_jax.server.errors import RequestError, quoted
+from nurec_jax.server.request_errors import RequestError, quoted
 
 _LOGGER = logging.getLogger(__name__)
 
-SCENE_ID_RE = re.compile(r"^[.a-zA-Z0-9_-]+$")
-MAX_SCENE_ID_CHARS = 200  # a downloaded scene id names a file (<id>.usdz and its partial file)
 REMOTE_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 5
-INDEX_NAME = "index.json"
-LOCK_NAME = ".lock"
-PART_MARK = ".part"  # every temporary name in the cache directory contains it (ours and fileio.atomic_file's)
+PART_MARK = ".part"  # every partial file's name contains it (ours and fileio.atomic_file's)
+URL_CHARS = 256  # longest part of a URL quoted in a message
 _CHUNK = 1 << 20
 _REDIRECTS = (301, 302, 303, 307, 308)
-_HEADER = "x-nre-scene-url"
-_URL_CHARS = 256  # longest part of a URL quoted in a message
 
 
 class DownloadError(RequestError):
-    """A scene could not be fetched because of what the client asked for (INVALID_ARGUMENT)."""
+    """A file could not be fetched because of what was asked for (INVALID_ARGUMENT)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class DownloadUnavailable(DownloadError):
-    """A scene could not be fetched for a reason that may pass (network, stall, timeout, HTTP 5xx)."""
+    """A file could not be fetched for a reason that may pass (network, stall, timeout, HTTP 5xx)."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class DownloadConflict(DownloadError):
-    """The scene id is already bound to another URL (ALREADY_EXISTS)."""
-
-    code = grpc.StatusCode.ALREADY_EXISTS
-
-
-def parse_scene_url(url: str) -> str:
+def check_url(url: str, local_hint: str = "") -> str:
     """Returns `url` when it is an http(s) URL with a host; DownloadError otherwise.
 
-    Local paths (`file://`, absolute or relative paths) are refused without looking at the disk."""
+    Local paths (`file://`, absolute or relative paths) are refused without looking at the disk;
+    `local_hint` says where such files go instead."""
     try:
         parsed = urllib.parse.urlsplit(url)
         parsed.port  # noqa: B018 - raises ValueError for a malformed port
     except ValueError:
-        raise DownloadError(f"{quoted(url, _URL_CHARS)} is not a valid URL") from None
+        raise DownloadError(f"{quoted(url, URL_CHARS)} is not a valid URL") from None
     scheme = parsed.scheme.lower()
     if scheme in ("", "file"):
-        raise DownloadError("local paths are not accepted from the network; give an http:// or https:// URL "
-                            "(scenes on the server's disk are served through --artifact-glob)")
+        raise DownloadError("local paths are not accepted; give an http:// or https:// URL" +
+                            (f" ({local_hint})" if local_hint else ""))
     if scheme not in REMOTE_SCHEMES:
         raise DownloadError(f"unsupported URL scheme {quoted(scheme)} (allowed: http, https)")
     if not parsed.hostname:
-        raise DownloadError(f"URL {quoted(url, _URL_CHARS)} has no host")
+        raise DownloadError(f"URL {quoted(url, URL_CHARS)} has no host")
     return url
 
 
@@ -203,20 +184,20 @@ def _connect_any(addresses: list[tuple[int, tuple]], timeout: float | None) -> s
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """An HTTP connection that goes to the addresses checked by `DestinationPolicy.resolve` only."""
 
-    def __init__(self, host, port, *, addresses, job, timeout, **kwargs):
+    def __init__(self, host, port, *, addresses, transfer, timeout, **kwargs):
         super().__init__(host, port, timeout=timeout, **kwargs)
         self._addresses = addresses
-        self._job = job
+        self._transfer = transfer
         self._create_connection = self._pinned  # http.client's hook for opening the socket
 
     def _pinned(self, address, timeout=None, source_address=None):
         sock = _connect_any(self._addresses, timeout)
-        self._job.attach(sock)
+        self._transfer.attach(sock)
         return sock
 
     def connect(self):
         super().connect()
-        self._job.attach(self.sock)  # for https: the TLS socket that replaced the plain one
+        self._transfer.attach(self.sock)  # for https: the TLS socket that replaced the plain one
 
 
 class _PinnedHTTPSConnection(_PinnedHTTPConnection, http.client.HTTPSConnection):
@@ -224,63 +205,58 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection, http.client.HTTPSConnection)
 
 
 # ------------------------------------------------------------------------------------------------
-# Jobs and waiters
+# Limits and transfers
 
 
-class Pending:
-    """One client waiting for a scene: `future` resolves to the local path (or the download's error).
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds on one download (the server's `--download-*` flags)."""
 
-    `release()` says the client no longer waits (cancelled, deadline passed); when the last waiter of a
-    download releases it, the download stops."""
+    max_bytes: int = 8 << 30
+    timeout_s: float = 1800.0
+    stall_timeout_s: float = 60.0
 
-    def __init__(self, cache: "DownloadCache | None", job: "_Job | None"):
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self._cache = cache
-        self._job = job
-
-    def release(self) -> None:
-        if self._cache is not None and self._job is not None:
-            self._cache._release(self._job, self)
-
-    def wait(self, timeout: float | None = None) -> str:
-        return self.future.result(timeout)
+    @classmethod
+    def from_options(cls, options) -> "Limits":
+        return cls(options.download_max_bytes, options.download_timeout_s, options.download_stall_timeout_s)
 
 
-class _Job:
-    """One download in progress: its waiters and a way to stop it from another thread."""
+def policy_from_options(options) -> DestinationPolicy:
+    return DestinationPolicy(options.download_allow_private, tuple(options.download_allow_hosts))
 
-    def __init__(self, scene_id: str, url: str, validate, on_commit):
-        self.scene_id, self.url = scene_id, url
-        self.validate, self.on_commit = validate, on_commit
-        self.waiters: list[Pending] = []
-        self.finished = False
+
+class Transfer:
+    """One download in progress, stoppable from another thread: `abort(error)` shuts its socket down, so a
+    blocked read returns at once, and every later `check()` raises `error`."""
+
+    def __init__(self, url: str):
+        self.url = url
         self.bytes_read = 0
-        self._abort: DownloadError | None = None
+        self.error: DownloadError | None = None
         self._sock = None
         self._lock = threading.Lock()
 
     def abort(self, error: DownloadError) -> None:
-        """Stops the download: a blocked read returns at once (its socket is shut down)."""
         with self._lock:
-            if self._abort is None:
-                self._abort = error
+            if self.error is None:
+                self.error = error
             sock = self._sock
         _shutdown(sock)
 
     def attach(self, sock) -> None:
         with self._lock:
             self._sock = sock
-            aborted = self._abort is not None
+            aborted = self.error is not None
         if aborted:
             _shutdown(sock)
 
     @property
     def aborted(self) -> bool:
-        return self._abort is not None
+        return self.error is not None
 
     def check(self) -> None:
-        if self._abort is not None:
-            raise self._abort
+        if self.error is not None:
+            raise self.error
 
 
 def _shutdown(sock) -> None:
@@ -292,382 +268,122 @@ def _shutdown(sock) -> None:
         pass
 
 
-@dataclasses.dataclass
-class _Entry:
-    url: str | None  # None: a file found at start without a recorded URL
-    path: str
-    size: int
-
-
-class DownloadCache:
-    """An LRU of downloaded scene files, keyed by scene id (module docstring).
-
-    `request(scene_id, url)` returns a `Pending`; `entries()` lists what is cached with its URL."""
-
-    def __init__(self, directory: str, max_files: int = 5, max_bytes: int = 8 << 30, timeout_s: float = 1800.0,
-                 stall_timeout_s: float = 60.0, workers: int = 2, policy: DestinationPolicy = DestinationPolicy(),
-                 ssl_context: ssl.SSLContext | None = None):
-        if max_files < 1:
-            raise ValueError(f"download cache size must be >= 1, got {max_files}")
-        if workers < 1:
-            raise ValueError(f"download workers must be >= 1, got {workers}")
-        self.directory = os.path.abspath(os.path.expanduser(directory))
-        self.max_files = max_files
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.stall_timeout_s = stall_timeout_s
-        self.policy = policy
-        self.ssl_context = ssl_context  # None: the system's trusted CAs (tests pass their own)
-        self._lock = threading.Lock()
-        self._index_lock = threading.Lock()
-        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # oldest first
-        self._jobs: dict[str, _Job] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="download")
-        os.makedirs(self.directory, exist_ok=True)
-        self._clean_partials()
-        self._reindex()
-
-    @classmethod
-    def from_options(cls, options) -> "DownloadCache":
-        """The cache a server with these `ServerOptions` uses."""
-        return cls(options.download_cache_dir, options.download_cache_size, options.download_max_bytes,
-                   options.download_timeout_s, options.download_stall_timeout_s, options.download_workers,
-                   DestinationPolicy(options.download_allow_private, tuple(options.download_allow_hosts)))
-
-    # -- start-up ----------------------------------------------------------------------------
-
-    def _take_directory(self) -> bool:
-        """Locks the directory for this process (an flock on `.lock`, released when the process ends,
-        crash included). False when another live server holds it: its partial files are in use."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, partial files are cleaned as if alone
-            return True
-        self._lock_file = open(os.path.join(self.directory, LOCK_NAME), "a+")  # noqa: SIM115 - held until exit
-        try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            _LOGGER.warning("download cache %s is used by another server process; its partial files are left "
-                            "alone (give each server its own --download-cache-dir)", self.directory)
-            return False
-
-    def _clean_partials(self) -> None:
-        if not self._take_directory():
-            return
-        removed = 0
-        for name in os.listdir(self.directory):
-            if name.startswith(".") and PART_MARK in name:
-                try:
-                    os.remove(os.path.join(self.directory, name))
-                    removed += 1
-                except OSError as e:
-                    _LOGGER.warning("download cache: cannot remove stale partial file %s: %s", name, e)
-        if removed:
-            _LOGGER.info("download cache: removed %d partial file(s) left by an earlier run", removed)
-
-    def _reindex(self) -> None:
-        recorded: list[dict] = []
-        index = os.path.join(self.directory, INDEX_NAME)
-        if os.path.exists(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    recorded = list(json.load(f)["entries"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                _LOGGER.warning("download cache: ignoring unreadable %s (%s)", index, e)
-        for item in recorded:
-            try:
-                sid, url = str(item["scene_id"]), str(item["url"])
-            except (KeyError, TypeError):
-                continue
-            path = self.path_for(sid) if SCENE_ID_RE.match(sid) else None
-            if path and os.path.isfile(path) and sid not in self._entries:
-                self._entries[sid] = _Entry(url, path, os.path.getsize(path))
-        # Scene files without a recorded URL (an older server): counted, oldest first; a request for such
-        # an id downloads it again.
-        orphans = []
-        for name in os.listdir(self.directory):
-            sid, ext = os.path.splitext(name)
-            if ext == ".usdz" and not name.startswith(".") and SCENE_ID_RE.match(sid) and sid not in self._entries:
-                path = os.path.join(self.directory, name)
-                if os.path.isfile(path):
-                    orphans.append((os.path.getmtime(path), sid, path))
-        for _mtime, sid, path in sorted(orphans, reverse=True):
-            self._entries[sid] = _Entry(None, path, os.path.getsize(path))
-            self._entries.move_to_end(sid, last=False)
-        victims = []
-        while len(self._entries) > self.max_files:
-            victims.append(self._entries.popitem(last=False))
-        for sid, entry in victims:
-            _remove(entry.path)
-        if self._entries or recorded:
-            self._write_index()
-        _LOGGER.info("download cache %s: %d file(s) (%d without a recorded URL), %d evicted to fit %d",
-                     self.directory, len(self._entries), sum(e.url is None for e in self._entries.values()),
-                     len(victims), self.max_files)
-
-    def _write_index(self) -> None:
-        with self._lock:
-            items = [{"scene_id": sid, "url": e.url, "size": e.size} for sid, e in self._entries.items()
-                     if e.url is not None]
-        with self._index_lock:
-            try:
-                with atomic_file(os.path.join(self.directory, INDEX_NAME), "w", encoding="utf-8") as f:
-                    json.dump({"version": 1, "entries": items}, f, indent=1)
-            except OSError as e:
-                _LOGGER.error("download cache: cannot write %s: %s", INDEX_NAME, e)
-
-    # -- queries -----------------------------------------------------------------------------
-
-    def path_for(self, scene_id: str) -> str:
-        return os.path.join(self.directory, f"{scene_id}.usdz")
-
-    def __contains__(self, scene_id: str) -> bool:
-        with self._lock:
-            return scene_id in self._entries
-
-    def entries(self) -> list[tuple[str, str | None, str]]:
-        """[(scene id, URL or None, path)], least recently used first."""
-        with self._lock:
-            return [(sid, e.url, e.path) for sid, e in self._entries.items()]
-
-    def url_of(self, scene_id: str) -> str | None:
-        with self._lock:
-            e = self._entries.get(scene_id)
-            return None if e is None else e.url
-
-    def touch(self, scene_id: str) -> None:
-        with self._lock:
-            if scene_id in self._entries:
-                self._entries.move_to_end(scene_id)
-
-    # -- requests ----------------------------------------------------------------------------
-
-    def request(self, scene_id: str, url: str, validate=None, on_commit=None) -> Pending:
-        """Starts (or joins) the download of `url` as `scene_id`; never blocks on the network.
-
-        `validate(path)` raises when the downloaded file is no usable scene; `on_commit(scene_id, url, path,
-        evicted_ids)` runs once the file is in place, before any waiter is told. Raises DownloadConflict
-        when the id is bound to another URL (cached or downloading)."""
-        with self._lock:
-            job = self._jobs.get(scene_id)
-            if job is not None and not job.aborted:
-                if job.url != url:
-                    raise _conflict(scene_id, job.url, url, "being downloaded")
-                pending = Pending(self, job)
-                job.waiters.append(pending)
-                return pending
-            entry = self._entries.get(scene_id)
-            if entry is not None and entry.url is not None:
-                if entry.url != url:
-                    raise _conflict(scene_id, entry.url, url, "already cached")
-                self._entries.move_to_end(scene_id)
-                pending = Pending(None, None)
-                pending.future.set_result(entry.path)
-                return pending
-            job = _Job(scene_id, url, validate, on_commit)
-            pending = Pending(self, job)
-            job.waiters.append(pending)
-            self._jobs[scene_id] = job
-        try:
-            self._pool.submit(self._run, job)
-        except RuntimeError:  # the pool is shut down (server stopping)
-            with self._lock:
-                self._jobs.pop(scene_id, None)
-            raise DownloadUnavailable("the server is shutting down") from None
-        return pending
-
-    def fetch(self, scene_id: str, url: str, validate=None, on_commit=None) -> str:
-        """`request` and wait (no cancellation); returns the local path."""
-        return self.request(scene_id, url, validate, on_commit).wait()
-
-    def _release(self, job: _Job, pending: Pending) -> None:
-        with self._lock:
-            if pending in job.waiters:
-                job.waiters.remove(pending)
-            last = not job.waiters and not job.finished
-            if last and self._jobs.get(job.scene_id) is job:
-                del self._jobs[job.scene_id]
-        pending.future.cancel()
-        if last:
-            _LOGGER.info("download of scene %s stopped: every client waiting for it gave up", quoted(job.scene_id))
-            job.abort(DownloadUnavailable("every client waiting for the download gave up"))
-
-    def close(self) -> None:
-        """Stops every download (server shutdown)."""
-        with self._lock:
-            jobs = list(self._jobs.values())
-        for job in jobs:
-            job.abort(DownloadUnavailable("the server is shutting down"))
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        lock_file = getattr(self, "_lock_file", None)
-        if lock_file is not None:
-            lock_file.close()  # releases the directory lock
-            self._lock_file = None
-
-    # -- the download ------------------------------------------------------------------------
-
-    def _run(self, job: _Job) -> None:
-        prefix = f"{_HEADER}: Failed to download scene from {quoted(job.url, _URL_CHARS)}"
-        timer = threading.Timer(self.timeout_s, job.abort, (DownloadUnavailable(
-            f"{prefix}: took longer than {self.timeout_s:g} s (--download-timeout-s)"),))
-        timer.daemon = True
-        timer.start()
-        tmp = None
-        error: BaseException | None = None
-        path, evicted = None, []
-        try:
-            job.check()
-            fd, tmp = tempfile.mkstemp(prefix=f".{job.scene_id}.", suffix=f"{PART_MARK}.usdz", dir=self.directory)
-            with os.fdopen(fd, "wb") as out:
-                size = self._download(job, out)
-            job.check()
-            if not zipfile.is_zipfile(tmp):
-                raise DownloadError("the file is not a .usdz (zip) archive")
-            if job.validate is not None:
-                try:
-                    job.validate(tmp)
-                except Exception as e:  # noqa: BLE001 - the file arrived but is no scene
-                    # The client hears about its file, not about the server's directories.
-                    text = str(e).replace(tmp, f"{job.scene_id}.usdz").replace(os.path.basename(tmp),
-                                                                                f"{job.scene_id}.usdz")
-                    raise DownloadError(f"the file is not a readable scene: {text}") from None
-            job.check()
-            path, evicted = self._commit(job, tmp, size)
-            tmp = None
-            if job.on_commit is not None:
-                job.on_commit(job.scene_id, job.url, path, evicted)
-        except DownloadError as e:
-            if job.aborted and e is not job._abort:
-                e = job._abort
-            error = e if str(e).startswith(_HEADER) else type(e)(f"{prefix}: {e}")
-        except Exception as e:  # noqa: BLE001 - reported to the waiters
-            _LOGGER.error("download of %s failed", quoted(job.url, _URL_CHARS), exc_info=e)
-            error = DownloadUnavailable(f"{prefix}: {type(e).__name__}: {e}")
-        finally:
-            timer.cancel()
-            if tmp is not None:
-                _remove(tmp)
-        with self._lock:
-            job.finished = True
-            if self._jobs.get(job.scene_id) is job:
-                del self._jobs[job.scene_id]
-            waiters = list(job.waiters)
-        if error is None:
-            _LOGGER.info("downloaded scene %s from %s (%d bytes)", quoted(job.scene_id), quoted(job.url, _URL_CHARS),
-                         job.bytes_read)
-        else:
-            _LOGGER.info("download of scene %s: %s", quoted(job.scene_id), error)
-        for w in waiters:
-            if w.future.done():
-                continue
-            try:
-                if error is not None:
-                    w.future.set_exception(error)
-                else:
-                    w.future.set_result(path)
-            except concurrent.futures.InvalidStateError:  # released meanwhile
-                pass
-
-    def _commit(self, job: _Job, tmp: str, size: int) -> tuple[str, list[str]]:
-        path = self.path_for(job.scene_id)
-        with self._lock:
-            os.replace(tmp, path)
-            self._entries[job.scene_id] = _Entry(job.url, path, size)
-            self._entries.move_to_end(job.scene_id)
-            victims = []
-            while len(self._entries) > self.max_files:
-                victims.append(self._entries.popitem(last=False))
-        for _sid, entry in victims:
-            _remove(entry.path)
-        self._write_index()
-        evicted = [sid for sid, _ in victims]
-        if evicted:
-            _LOGGER.info("download cache full: evicted %s", evicted)
-        return path, evicted
-
-    def _download(self, job: _Job, out) -> int:
-        url = job.url
-        for _hop in range(MAX_REDIRECTS + 1):
-            parts = urllib.parse.urlsplit(url)
-            scheme = parts.scheme.lower()
-            if scheme not in REMOTE_SCHEMES or not parts.hostname:
-                raise DownloadError(f"redirected to {quoted(url, _URL_CHARS)}, which is not an http(s) URL")
-            try:
-                port = parts.port or (443 if scheme == "https" else 80)
-            except ValueError:
-                raise DownloadError(f"redirected to {quoted(url, _URL_CHARS)}, which is not a valid URL") from None
-            addresses = self.policy.resolve(parts.hostname, port)
-            job.check()
-            cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-            kwargs = {}
-            if scheme == "https":
-                kwargs["context"] = self.ssl_context or ssl.create_default_context()
-            conn = cls(parts.hostname, port, addresses=addresses, job=job, timeout=self.stall_timeout_s, **kwargs)
-            try:
-                target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-                conn.request("GET", target, headers={"User-Agent": "nurec-jax", "Accept-Encoding": "identity"})
-                resp = conn.getresponse()
-                if resp.status in _REDIRECTS:
-                    location = resp.getheader("Location")
-                    if not location:
-                        raise DownloadError(f"HTTP {resp.status} without a Location header")
-                    url = urllib.parse.urljoin(url, location)
-                    continue
-                if resp.status != 200:
-                    kind = DownloadUnavailable if resp.status >= 500 or resp.status == 429 else DownloadError
-                    raise kind(f"HTTP Error {resp.status}: {quoted(resp.reason)}")
-                return self._stream(job, resp, out)
-            except DownloadError:
-                raise
-            except (TimeoutError, socket.timeout):
-                job.check()
-                raise DownloadUnavailable(f"no data for {self.stall_timeout_s:g} s "
-                                          "(--download-stall-timeout-s)") from None
-            except Exception as e:  # noqa: BLE001 - OSError, http.client errors, a socket shut down by abort
-                job.check()
-                raise DownloadUnavailable(f"connection failed ({type(e).__name__}: {e})") from None
-            finally:
-                conn.close()
-        raise DownloadError(f"more than {MAX_REDIRECTS} redirects")
-
-    def _stream(self, job: _Job, resp, out) -> int:
-        limit = self.max_bytes
-        length = resp.getheader("Content-Length")
-        expected = None
-        if length is not None:
-            try:
-                expected = int(length)
-            except ValueError:
-                raise DownloadError(f"invalid Content-Length {quoted(length)}") from None
-            if expected > limit:
-                raise DownloadError(f"scene is {expected} bytes, above the limit of {limit} (--download-max-bytes)")
-        total = 0
-        while True:
-            job.check()
-            chunk = resp.read1(min(_CHUNK, limit - total + 1))  # one socket read: returns as bytes arrive
-            if not chunk:
-                break
-            total += len(chunk)
-            job.bytes_read = total
-            if total > limit:
-                raise DownloadError(f"scene exceeds the download limit of {limit} bytes (--download-max-bytes)")
-            out.write(chunk)
-        job.check()  # an abort shuts the socket down, which reads as the end of the body
-        if expected is not None and total != expected:
-            raise DownloadUnavailable(f"connection closed after {total} of {expected} bytes")
-        return total
-
-
-def _conflict(scene_id: str, old_url: str, new_url: str, state: str) -> DownloadConflict:
-    return DownloadConflict(f"x-nre-scene-id: scene {quoted(scene_id)} is {state} from {quoted(old_url, _URL_CHARS)}; "
-                            f"refusing {quoted(new_url, _URL_CHARS)} (use another scene id for another URL)")
-
-
-def _remove(path: str) -> None:
+@contextlib.contextmanager
+def time_bound(transfer: Transfer, limits: Limits):
+    """Aborts `transfer` when the block takes longer than `limits.timeout_s`."""
+    timer = threading.Timer(limits.timeout_s, transfer.abort, (DownloadUnavailable(
+        f"took longer than {limits.timeout_s:g} s (--download-timeout-s)"),))
+    timer.daemon = True
+    timer.start()
     try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        _LOGGER.warning("download cache: cannot remove %s: %s", path, e)
+        yield
+    finally:
+        timer.cancel()
+
+
+# ------------------------------------------------------------------------------------------------
+# The download
+
+
+def fetch(transfer: Transfer, out, policy: DestinationPolicy, limits: Limits,
+          ssl_context: ssl.SSLContext | None = None) -> int:
+    """Streams `transfer.url` into the binary file object `out` under `policy` and `limits` (not the
+    total time: see `time_bound`); returns the byte count. Raises DownloadError / DownloadUnavailable."""
+    url = transfer.url
+    for _hop in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in REMOTE_SCHEMES or not parts.hostname:
+            raise DownloadError(f"redirected to {quoted(url, URL_CHARS)}, which is not an http(s) URL")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise DownloadError(f"redirected to {quoted(url, URL_CHARS)}, which is not a valid URL") from None
+        addresses = policy.resolve(parts.hostname, port)
+        transfer.check()
+        cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+        kwargs = {}
+        if scheme == "https":
+            kwargs["context"] = ssl_context or ssl.create_default_context()
+        conn = cls(parts.hostname, port, addresses=addresses, transfer=transfer, timeout=limits.stall_timeout_s,
+                   **kwargs)
+        try:
+            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+            conn.request("GET", target, headers={"User-Agent": "nurec-jax", "Accept-Encoding": "identity"})
+            resp = conn.getresponse()
+            if resp.status in _REDIRECTS:
+                location = resp.getheader("Location")
+                if not location:
+                    raise DownloadError(f"HTTP {resp.status} without a Location header")
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if resp.status != 200:
+                kind = DownloadUnavailable if resp.status >= 500 or resp.status == 429 else DownloadError
+                raise kind(f"HTTP Error {resp.status}: {quoted(resp.reason)}")
+            return _stream(transfer, resp, out, limits)
+        except DownloadError:
+            raise
+        except (TimeoutError, socket.timeout):
+            transfer.check()
+            raise DownloadUnavailable(f"no data for {limits.stall_timeout_s:g} s "
+                                      "(--download-stall-timeout-s)") from None
+        except Exception as e:  # noqa: BLE001 - OSError, http.client errors, a socket shut down by abort
+            transfer.check()
+            raise DownloadUnavailable(f"connection failed ({type(e).__name__}: {e})") from None
+        finally:
+            conn.close()
+    raise DownloadError(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _stream(transfer: Transfer, resp, out, limits: Limits) -> int:
+    limit = limits.max_bytes
+    length = resp.getheader("Content-Length")
+    expected = None
+    if length is not None:
+        try:
+            expected = int(length)
+        except ValueError:
+            raise DownloadError(f"invalid Content-Length {quoted(length)}") from None
+        if expected > limit:
+            raise DownloadError(f"the file is {expected} bytes, above the limit of {limit} (--download-max-bytes)")
+    total = 0
+    while True:
+        transfer.check()
+        chunk = resp.read1(min(_CHUNK, limit - total + 1))  # one socket read: returns as bytes arrive
+        if not chunk:
+            break
+        total += len(chunk)
+        transfer.bytes_read = total
+        if total > limit:
+            raise DownloadError(f"the file exceeds the download limit of {limit} bytes (--download-max-bytes)")
+        out.write(chunk)
+    transfer.check()  # an abort shuts the socket down, which reads as the end of the body
+    if expected is not None and total != expected:
+        raise DownloadUnavailable(f"connection closed after {total} of {expected} bytes")
+    return total
+
+
+def fetch_file(url: str, path: str, policy: DestinationPolicy, limits: Limits, validate=None,
+               ssl_context: ssl.SSLContext | None = None, transfer: Transfer | None = None) -> int:
+    """Downloads `url` to `path` atomically: streamed into a hidden partial file beside `path`,
+    `validate(partial_path)` (raising when the content is unusable), then renamed. Nothing is left
+    behind on failure. Returns the byte count; raises DownloadError / DownloadUnavailable, or what
+    `validate` raises."""
+    check_url(url)
+    transfer = transfer or Transfer(url)
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=PART_MARK, dir=folder)
+    try:
+        with time_bound(transfer, limits), os.fdopen(fd, "wb") as out:
+            size = fetch(transfer, out, policy, limits, ssl_context)
+        transfer.check()
+        if validate is not None:
+            validate(tmp)
+        os.replace(tmp, path)
+        tmp = None
+        return size
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)

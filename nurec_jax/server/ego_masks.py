@@ -1,5 +1,5 @@
 """Ego-vehicle hood masks: `<egocar-hood-dir>/<rig_config_id>/<camera_logical_id>.png` (RGBA,
-transparent outside the hood), composited over renders on request (protocol.md 6.5 and 7.7)."""
+transparent outside the hood), composited over renders on request (docs/wire.md#ego-masks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from nurec_jax.server.errors import NotFound
+from nurec_jax.server.request_errors import NotFound
 
 
 class EgoMasks:

@@ -1,4 +1,4 @@
-"""Image encodings of rendered frames, as NuRec clients expect them (protocol.md 7.9).
+"""Image encodings of rendered frames, as NuRec clients expect them (docs/wire.md#image-encodings).
 
 PNG: 8-bit RGB. JPEG: quality on NuRec's 1-100 scale (clients send 95; 0 is an error).
 RGB_UINT8_PLANAR: raw bytes, three planes R, G, B of out_h x out_w uint8 (CHW), no header.

@@ -1,13 +1,14 @@
-"""`ServerOptions`: every serve-grpc setting, with NuRec's names and defaults (protocol.md 11.1)."""
+"""`ServerOptions`: every serve-grpc setting, with NuRec's names and defaults (docs/wire.md#server-flags)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
+from nurec_jax.server.profiler import PROFILING_BACKENDS
+from nurec_jax.server.timing_log import TIMING_VERBOSITIES
+
 RENDERERS = ("default", "gsplat", "nrend")
-TIMING_VERBOSITIES = ("NONE", "SUMMARY", "BASIC", "DETAILS")
-PROFILING_BACKENDS = ("NONE", "TRACY", "NVTX", "JAX")  # TRACY (NRE's C++ profiler) is refused at start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,8 @@ class ServerOptions:
     # Bounded work (nurec-jax)
     max_output_pixels: int = 12 << 20  # largest output width x height (NuRec's rule applied) a request may ask
     max_compiled_variants: int = 16  # compiled render / lidar functions kept (process-wide LRU; evicted: freed)
+    # Several accelerators (nurec-jax)
+    devices: str | None = None  # --devices: "all" or ids "0,2"; None: JAX's default device only (one lock)
 
     def validate(self) -> None:
         """Raises ValueError naming the flag for values out of range or features not built yet."""
@@ -143,6 +146,12 @@ class ServerOptions:
         for name in ("max_output_pixels", "max_compiled_variants"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        # Several accelerators (nurec-jax): the syntax here; the ids are checked against the local devices when
+        # the server starts (scene_cache.resolve_devices).
+        if self.devices is not None:
+            parse_devices(self.devices)
+        if self.max_backends_per_scene is not None and self.max_backends_per_scene < 1:
+            raise ValueError(f"--max-backends-per-scene must be >= 1, got {self.max_backends_per_scene}")
         if self.enable_harmonizer:
             raise ValueError("--enable-harmonizer: NRE's harmonizer network is not available in nurec-jax; use "
                              "--enable-difix with a nurec-jax post-processing model instead (BUILD_NOTES.md)")
@@ -154,3 +163,19 @@ class ServerOptions:
             v = getattr(self, f.name)
             out[f.name] = "null" if v is None else str(v)
         return out
+
+
+def parse_devices(spec: str) -> tuple[int, ...] | None:
+    """`--devices` syntax: "all" (returns None) or comma-separated local device ids such as "0,2" (returns
+    them in order). Raises ValueError naming the flag for anything else, an empty list or a repeated id."""
+    text = spec.strip()
+    if text.lower() == "all":
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"--devices must be 'all' or comma-separated local device ids such as 0,1; got {spec!r}")
+    ids = tuple(int(p) for p in parts)
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"--devices names device {repeated[0]} more than once: {spec!r}")
+    return ids

@@ -3,8 +3,8 @@
 NRE's `--enable-difix` runs NVIDIA's DiFix diffusion model, a PyTorch checkpoint (`cosmos_3dgut.pt`)
 fetched from `--difix-url` into `--difix-cache`. nurec-jax cannot download or run that checkpoint.
 The flag instead loads a model in the format below from the same place, and start-up fails with a
-message that says how to make one when none is there. The hook sits where NRE's does (protocol.md
-section 7): render -> post-pass -> ego hood -> encode.
+message that says how to make one when none is there. The hook sits where NRE's does
+(docs/wire.md#rgb-requests): render -> post-pass -> ego hood -> encode.
 
 nurec-jax post-processing model v1
 ----------------------------------
@@ -56,10 +56,8 @@ import dataclasses
 import functools
 import logging
 import os
-import shutil
 import threading
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -69,6 +67,7 @@ import numpy as np
 from flax import serialization
 
 from nurec_jax.fileio import atomic_file
+from nurec_jax.server import downloads
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,8 +82,6 @@ _LAYER_KEYS = ("kernel", "bias", "activation")
 _TORCH_SUFFIXES = (".pt", ".pth")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6 writes a zip archive
 _TOOL = "python tools/make_postprocess_model.py"
-_DOWNLOAD_TIMEOUT_S = 600.0
-_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -375,14 +372,18 @@ def _read_head(path: str) -> bytes:
         return f.read(8)
 
 
-def resolve_model_path(difix_cache: str, difix_model_filename: str, difix_url: str | None) -> str:
-    """Finds the post-processing model file, fetching it into the cache when needed.
+def resolve_model_path(difix_cache: str, difix_model_filename: str, difix_url: str | None,
+                       policy: downloads.DestinationPolicy = downloads.DestinationPolicy(),
+                       limits: downloads.Limits = downloads.Limits()) -> str:
+    """Finds the post-processing model file, downloading it into the cache when needed.
 
-    `<difix_cache>/<difix_model_filename>` (`~` expanded) is used when it exists. Otherwise
-    `difix_url` is fetched there atomically (temporary file in the cache, then rename): a `file://`
-    URL or a local path is copied, an http(s) URL downloaded with urllib. A PyTorch checkpoint (name
-    ending in .pt/.pth, zip or pickle header) is refused, before downloading when the URL's name says
-    so. Beyond that check, `PostProcessor.load` validates the content.
+    `<difix_cache>/<difix_model_filename>` (`~` expanded) is used when it exists. Otherwise `difix_url`
+    is downloaded there by the server's one hardened downloader (`downloads.fetch_file`: http(s) only,
+    destinations checked by `policy`, bounded by `limits`, written atomically). A model on local disk is
+    placed in the cache directory under its file name, never named by URL, so the flag cannot be used to
+    read local files. A PyTorch checkpoint (name ending in .pt/.pth, zip or pickle header) is refused,
+    before downloading when the URL's name says so. Beyond that check, `PostProcessor.load` validates
+    the content.
 
     Returns:
       The model file's path.
@@ -401,65 +402,42 @@ def resolve_model_path(difix_cache: str, difix_model_filename: str, difix_url: s
     if not difix_url:
         hint = ""
         if difix_model_filename.lower().endswith(_TORCH_SUFFIXES):
-            hint = (f" (a name ending in .pt/.pth, like NRE's default cosmos_3dgut.pt, is a PyTorch checkpoint; "
-                    f"choose another --difix-model-filename)")
+            hint = (" (a name ending in .pt/.pth, like NRE's default cosmos_3dgut.pt, is a PyTorch checkpoint; "
+                    "choose another --difix-model-filename)")
         raise ValueError(_missing_message(path, f"the file does not exist and --difix-url is not set{hint}"))
     reason = _torch_checkpoint_reason(difix_model_filename, b"")
     if reason:  # refuse before fetching something that could never be loaded under this name
         raise _torch_error(f"--difix-model-filename {difix_model_filename!r}", reason, path)
-    parsed = urllib.parse.urlparse(difix_url)
-    if parsed.scheme in ("http", "https"):
-        _download(difix_url, path)
-        return path
-    if parsed.scheme == "file":
-        source = urllib.parse.unquote(parsed.path)
-    elif parsed.scheme == "":
-        source = os.path.expanduser(difix_url)
-    else:
-        raise ValueError(_missing_message(path, f"the file does not exist and --difix-url {difix_url!r} has an "
-                                                f"unsupported scheme {parsed.scheme!r} (use file://, http(s):// "
-                                                f"or a local path)"))
-    if not os.path.isfile(source):
-        raise ValueError(_missing_message(path, f"the file does not exist and --difix-url {difix_url!r} names no "
-                                                f"file ({source} not found)"))
-    reason = _torch_checkpoint_reason(source, _read_head(source))
+    try:
+        downloads.check_url(difix_url, f"copy a local model to {path}")
+    except downloads.DownloadError as e:
+        raise ValueError(_missing_message(path, f"the file does not exist and --difix-url {difix_url!r}: {e}")) from None
+    reason = _torch_checkpoint_reason(difix_url, b"")
     if reason:
-        raise _torch_error(source, reason, path)
-    with open(source, "rb") as src, atomic_file(path) as f:
-        shutil.copyfileobj(src, f, _CHUNK)
-    _LOGGER.info("copied post-processing model %s -> %s", source, path)
+        raise _torch_error(difix_url, reason, path)
+
+    def no_checkpoint(tmp: str) -> None:
+        reason = _torch_checkpoint_reason("", _read_head(tmp))
+        if reason:
+            raise _torch_error(difix_url, reason, path)
+
+    try:
+        downloads.fetch_file(difix_url, path, policy, limits, validate=no_checkpoint)
+    except downloads.DownloadError as e:
+        raise ValueError(_missing_message(path, f"the file does not exist and downloading --difix-url {difix_url} "
+                                                f"failed ({e})")) from None
+    _LOGGER.info("downloaded post-processing model %s -> %s", difix_url, path)
     return path
 
 
-def _download(url: str, path: str) -> None:
-    reason = _torch_checkpoint_reason(url, b"")
-    if reason:
-        raise _torch_error(url, reason, path)
-
-    request = urllib.request.Request(url, headers={"User-Agent": "nurec-jax"})
-    with atomic_file(path) as f:
-        try:
-            with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310
-                head = response.read(8)
-                reason = _torch_checkpoint_reason("", head)
-                if reason:
-                    raise _torch_error(url, reason, path)
-                f.write(head)
-                shutil.copyfileobj(response, f, _CHUNK)
-        except _PyTorchCheckpointError:
-            raise
-        except Exception as e:  # HTTPError, URLError, timeouts, resets
-            raise ValueError(_missing_message(path, f"the file does not exist and downloading --difix-url {url} "
-                                                    f"failed ({type(e).__name__}: {e})")) from None
-    _LOGGER.info("downloaded post-processing model %s -> %s", url, path)
-
-
 def load_postprocessor(difix_cache: str, difix_model_filename: str, difix_url: str | None,
-                       difix_resolution: tuple[int, int] | None) -> PostProcessor:
+                       difix_resolution: tuple[int, int] | None,
+                       policy: downloads.DestinationPolicy = downloads.DestinationPolicy(),
+                       limits: downloads.Limits = downloads.Limits()) -> PostProcessor:
     """The server's `--enable-difix` start-up step: resolve, load, set the working resolution.
 
     Args:
-      difix_cache, difix_model_filename, difix_url: as `resolve_model_path`.
+      difix_cache, difix_model_filename, difix_url, policy, limits: as `resolve_model_path`.
       difix_resolution: (H, W) from `--difix-resolution`. It always sets the working resolution,
         as NRE's flag does; (0, 0) runs at each image's own size. None keeps the model file's.
 
@@ -467,7 +445,7 @@ def load_postprocessor(difix_cache: str, difix_model_filename: str, difix_url: s
       ValueError: the model is missing, unfetchable, a PyTorch checkpoint or invalid; the message
         says what to do.
     """
-    path = resolve_model_path(difix_cache, difix_model_filename, difix_url)
+    path = resolve_model_path(difix_cache, difix_model_filename, difix_url, policy, limits)
     processor = PostProcessor.load(path)
     if difix_resolution is not None:
         processor = processor.with_resolution(_check_resolution(tuple(difix_resolution), "--difix-resolution"))

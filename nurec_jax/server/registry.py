@@ -1,9 +1,9 @@
 """Which scenes the server knows: artifacts found by `--artifact-glob` plus scenes registered at
-request time through the `x-nre-scene-url` / `x-nre-scene-id` metadata (protocol.md section 1).
+request time through the `x-nre-scene-url` / `x-nre-scene-id` metadata (docs/wire.md#scene-download-headers).
 
 Only metadata is read here (ids, cameras, trajectory, tracks), never Gaussians, so every metadata
 RPC is answered from the file without touching the device. Request-time scenes are http(s) downloads
-only (downloads.py); a path on the server's disk is never taken from a request.
+only (download_cache.py); a path on the server's disk is never taken from a request.
 """
 
 from __future__ import annotations
@@ -19,9 +19,15 @@ from nurec_jax.checkpoint import CHECKPOINT_MEMBER
 from nurec_jax.errors import SceneFormatError
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.scene import LoadOptions, read_scene_metadata
-from nurec_jax.server.downloads import (MAX_SCENE_ID_CHARS, SCENE_ID_RE, DownloadCache, DownloadError, Pending,
-                                        parse_scene_url)
-from nurec_jax.server.errors import AlreadyExists, InvalidArgument, NotFound, check_id, quoted
+from nurec_jax.server.download_cache import (
+    MAX_SCENE_ID_CHARS,
+    SCENE_ID_RE,
+    DownloadCache,
+    DownloadError,
+    Pending,
+    parse_scene_url,
+)
+from nurec_jax.server.request_errors import AlreadyExists, InvalidArgument, NotFound, check_id, quoted
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Validation of render requests and their conversion into what the renderer takes (pure functions).
 
-Everything here raises the typed errors of `nurec_jax.server.errors` with a message naming the field,
+Everything here raises the typed errors of `nurec_jax.server.request_errors` with a message naming the field,
 so the servicer can answer with the right status code before any device work is spent.
 """
 
@@ -18,7 +18,7 @@ from nurec_jax.poses import PosePair
 from nurec_jax.render import ActorPoses
 from nurec_jax.renderer import track_actor_poses
 from nurec_jax.server import convert, images
-from nurec_jax.server.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, check_id, quoted
+from nurec_jax.server.request_errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, check_id, quoted
 
 # Largest output accepted: 16384 pixels a side and 64 megapixels (a 4K frame is 8.3 MP).
 MAX_SIDE = 16384
@@ -71,6 +71,58 @@ def pose_pair(msg, field: str, owner) -> tuple[np.ndarray, np.ndarray]:
     return _pose_matrix(msg.start_pose, f"{field}.start_pose"), _pose_matrix(msg.end_pose, f"{field}.end_pose")
 
 
+# How far a request's sensor_pose may stray from ego_pose composed with the camera's mount when it sends
+# both (float32 poses at street scale are good to well under a millimetre; a mount that differs by more
+# than this is a different rig, not rounding).
+EGO_POSE_TOLERANCE_M = 0.01
+EGO_POSE_TOLERANCE_RAD = np.deg2rad(0.1)
+
+
+def _pose_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(translation distance in metres, rotation angle in radians) between two 4x4 poses; the angle from
+    atan2 of the rotation's sine and cosine parts, exact for small angles (no arccos of ~1)."""
+    r = a[:3, :3].T @ b[:3, :3]
+    sin = 0.5 * np.linalg.norm([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    cos = 0.5 * (np.trace(r) - 1.0)
+    return float(np.linalg.norm(a[:3, 3] - b[:3, 3])), float(np.arctan2(sin, cos))
+
+
+def camera_pose_pair(metadata: SceneMetadata, request, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The camera -> world poses (start, end) of an RGBRenderRequest.
+
+    `sensor_pose` is the camera pose itself. AlpaSim's `ego_pose` (field 1013) is the rig pose: the camera
+    pose is then ego_pose @ T_sensor_rig, the mount of the scene camera `camera_intrinsics.logical_id`
+    names. With only ego_pose that product is rendered; with both they must agree within
+    EGO_POSE_TOLERANCE_M / _RAD (INVALID_ARGUMENT naming both fields otherwise) and sensor_pose is used."""
+    has_sensor, has_ego = request.HasField("sensor_pose"), request.HasField("ego_pose")
+    if not has_ego:
+        return pose_pair(request.sensor_pose, f"{prefix}sensor_pose", request)
+    ego = pose_pair(request.ego_pose, f"{prefix}ego_pose", request)
+    spec = request.camera_intrinsics
+    mounts = [c for c in metadata.camera_list if c.logical_id == spec.logical_id] if spec.logical_id else []
+    if not mounts:
+        if has_sensor:  # nothing to compare against: a novel camera on no known mount
+            return pose_pair(request.sensor_pose, f"{prefix}sensor_pose", request)
+        raise InvalidArgument(
+            f"{prefix}ego_pose: without a sensor_pose the camera pose is ego_pose composed with the camera's "
+            f"mount, and camera_intrinsics.logical_id {quoted(spec.logical_id)} names no camera of scene "
+            f"{quoted(metadata.scene_id)}; send sensor_pose for a camera the scene does not have")
+    mount = scene_camera(metadata, spec.logical_id, int(spec.trajectory_idx), f"{prefix}camera_intrinsics")
+    derived = tuple(t @ mount.T_sensor_rig for t in ego)
+    if not has_sensor:
+        return derived
+    given = pose_pair(request.sensor_pose, f"{prefix}sensor_pose", request)
+    for which, g, d in (("start_pose", given[0], derived[0]), ("end_pose", given[1], derived[1])):
+        dist, angle = _pose_gap(g, d)
+        if dist > EGO_POSE_TOLERANCE_M or angle > EGO_POSE_TOLERANCE_RAD:
+            raise InvalidArgument(
+                f"{prefix}sensor_pose.{which} and {prefix}ego_pose.{which} disagree: sensor_pose is "
+                f"{dist * 100:.2f} cm and {np.rad2deg(angle):.3f} deg from ego_pose composed with camera "
+                f"{quoted(spec.logical_id)}'s mount (tolerance {EGO_POSE_TOLERANCE_M * 100:g} cm, "
+                f"{np.rad2deg(EGO_POSE_TOLERANCE_RAD):g} deg); send one of them, or both consistent")
+    return given
+
+
 def _merged_ranges(metadata: SceneMetadata) -> list[tuple[int, int]]:
     """The half-open [first, last + 1) ranges of every rig trajectory, overlapping ones joined."""
     ranges = sorted((first, last + 1) for first, last in (t.time_range_us for t in metadata.trajectories))
@@ -84,7 +136,7 @@ def _merged_ranges(metadata: SceneMetadata) -> list[tuple[int, int]]:
 
 
 def check_interval(metadata: SceneMetadata, start_us: int, end_us: int, prefix: str = "") -> None:
-    """[start, end) must be non-empty and inside [first rig timestamp, last + 1) (protocol.md 7.4) of a
+    """[start, end) must be non-empty and inside [first rig timestamp, last + 1) (docs/wire.md#time-interval) of a
     rig trajectory: with several trajectories, inside the union of their ranges (a request need not
     name its trajectory: NRE clients never set trajectory_idx).
 
@@ -178,7 +230,7 @@ def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix
 
 
 def actor_overrides(metadata: SceneMetadata, objects, editing_enabled: bool, prefix: str = ""):
-    """`dynamic_objects` -> {track id: (T_start, T_end)} or None when the list is empty (protocol.md 7.6)."""
+    """`dynamic_objects` -> {track id: (T_start, T_end)} or None when the list is empty (docs/wire.md#dynamic-objects)."""
     if not objects:
         return None
     if not editing_enabled:
@@ -207,7 +259,7 @@ def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, pref
                             int(request.resolution_h), prefix)
     start_us, end_us = int(request.frame_start_us), int(request.frame_end_us)
     check_interval(metadata, start_us, end_us, prefix)
-    t_start, t_end = pose_pair(request.sensor_pose, f"{prefix}sensor_pose", request)
+    t_start, t_end = camera_pose_pair(metadata, request, prefix)
     overrides = actor_overrides(metadata, request.dynamic_objects, editing_enabled, prefix)
     ego = None
     if request.insert_ego_mask:
@@ -225,7 +277,7 @@ def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, pref
 
 def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job) -> ActorPoses:
     """Actor poses for a job: recorded tracks, or (with overrides) the listed actors at the given poses,
-    unlisted controllable actors removed and non-controllable ones as recorded (protocol.md 7.6)."""
+    unlisted controllable actors removed and non-controllable ones as recorded (docs/wire.md#dynamic-objects)."""
     poses = track_actor_poses(metadata, track_ids, job.start_us, job.end_us, job.actor_overrides)
     if job.actor_overrides is None or not track_ids:
         return poses
@@ -239,7 +291,7 @@ def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job) ->
 # ------------------------------------------------------------------------------------------------
 # Lidar
 
-DEFAULT_OPACITY_THRESHOLD = 0.8  # NRE's artifact default (protocol.md 4.4)
+DEFAULT_OPACITY_THRESHOLD = 0.8  # NRE's artifact default (docs/wire.md#lidar-requests)
 DEFAULT_DISTANCE_FILTER_THRESHOLD = 0.02
 
 

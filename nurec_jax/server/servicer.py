@@ -1,9 +1,10 @@
 """`SensorsimServicer`: NuRec's SensorsimService on a grpc.aio server.
 
 Handlers are thin coroutines: they hand the request to a thread pool (`--max-workers` render
-threads, a few metadata threads), so the event loop keeps answering health, metadata and new
-connections while a scene loads or a render function compiles. Renders share one device and are
-serialised by a lock; a client that cancels or passes its deadline stops its own queued work.
+threads per device, a few metadata threads), so the event loop keeps answering health, metadata and
+new connections while a scene loads or a render function compiles. Renders on one device are serialised
+by that device's lock (with `--devices`, scenes on different devices render at the same time); a client
+that cancels or passes its deadline stops its own queued work.
 Every error goes through `errors.status_of`, one mapping for all RPCs.
 """
 
@@ -26,17 +27,21 @@ import traceback
 import grpc
 import numpy as np
 
-from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
 from nurec_jax import assets
+from nurec_jax._proto import common_pb2, sensorsim_pb2, sensorsim_pb2_grpc
+from nurec_jax._proto.nurec import sensorsim_pb2 as nurec_sensorsim_pb2
 from nurec_jax.metadata import SceneMetadata
 from nurec_jax.renderer import LidarCaster, Renderer, isp_index
-from nurec_jax.server import convert, editing, images, metrics_http, requests, timing
-from nurec_jax.server import errors as errs
-from nurec_jax.server.editing import EditError, SceneEditor
+from nurec_jax.server import convert, images, metrics, requests
+from nurec_jax.server import request_errors as errs
 from nurec_jax.server.ego_masks import EgoMasks
-from nurec_jax.server.models import ModelCache
 from nurec_jax.server.options import ServerOptions
+from nurec_jax.server.profiler import Profiler
 from nurec_jax.server.registry import SceneRegistry
+from nurec_jax.server.scene_cache import SceneCache, device_name
+from nurec_jax.server.scene_editor import EditError, SceneEditor, describe
+from nurec_jax.server.stage_timer import StageTimer
+from nurec_jax.server.timing_log import TimingLog
 from nurec_jax.server.warmup import WarmupStatus
 
 _LOGGER = logging.getLogger(__name__)
@@ -70,10 +75,11 @@ def version_id() -> common_pb2.VersionId:
 class _Call:
     """Per-call cancellation flag and deadline, checked by the worker between stages."""
 
-    def __init__(self, remaining_s: float | None, timer: timing.StageTimer | None = None):
+    def __init__(self, remaining_s: float | None, timer: StageTimer | None = None):
         self.cancelled = threading.Event()
         self.deadline = None if remaining_s is None else time.monotonic() + remaining_s
-        self.timer = timer or timing.StageTimer(enabled=False)
+        self.timer = timer or StageTimer(enabled=False)
+        self.device = None  # the device of the scene instance in use (set by `_scene`; None: the default)
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -92,6 +98,8 @@ class Stats:
 
     requests: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    responses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (method, code)
+    latency: metrics.LatencyHistogram = dataclasses.field(default_factory=metrics.LatencyHistogram)  # all-time
     renders: int = 0
     skipped_cancelled: int = 0
     latencies_s: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=2048))
@@ -103,8 +111,10 @@ class Stats:
         with self.lock:
             self.requests[method] += 1
             self.status[code.name] += 1
-            if code == grpc.StatusCode.OK and method in ("render_rgb", "batch_render_rgb", "render_aggregated"):
+            self.responses[(method, code.name)] += 1
+            if code == grpc.StatusCode.OK and method in metrics.RENDER_METHODS:
                 self.latencies_s.append(seconds)
+                self.latency.observe(seconds)
 
 
 def scene_report_strings(scene) -> dict[str, str]:
@@ -148,11 +158,18 @@ def _tolerant(deserialize, type_name: str):
     return parse
 
 
+# The service's full names: NRE's package and NuRec 26.x's rename (same messages, same wire bytes).
+SERVICE_NAMES = tuple(m.DESCRIPTOR.services_by_name["SensorsimService"].full_name
+                      for m in (sensorsim_pb2, nurec_sensorsim_pb2))
+
+
 def add_to_server(servicer, server) -> None:
     """Registers SensorsimService like the generated `add_SensorsimServiceServicer_to_server` (which it
-    calls, so the generated code stays the one list of RPCs), with request parsers that pass
-    undecodable bytes on to the handler as an `UndecodableRequest`."""
-    service = sensorsim_pb2.DESCRIPTOR.services_by_name["SensorsimService"]
+    calls, so the generated code stays the one list of RPCs), under both of its names (`SERVICE_NAMES`:
+    a client generated from NRE's protos and one from NuRec 26.x's renamed protos call different paths
+    with identical bytes), with request parsers that pass undecodable bytes on to the handler as an
+    `UndecodableRequest`."""
+    services = [m.DESCRIPTOR.services_by_name["SensorsimService"] for m in (sensorsim_pb2, nurec_sensorsim_pb2)]
 
     class _Registrar:
         registered = False
@@ -161,11 +178,12 @@ def add_to_server(servicer, server) -> None:
             pass  # replaced below by one built from the wrapped handlers
 
         def add_registered_method_handlers(self, name, handlers):
-            wrapped = {m: h._replace(request_deserializer=_tolerant(
-                h.request_deserializer, service.methods_by_name[m].input_type.full_name))
-                for m, h in handlers.items()}
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, wrapped),))
-            server.add_registered_method_handlers(name, wrapped)
+            for service in services:
+                wrapped = {m: h._replace(request_deserializer=_tolerant(
+                    h.request_deserializer, service.methods_by_name[m].input_type.full_name))
+                    for m, h in handlers.items()}
+                server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, wrapped),))
+                server.add_registered_method_handlers(service.full_name, wrapped)
             self.registered = True
 
     registrar = _Registrar()
@@ -188,28 +206,35 @@ def _rpc(pool: str):
 
 
 class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
-    def __init__(self, options: ServerOptions, registry: SceneRegistry, models: ModelCache, renderer: Renderer,
+    def __init__(self, options: ServerOptions, registry: SceneRegistry, scene_cache: SceneCache, renderer: Renderer,
                  ego_masks: EgoMasks, lidar_caster: LidarCaster | None = None,
-                 timing_log: timing.TimingLog | None = None, profiler: timing.Profiler | None = None,
+                 timing_log: TimingLog | None = None, profiler: Profiler | None = None,
                  postprocessor=None):
         self.options = options
-        self.timing_log = timing_log or timing.TimingLog("NONE")
+        self.timing_log = timing_log or TimingLog("NONE")
         self.profiler = profiler
         self.postprocessor = postprocessor  # the --enable-difix post-pass (postprocess.PostProcessor) or None
-        self.compile_cache = metrics_http.compile_cache_counters()
+        self.compile_cache = metrics.compile_cache_counters()
         # DETAILS timing splits camera renders into separately compiled projection / binning / compositing /
         # compose stages (extra compiles; for profiling, not production serving).
         self._staged_timing = options.enable_timing and options.timing_verbosity == "DETAILS"
         self.lidar_caster = lidar_caster or LidarCaster()
         self.registry = registry
-        self.models = models
+        self.scene_cache = scene_cache
         self.renderer = renderer
         self.ego_masks = ego_masks
         self.editor = SceneEditor(registry, asset_dir=options.asset_dir)
         self.stats = Stats()
         self.warmup = WarmupStatus()
-        self.device_lock = threading.Lock()
-        self.render_pool = concurrent.futures.ThreadPoolExecutor(options.max_workers, thread_name_prefix="render")
+        # One lock per device (--devices): renders on one device are serialised, renders of scenes on
+        # different devices run at once. `device_lock` is the first (without --devices: the only) one.
+        self.device_locks = {device: threading.Lock() for device in scene_cache.devices}
+        self.device_lock = self.device_locks[scene_cache.devices[0]]
+        self.device_trace: list | None = None  # tests: a list gets (device name, enter, exit) per device section
+        self.device_hook = None  # tests: called with the device on entering a device section
+        # --max-workers render threads per device, so that a device is never idle for want of a thread.
+        self.render_pool = concurrent.futures.ThreadPoolExecutor(options.max_workers * len(scene_cache.devices),
+                                                                 thread_name_prefix="render")
         self.meta_pool = concurrent.futures.ThreadPoolExecutor(options.metadata_threads, thread_name_prefix="meta")
         self.shutting_down = False
         self.on_shut_down = None  # set by the app: called after the shut_down reply is sent
@@ -226,7 +251,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         method = fn.__name__
         start = time.perf_counter()
         timed = pool == "render" and (self.options.enable_timing or self.options.metrics_output_dir is not None)
-        call = _Call(context.time_remaining(), timing.StageTimer(
+        call = _Call(context.time_remaining(), StageTimer(
             enabled=timed, synchronize=self.options.timing_synchronize, profiler=self.profiler))
         # Fires when the RPC ends for any reason (client cancel, deadline, reply sent); queued or
         # waiting work of a finished call is then skipped.
@@ -304,33 +329,41 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
 
     @contextlib.contextmanager
     def _scene(self, scene_id: str, call: _Call):
-        """The loaded scene, as edited (waits for a load until shortly before the call's deadline)."""
-        with self.models.use(scene_id, self._wait_timeout(call)) as scene:
-            yield self.editor.view(scene_id, scene)
+        """The loaded scene, as edited (waits for a load until shortly before the call's deadline); the
+        instance's device is noted in `call.device` for `_on_device`."""
+        with self.scene_cache.use_instance(scene_id, self._wait_timeout(call)) as instance:
+            call.device = instance.device
+            yield self.editor.view(scene_id, instance.scene)
 
     @contextlib.contextmanager
     def _on_device(self, call: _Call):
-        """Holds the device for one render; a call cancelled or expired while it waited is skipped, and one
-        that gives up during the render is stopped at the next check (after a compile, between stages and
-        lidar passes). Both count in `skipped_cancelled`."""
-        with self.device_lock:
+        """Holds the device of the call's scene instance for one render; a call cancelled or expired while it
+        waited is skipped, and one that gives up during the render is stopped at the next check (after a
+        compile, between stages and lidar passes). Both count in `skipped_cancelled`."""
+        with self.device_locks.get(call.device, self.device_lock):
             try:
                 call.check()
             except errs.RequestError:
                 with self.stats.lock:
                     self.stats.skipped_cancelled += 1
                 raise
+            entered = time.perf_counter()
             try:
+                if self.device_hook is not None:
+                    self.device_hook(call.device)
                 yield
             except errs.Cancelled:  # DeadlineExceeded too
                 with self.stats.lock:
                     self.stats.skipped_cancelled += 1
                 raise
+            finally:
+                if self.device_trace is not None:
+                    self.device_trace.append((device_name(call.device), entered, time.perf_counter()))
         with self.stats.lock:
             self.stats.renders += 1
 
     def _render_job(self, scene, job: requests.RGBJob, meta: SceneMetadata, call: _Call) -> bytes:
-        """Render -> optional post-pass (--enable-difix) -> ego hood -> encode (protocol.md 6.7)."""
+        """Render -> optional post-pass (--enable-difix) -> ego hood -> encode (docs/wire.md#rgb-requests)."""
         return self._finish_job(self._render_pixels(scene, job, meta, call), job, call)
 
     def _render_pixels(self, scene, job: requests.RGBJob, meta: SceneMetadata, call: _Call) -> np.ndarray:
@@ -449,7 +482,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
 
     @_rpc("render")
     def render_aggregated(self, request, call):
-        """Every RGB request, then every lidar request, in order (protocol.md 6.10)."""
+        """Every RGB request, then every lidar request, in order (docs/wire.md#aggregated-render)."""
         rgb_returns, lidar_returns = [], []
         for i, req in enumerate(request.rgb_requests):
             call.check()
@@ -477,10 +510,11 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         """Server health counters (the /metrics endpoint's and get_server_config's `stats.*` source)."""
         with self.stats.lock:
             snap = dict(requests=dict(self.stats.requests), status=dict(self.stats.status),
+                        responses=dict(self.stats.responses), latency_histogram=self.stats.latency.collect(),
                         latency_s=list(self.stats.latencies_s), renders=self.stats.renders,
                         skipped_cancelled=self.stats.skipped_cancelled)
         cache = self.compile_cache.snapshot()
-        snap.update(scenes_loaded=[s.scene_id for s in self.models.loaded()],
+        snap.update(scenes_loaded=[s.scene_id for s in self.scene_cache.loaded()],
                     compiles=self.renderer.trace_count + self.lidar_caster.trace_count,
                     compile_cache=dict(hits=cache["hits"], misses=cache["misses"]), warmup_state=self.warmup.state,
                     edited_scenes=self.editor.edited_scene_ids())
@@ -508,8 +542,12 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                 for stage, st in stages.items():
                     config[f"timing.{method}.{stage}.p50_ms"] = f"{st['p50_ms']:.3f}"
         config.update(self.warmup.as_strings())
-        for scene in self.models.resident():
+        for scene in self.scene_cache.resident():
             config.update(scene_report_strings(scene))
+        # Several accelerators (nurec-jax): the devices in use and where each resident scene's instances live.
+        config["placement.devices"] = ",".join(device_name(d) for d in self.scene_cache.devices)
+        for scene_id, devices in self.scene_cache.placement().items():
+            config[f"placement.scene.{scene_id}"] = ",".join(device_name(d) for d in devices)
         return sensorsim_pb2.ServerConfig(server_config=config)
 
     @_rpc("meta")
@@ -518,10 +556,11 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
 
     @_rpc("meta")
     def get_loaded_scenes(self, request, call):
-        # One shared device copy per scene serves all requests, so every resident scene is reusable.
-        entries = [sensorsim_pb2.LoadedSceneEntry(scene_id=s.scene_id, loaded_instance_count=1,
-                                                  reusable_instance_count=1) for s in self.models.loaded()]
-        return sensorsim_pb2.LoadedScenesReturn(scenes=entries, loaded_instance_capacity=self.models.capacity)
+        # One instance per device the scene is on (--max-backends-per-scene: up to that many); an instance
+        # serves every request for its scene, so each is reusable. Capacity: --cache-size on every device.
+        entries = [sensorsim_pb2.LoadedSceneEntry(scene_id=s.scene_id, loaded_instance_count=s.instances,
+                                                  reusable_instance_count=s.instances) for s in self.scene_cache.loaded()]
+        return sensorsim_pb2.LoadedScenesReturn(scenes=entries, loaded_instance_capacity=self.scene_cache.total_capacity)
 
     async def shut_down(self, request, context):
         # Only callers on this machine may stop the server (render-grpc --shutdown-server-on-completion
@@ -597,13 +636,13 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             raise errs.FailedPrecondition("edit_assets: actor editing is disabled on this server; restart "
                                           "serve-grpc with --enable-editing-actors")
         self._meta(request.scene_id)
-        loaded = self.models.peek(request.scene_id)
+        loaded = self.scene_cache.peek(request.scene_id)
         try:
             edits = self.editor.edit(request, loaded)
         except EditError as e:
             _LOGGER.info("edit_assets %s failed: %s", errs.quoted(request.scene_id), e)
             return sensorsim_pb2.EditAssetsResponse(success=False, message=f"Failed to edit assets: {e}")
-        _LOGGER.info("edit_assets %s: %s", errs.quoted(request.scene_id), editing.describe(edits))
+        _LOGGER.info("edit_assets %s: %s", errs.quoted(request.scene_id), describe(edits))
         return sensorsim_pb2.EditAssetsResponse(success=True, message="Success")
 
     @_rpc("meta")

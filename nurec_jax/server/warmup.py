@@ -2,9 +2,10 @@
 functions (and found capacity buckets) instead of compiling.
 
 Runs in the background after the scenes have loaded (health is already SERVING; metadata and health
-RPCs never wait for it); each render takes the device lock like a request does, so a request that
-arrives meanwhile waits at most one warm-up frame. With the persistent compilation cache on, a restarted
-server's warm-up loads executables from the cache instead of compiling.
+RPCs never wait for it); each render takes the lock of its scene's device like a request does, so a
+request that arrives meanwhile waits at most one warm-up frame. With `--devices`, each scene compiles on
+the device it was placed on (executables are per device). With the persistent compilation cache on, a
+restarted server's warm-up loads executables from the cache instead of compiling.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Mapping
 
 import numpy as np
 
@@ -55,16 +57,18 @@ def camera_jobs(meta: SceneMetadata, height: int = 0):
         yield cam_id, cam, pose, (s_us, e_us)
 
 
-def warm_up(scene_ids, registry, models, renderer, device_lock: threading.Lock, stop: threading.Event,
-            status: WarmupStatus, height: int = 0) -> None:
-    """Renders every camera of every scene once at output `height` (0: native; see the module docstring)."""
+def warm_up(scene_ids, registry, scene_cache, renderer, device_locks: Mapping[object, threading.Lock],
+            stop: threading.Event, status: WarmupStatus, height: int = 0) -> None:
+    """Renders every camera of every scene once at output `height` (0: native; see the module docstring).
+    `device_locks` maps each device of `scene_cache` to its lock (the servicer's)."""
     t0 = time.perf_counter()
     plan = [(sid, registry.metadata(sid)) for sid in scene_ids]
     status.planned = sum(len(meta.camera_list) for _, meta in plan)
     status.state = "running"
     try:
         for sid, meta in plan:
-            with models.use(sid) as scene:
+            with scene_cache.use_instance(sid) as instance:
+                scene, device_lock = instance.scene, device_locks[instance.device]
                 for cam_id, cam, pose, (s_us, e_us) in camera_jobs(meta, height):
                     if stop.is_set():
                         status.state = "stopped"

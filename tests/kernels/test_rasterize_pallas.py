@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_rasterize_ref import _DIFF, _inputs, cotangent_grads
 
 from nurec_jax.kernels import rasterize_pallas as RP
 from nurec_jax.kernels import rasterize_ref as RR
-from test_rasterize_ref import _DIFF, _inputs, cotangent_grads
 
 
 def _f32(args):
@@ -60,7 +60,9 @@ def test_stop_positions_match_reference():
 
 
 def test_forward_and_backward_lower_for_an_abstract_h100():
-    from jax._src import mesh as mesh_lib  # private, same API on 0.10.2 and 0.11.2 (jax_pallas.md 5.4)
+    from jax._src import (
+        mesh as mesh_lib,  # private, same API on 0.10.2 and 0.11.2 (docs/jax_notes.md#lowering-without-a-gpu)
+    )
 
     args = _f32(_inputs(3, n_px=256, n_frames=3))
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in args.items()}

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import render_fixtures as fx
 import test_lidar as tl
+
 from nurec_jax import lidar
-from nurec_jax import renderer as RR
 from nurec_jax import render as R
+from nurec_jax import renderer as RR
 from nurec_jax.metadata import ShutterType
 from nurec_jax.poses import PosePair
 

@@ -3,7 +3,6 @@ import http.server
 import threading
 
 import pytest
-
 from thin_scene import write_thin_scene
 
 

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import CAM, HEIGHT, connect, decode, rgb_request
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
@@ -20,11 +21,10 @@ from nurec_jax import load_scene, read_scene_metadata
 from nurec_jax._proto import common_pb2, sensorsim_pb2
 from nurec_jax.render import RenderOptions
 from nurec_jax.renderer import Renderer
-from nurec_jax.server import convert, images, requests as req_lib
+from nurec_jax.server import convert, images
+from nurec_jax.server import requests as req_lib
 from nurec_jax.server.app import SERVICE_NAME, create_server
 from nurec_jax.server.options import ServerOptions
-
-from grpc_helpers import CAM, HEIGHT, connect, decode, rgb_request
 
 pytestmark = pytest.mark.xdist_group("grpc")
 
@@ -98,7 +98,7 @@ def test_metadata_rpcs_answer_from_the_file(server, thin_scene):
     assert config["max_workers"] == "2" and config["health_port"] == "null"
     assert config["difix_resolution"] == "(576, 1024)" and config["enable_editing_actors"] == "True"
     # None of that loaded the scene onto the device.
-    if not srv.models.is_loaded(SID):
+    if not srv.scene_cache.is_loaded(SID):
         assert list(stub.get_loaded_scenes(E).scenes) == []
 
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-
 import make_artifact_variants as variants
 import make_sample_scene as sample
+import numpy as np
+import pytest
 from grpc_helpers import connect, decode, rgb_request
 from thin_scene import write_thin_scene
 
-from nurec_jax import cameras, renderer as RR, scene as S
+from nurec_jax import cameras
+from nurec_jax import renderer as RR
+from nurec_jax import scene as S
 from nurec_jax._proto import common_pb2
 from nurec_jax.server.app import create_server
 from nurec_jax.server.options import ServerOptions

@@ -14,6 +14,7 @@ import sys
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import CAM, HEIGHT, decode, rgb_request
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
@@ -23,8 +24,6 @@ from nurec_jax.renderer import Renderer
 from nurec_jax.server import auth
 from nurec_jax.server.app import SERVICE_NAME, Server, create_server
 from nurec_jax.server.options import ServerOptions
-
-from grpc_helpers import CAM, HEIGHT, decode, rgb_request
 
 pytestmark = pytest.mark.xdist_group("grpc")
 

@@ -12,14 +12,13 @@ import time
 
 import grpc
 import pytest
+from grpc_helpers import HEIGHT, connect, decode, rgb_request
 
 from nurec_jax import renderer as RR
 from nurec_jax._proto import common_pb2, sensorsim_pb2
 from nurec_jax.server import requests as req_lib
 from nurec_jax.server.app import create_server
 from nurec_jax.server.options import ServerOptions
-
-from grpc_helpers import HEIGHT, connect, decode, rgb_request
 
 pytestmark = pytest.mark.xdist_group("grpc")
 

@@ -64,7 +64,7 @@ def test_camera_spec_without_param_means_the_scene_camera():
                                                                                        focal_length_y=1)),
      r"opencv_pinhole_param.focal_length_x/focal_length_y: must be positive"),
     (lambda s: s.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(reference_poly=1)),
-     r"ftheta_param: the reference polynomial \(PIXELDIST_TO_ANGLE\) is empty"),
+     r"ftheta_param: the reference polynomial \(PIXELDIST_TO_ANGLE\) is missing or empty"),
     (lambda s: s.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(reference_poly=0)),
      r"ftheta_param.reference_poly"),
     (lambda s: s.opencv_fisheye_param.CopyFrom(sensorsim_pb2.OpenCVFisheyeCameraParam(
@@ -89,3 +89,20 @@ def test_trajectory_to_proto():
     assert msg.poses[5].timestamp_us == int(traj.timestamps_us[5])
     np.testing.assert_allclose(np.asarray(convert.grpc_pose_to_se3(msg.poses[5].pose)), traj.T_rig_world[5],
                                atol=1e-5)
+
+
+def test_scene_files_and_requests_share_one_intrinsics_validator():
+    """The same bad value is refused with the same words whether it comes from a scene file or a request."""
+    from nurec_jax.errors import SceneFormatError
+    from nurec_jax.metadata import parse_camera_model
+
+    model = {"type": "ftheta", "parameters": {"resolution": [640, 480], "principal_point": [320, 240],
+                                              "pixeldist_to_angle_poly": [0, 1e-3], "linear_cde": [2.0, 1.0, 2.0]}}
+    with pytest.raises(SceneFormatError, match=r"cam.parameters.linear_cde: singular \(c - d\*e = 0\)"):
+        parse_camera_model(model, "cam")
+    spec = sensorsim_pb2.CameraSpec(resolution_w=640, resolution_h=480)
+    spec.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(
+        reference_poly=1, pixeldist_to_angle_poly=[0, 1e-3],
+        linear_cde=sensorsim_pb2.LinearCde(linear_c=2.0, linear_d=1.0, linear_e=2.0)))
+    with pytest.raises(ValueError, match=r"camera_intrinsics.ftheta_param.linear_cde: singular \(c - d\*e = 0\)"):
+        convert.intrinsics_from_camera_spec(spec)

@@ -19,16 +19,21 @@ import zipfile
 
 import grpc
 import pytest
+from grpc_helpers import connect
 
 from nurec_jax._proto import common_pb2, sensorsim_pb2
 from nurec_jax.server.app import create_server
-from nurec_jax.server.downloads import (DestinationPolicy, DownloadCache, DownloadError, DownloadUnavailable,
-                                        address_kind, parse_allow_entry)
-from nurec_jax.server.errors import AlreadyExists, InvalidArgument
+from nurec_jax.server.download_cache import DownloadCache
+from nurec_jax.server.downloads import (
+    DestinationPolicy,
+    DownloadError,
+    DownloadUnavailable,
+    address_kind,
+    parse_allow_entry,
+)
 from nurec_jax.server.options import ServerOptions
 from nurec_jax.server.registry import SceneRegistry, discover_artifacts
-
-from grpc_helpers import connect
+from nurec_jax.server.request_errors import AlreadyExists, InvalidArgument
 
 pytestmark = pytest.mark.xdist_group("grpc")
 
@@ -263,7 +268,7 @@ def test_size_bounds(tmp_path, web, scene_bytes):
     web.file("/short", scene_bytes[:1000], length=len(scene_bytes))  # closes before its Content-Length
     cache = _cache(tmp_path, max_bytes=64 << 10, stall_timeout_s=30.0)
     # Refused from Content-Length alone: with a 30 s stall bound, reading the drip would take far longer.
-    with pytest.raises(DownloadError, match="scene is 1000000000000 bytes, above the limit of 65536"):
+    with pytest.raises(DownloadError, match="is 1000000000000 bytes, above the limit of 65536"):
         cache.fetch("huge", web.url("/huge"))
     # A body without a length is stopped while streaming, just past the bound.
     with pytest.raises(DownloadError, match="exceeds the download limit of 65536 bytes"):

@@ -8,6 +8,7 @@ import pathlib
 import grpc
 import numpy as np
 import pytest
+from grpc_helpers import connect, decode, rgb_request
 
 from nurec_jax import read_scene_metadata
 from nurec_jax._proto import common_pb2, sensorsim_pb2
@@ -17,8 +18,6 @@ from nurec_jax.renderer import Renderer
 from nurec_jax.server import convert
 from nurec_jax.server.app import create_server
 from nurec_jax.server.options import ServerOptions
-
-from grpc_helpers import connect, decode, rgb_request
 
 pytestmark = pytest.mark.xdist_group("grpc")
 
@@ -128,7 +127,7 @@ def test_replace_insert_restore_and_failures(server, thin_scene, tmp_path):
     assert orange.sum() >= 4, "the inserted orange sedan is not in the image"
 
     # Edits belong to the scene, not to one cached copy: they survive an eviction and reload.
-    srv.models.drop(SID)
+    srv.scene_cache.drop(SID)
     np.testing.assert_array_equal(_render(stub, thin_scene), edited)
 
     # A second edit builds on the first; restore undoes both.

@@ -15,19 +15,18 @@ import zipfile
 import grpc
 import numpy as np
 import pytest
+from grpc_helpers import HEIGHT, connect, decode, rgb_request
 
 from nurec_jax._proto import common_pb2, sensorsim_pb2
 from nurec_jax.ply import write_ply_gaussians
 from nurec_jax.render import RenderOptions
 from nurec_jax.renderer import Renderer
 from nurec_jax.scene import LoadOptions
-from nurec_jax.server import errors as errs
+from nurec_jax.server import request_errors as errs
 from nurec_jax.server.app import create_server
-from nurec_jax.server.editing import SceneEditor
 from nurec_jax.server.options import ServerOptions
+from nurec_jax.server.scene_editor import SceneEditor
 from nurec_jax.server.servicer import Stats
-
-from grpc_helpers import CAM, HEIGHT, connect, decode, rgb_request
 
 pytestmark = pytest.mark.xdist_group("grpc")
 
@@ -237,7 +236,7 @@ def test_a_bomb_scene_is_refused_and_the_server_keeps_serving(server, thin_scene
         code, details = _code(stub.render_rgb, request)
         assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
         assert "bomb.usdz:volume.nurec" in details and "200:1" in details, details
-    assert not srv.models.is_loaded("bomb")
+    assert not srv.scene_cache.is_loaded("bomb")
     _good(stub, thin_scene)
 
 

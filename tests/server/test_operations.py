@@ -11,17 +11,18 @@ import urllib.request
 import numpy as np
 import pytest
 import yaml
+from grpc_helpers import connect, decode, rgb_request
+from make_postprocess_model import make_model
+from prometheus_client.parser import text_string_to_metric_families
 
 from nurec_jax import load_scene, read_scene_metadata
 from nurec_jax._proto import common_pb2
 from nurec_jax.render import RenderOptions
 from nurec_jax.renderer import Renderer
-from nurec_jax.server import images, requests as req_lib
+from nurec_jax.server import images
+from nurec_jax.server import requests as req_lib
 from nurec_jax.server.app import create_server
 from nurec_jax.server.options import ServerOptions
-
-from grpc_helpers import connect, decode, rgb_request
-from make_postprocess_model import make_model
 
 pytestmark = pytest.mark.xdist_group("grpc")
 
@@ -62,8 +63,12 @@ def test_timing_metrics_profiler_and_postprocessing(thin_scene, tmp_path):
         assert "render_rgb': 4" in cfg["stats.requests"] and int(cfg["stats.compile_cache_hits"]) >= 0
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10) as r:
             text = r.read().decode()
-        assert 'nurec_requests_total{method="render_rgb"} 4' in text
-        assert 'nurec_responses_total{code="OK"}' in text and f'nurec_scene_loaded{{scene_id="{SID}"}} 1' in text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        assert samples[("nurec_requests_total", (("method", "render_rgb"),))] == 4
+        assert samples[("nurec_responses_total", (("code", "OK"), ("method", "render_rgb")))] == 4
+        assert samples[("nurec_scene_loaded", (("scene_id", SID),))] == 1
+        assert samples[("nurec_render_latency_seconds_count", ())] == 4
         channel.close()
     finally:
         srv.stop(5)

@@ -12,6 +12,7 @@ import pytest
 from flax import serialization
 
 from nurec_jax.server import postprocess as pp
+from nurec_jax.server.downloads import DestinationPolicy, Limits
 from nurec_jax.server.postprocess import ConvLayer, PostProcessor, load_postprocessor, resolve_model_path
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -233,8 +234,7 @@ def _torch_like_files(d):
 def test_pytorch_checkpoints_refused(tmp_path):
     for f, reason in _torch_like_files(tmp_path / "src").items():
         for call in (lambda: PostProcessor.load(str(f)),
-                     lambda: resolve_model_path(str(f.parent), f.name, None),
-                     lambda: resolve_model_path(str(tmp_path / "cache"), "m.msgpack", "file://" + str(f))):
+                     lambda: resolve_model_path(str(f.parent), f.name, None)):
             with pytest.raises(ValueError, match="looks like a PyTorch checkpoint") as e:
                 call()
             msg = str(e.value)
@@ -242,8 +242,8 @@ def test_pytorch_checkpoints_refused(tmp_path):
     good = tmp_path / "src" / "good.msgpack"
     _two_layer().save(str(good))
     with pytest.raises(ValueError, match=r"--difix-model-filename 'cosmos_3dgut.pt' looks like a PyTorch checkpoint"):
-        resolve_model_path(str(tmp_path / "cache"), "cosmos_3dgut.pt", str(good))
-    assert not (tmp_path / "cache").exists()  # refused before copying
+        resolve_model_path(str(tmp_path / "cache"), "cosmos_3dgut.pt", "https://example.com/good.msgpack")
+    assert not (tmp_path / "cache").exists()  # refused before fetching
     pth = tmp_path / "src" / "difix.pth"
     pth.write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match=r"its name ends in '\.pth'"):
@@ -260,11 +260,17 @@ def test_missing_model_message(tmp_path):
     assert "cannot be downloaded or run by nurec-jax" in msg
     assert f"make_postprocess_model.py --kind=sharpen --output {cache / 'cosmos_3dgut.msgpack'}" in msg
     assert "--difix-model-filename cosmos_3dgut.msgpack" in msg
-    for url, detail in [(str(tmp_path / "nope.msgpack"), "names no file"),
-                        ("file://" + str(tmp_path / "nope.msgpack"), "names no file"),
-                        ("s3://bucket/m.msgpack", "unsupported scheme 's3'")]:
+    # The model URL goes through the server's one downloader: local paths are never read through it, and
+    # whether such a file exists is not told.
+    (tmp_path / "exists.msgpack").write_bytes(b"x")
+    for url, detail in [(str(tmp_path / "nope.msgpack"), "local paths are not accepted"),
+                        (str(tmp_path / "exists.msgpack"), "local paths are not accepted"),
+                        ("file:///etc/passwd", "local paths are not accepted; give an http:// or https:// URL "
+                                               "\\(copy a local model to "),
+                        ("s3://bucket/m.msgpack", "unsupported URL scheme 's3'")]:
         with pytest.raises(ValueError, match=f"looked for {cache / 'm.msgpack'}.*{detail}"):
             resolve_model_path(str(cache), "m.msgpack", url)
+    assert not cache.exists()
 
 
 def test_home_expanded(tmp_path, monkeypatch):
@@ -274,37 +280,30 @@ def test_home_expanded(tmp_path, monkeypatch):
     assert resolve_model_path("~/c", "m.msgpack", None) == str(tmp_path / "c" / "m.msgpack")
 
 
-@pytest.mark.parametrize("as_url", [True, False])
-def test_local_url_copied_into_cache(tmp_path, as_url):
-    src = tmp_path / "src" / "sharp.msgpack"
-    src.parent.mkdir()
-    _two_layer().save(str(src))
-    cache = tmp_path / "cache" / "difix"
-    url = ("file://" if as_url else "") + str(src)
-    path = resolve_model_path(str(cache), "cosmos_3dgut.msgpack", url)
-    assert path == str(cache / "cosmos_3dgut.msgpack")
-    assert os.listdir(cache) == ["cosmos_3dgut.msgpack"]  # no temporary file left
-    assert (cache / "cosmos_3dgut.msgpack").read_bytes() == src.read_bytes()
-    src.unlink()  # now served from the cache
-    assert resolve_model_path(str(cache), "cosmos_3dgut.msgpack", url) == path
-
-
-def test_http_download(tmp_path, http_dir):
-    www, base = http_dir
+def test_http_download_through_the_hardened_downloader(tmp_path, http_dir):
+    www, base = http_dir  # a web server on 127.0.0.1
     _two_layer(residual=True).save(str(www / "model.msgpack"))
     cache = tmp_path / "cache"
-    path = resolve_model_path(str(cache), "m.msgpack", f"{base}/model.msgpack")
+    # Loopback is a private destination: refused like a scene URL unless the server allows it.
+    with pytest.raises(ValueError, match=r"downloading --difix-url .* failed \(host '127.0.0.1' resolves to a "
+                                         r"loopback address.*--download-allow-private"):
+        resolve_model_path(str(cache), "m.msgpack", f"{base}/model.msgpack")
+    loopback = DestinationPolicy(allow_private=True)
+    path = resolve_model_path(str(cache), "m.msgpack", f"{base}/model.msgpack", loopback)
     assert os.listdir(cache) == ["m.msgpack"]
     assert PostProcessor.load(path).residual is True
     with pytest.raises(ValueError, match=r"looked for .*other.msgpack.*downloading --difix-url .*/missing.msgpack "
-                                         r"failed \(HTTPError: HTTP Error 404"):
-        resolve_model_path(str(cache), "other.msgpack", f"{base}/missing.msgpack")
+                                         r"failed \(HTTP Error 404"):
+        resolve_model_path(str(cache), "other.msgpack", f"{base}/missing.msgpack", loopback)
+    with pytest.raises(ValueError, match=r"failed \(the file is \d+ bytes, above the limit of 100 "
+                                         r"\(--download-max-bytes\)"):
+        resolve_model_path(str(cache), "other.msgpack", f"{base}/model.msgpack", loopback, Limits(max_bytes=100))
     with zipfile.ZipFile(www / "ckpt.bin", "w") as z:
         z.writestr("data.pkl", b"x")
     with pytest.raises(ValueError, match=r"ckpt.bin looks like a PyTorch checkpoint \(it is a zip archive"):
-        resolve_model_path(str(cache), "other.msgpack", f"{base}/ckpt.bin")
+        resolve_model_path(str(cache), "other.msgpack", f"{base}/ckpt.bin", loopback)
     with pytest.raises(ValueError, match=r"cosmos_3dgut.pt looks like a PyTorch checkpoint \(its name ends in '.pt'"):
-        resolve_model_path(str(cache), "other.msgpack", f"{base}/cosmos_3dgut.pt")
+        resolve_model_path(str(cache), "other.msgpack", f"{base}/cosmos_3dgut.pt", loopback)
     assert os.listdir(cache) == ["m.msgpack"]  # failures leave nothing behind
 
 

@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
-from nurec_jax.server.downloads import DestinationPolicy, DownloadCache, DownloadError, parse_scene_url
-from nurec_jax.server.errors import InvalidArgument, NotFound
+from nurec_jax.server.download_cache import DownloadCache, parse_scene_url
+from nurec_jax.server.downloads import DestinationPolicy, DownloadError
 from nurec_jax.server.registry import SceneRegistry, discover_artifacts
+from nurec_jax.server.request_errors import InvalidArgument, NotFound
 
 
 def test_discovery(tmp_path, thin_scene):

@@ -9,7 +9,7 @@ import pytest
 from nurec_jax import data, read_scene_metadata
 from nurec_jax._proto import common_pb2, sensorsim_pb2
 from nurec_jax.server import convert, requests
-from nurec_jax.server.errors import InvalidArgument, NotFound, OutOfRange, status_of
+from nurec_jax.server.request_errors import InvalidArgument, NotFound, OutOfRange, status_of
 
 CAM = "camera_front_wide_120fov"
 
@@ -139,3 +139,60 @@ def test_dynamic_objects(meta):
 
 def test_ego_mask_id_required(meta):
     _raises(InvalidArgument, meta, "ego_mask_id: required", insert_ego_mask=True)
+
+
+def _ego_request(meta, ego_shift=(0.0, 0.0, 0.0), sensor=True, logical_id=CAM):
+    """A request carrying the rig pose (ego_pose) of frame 5, with or without the matching sensor_pose."""
+    cal = meta.cameras[CAM]
+    s = int(cal.frame_timestamps_us[5][0])
+    rig = meta.trajectory.pose_at(s).copy()
+    ego = convert.se3_to_grpc_pose(rig)
+    rig[:3, 3] += ego_shift
+    req = _request(meta, camera_intrinsics=sensorsim_pb2.CameraSpec(logical_id=logical_id))
+    req.ego_pose.CopyFrom(sensorsim_pb2.PosePair(start_pose=convert.se3_to_grpc_pose(rig), end_pose=ego))
+    if not sensor:
+        req.ClearField("sensor_pose")
+    return req
+
+
+def test_ego_pose_alone_is_composed_with_the_camera_mount(meta):
+    with_sensor = requests.prepare_rgb(meta, _request(meta), editing_enabled=False)
+    ego_only = requests.prepare_rgb(meta, _ego_request(meta, sensor=False), editing_enabled=False)
+    # The same camera pose, whether sent as sensor_pose or derived from ego_pose and the camera's mount.
+    np.testing.assert_allclose(np.asarray(ego_only.sensor_pose.start.as_matrix()),
+                               np.asarray(with_sensor.sensor_pose.start.as_matrix()), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ego_only.sensor_pose.end.as_matrix()),
+                               np.asarray(with_sensor.sensor_pose.end.as_matrix()), atol=2e-5)
+    # The mount really enters: the camera is not at the rig origin.
+    cal = meta.cameras[CAM]
+    assert np.linalg.norm(cal.T_sensor_rig[:3, 3]) > 0.1
+
+
+def test_ego_pose_and_sensor_pose_must_agree(meta):
+    requests.prepare_rgb(meta, _ego_request(meta, ego_shift=(0.004, 0.0, 0.0)), editing_enabled=False)  # 4 mm
+    req = _ego_request(meta, ego_shift=(0.5, 0.0, 0.0))
+    with pytest.raises(InvalidArgument) as e:
+        requests.prepare_rgb(meta, req, editing_enabled=False)
+    assert "sensor_pose.start_pose and ego_pose.start_pose disagree" in str(e.value) and "50.00 cm" in str(e.value)
+    # A rotation of the rig alone (0.5 deg about z) is a disagreement too.
+    req = _ego_request(meta)
+    rig = meta.trajectory.pose_at(int(meta.cameras[CAM].frame_timestamps_us[5][0]))
+    c, s = np.cos(np.deg2rad(0.5)), np.sin(np.deg2rad(0.5))
+    turned = rig @ np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    req.ego_pose.end_pose.CopyFrom(convert.se3_to_grpc_pose(turned))
+    with pytest.raises(InvalidArgument, match=r"sensor_pose.end_pose and ego_pose.end_pose disagree: .* 0.500 deg"):
+        requests.prepare_rgb(meta, req, editing_enabled=False)
+
+
+def test_ego_pose_needs_a_mount_or_a_sensor_pose(meta):
+    novel = _ego_request(meta, sensor=False, logical_id="roof_cam_novel")
+    novel.camera_intrinsics.CopyFrom(convert.camera_spec_from_intrinsics("roof_cam_novel",
+                                                                          meta.cameras[CAM].intrinsics))
+    with pytest.raises(InvalidArgument, match="ego_pose: without a sensor_pose .* 'roof_cam_novel' names no camera"):
+        requests.prepare_rgb(meta, novel, editing_enabled=False)
+    novel.sensor_pose.CopyFrom(_request(meta).sensor_pose)  # with its own pose a novel camera renders
+    requests.prepare_rgb(meta, novel, editing_enabled=False)
+    req = _request(meta)
+    req.ClearField("sensor_pose")
+    with pytest.raises(InvalidArgument, match="sensor_pose: missing"):
+        requests.prepare_rgb(meta, req, editing_enabled=False)

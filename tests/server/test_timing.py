@@ -1,4 +1,5 @@
-"""Stage timing, the timing log / metrics.yaml, and the profiling backends (nurec_jax/server/timing.py)."""
+"""Stage timing, the timing log / metrics.yaml, and the profiling backends (nurec_jax/server/stage_timer.py,
+timing_log.py, metrics_yaml.py, profiler.py)."""
 
 import glob
 import json
@@ -14,10 +15,12 @@ import jax.numpy as jnp
 import pytest
 import yaml
 
-from nurec_jax.server import timing
-from nurec_jax.server.timing import Profiler, StageTimer, TimingLog, metrics_yaml
+from nurec_jax.server.metrics_yaml import metrics_yaml
+from nurec_jax.server.profiler import PROFILING_BACKENDS, Profiler
+from nurec_jax.server.stage_timer import StageTimer
+from nurec_jax.server.timing_log import TimingLog
 
-_LOGGER_NAME = "nurec_jax.server.timing"
+_LOGGER_NAME = "nurec_jax.server.timing_log"
 
 
 # ---------------------------------------------------------------------------------------------- timer
@@ -279,7 +282,7 @@ render_lidar:
 
 def test_metrics_yaml_quoting_and_floats():
     text = metrics_yaml({"render rgb": {"count": 1, "mean_ms": 1e-05, "samples_ms": [float("inf"), 2.5e7],
-                                        "stage_mean_ms": {"on": 1.0, "a:b": 2.0, 'q"x': 3.0}}})
+                                        "stage_mean_ms": {"on": 1.0, "a:b": 2.0, 'q"x': 3.0}}}, 3)
     parsed = yaml.safe_load(text)
     assert parsed["render rgb"]["mean_ms"] == 0.0  # fixed point: a float, never the string "1e-05"
     assert parsed["render rgb"]["samples_ms"] == [float("inf"), 2.5e7]
@@ -380,4 +383,4 @@ def test_jax_profiler_trace(tmp_path):
     assert len(files) == 1
     with open(files[0], "rb") as f:
         assert b"nurec_test_stage" in f.read()
-    assert timing.PROFILING_BACKENDS == ("NONE", "TRACY", "NVTX", "JAX")
+    assert PROFILING_BACKENDS == ("NONE", "TRACY", "NVTX", "JAX")

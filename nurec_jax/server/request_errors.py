@@ -1,4 +1,4 @@
-"""Request errors and their gRPC status codes: one mapping, used by every RPC (protocol.md section 8).
+"""Request errors and their gRPC status codes: one mapping, used by every RPC (docs/wire.md#error-model).
 
 Library code raises plain exceptions (`ValueError` for a malformed field, `KeyError` never: use the
 classes below); the servicer maps them in `status_of`. Messages always name the offending field or id.
@@ -47,10 +47,6 @@ class PermissionDenied(RequestError):
 
 class AlreadyExists(RequestError):
     code = grpc.StatusCode.ALREADY_EXISTS
-
-
-class Unimplemented(RequestError):
-    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class Cancelled(RequestError):

@@ -1,155 +1,32 @@
-"""Per-request stage timing, render metrics and profiler ranges: NRE's `--enable-timing`,
-`--timing-verbosity`, `--timing-logfile`, `--timing-synchronize`, `--metrics-output-dir` and
-`--profiling-backend` (protocol.md 11.1).
+"""The server-wide timing log (NRE's `--timing-verbosity`, `--timing-logfile`, `--metrics-output-dir`).
 
-Three pieces, wired by the server:
-
-- `StageTimer`, one per request: `with timer.stage("compositing") as st: out = st.wait(f())` records the
-  stage's wall milliseconds. `st.wait` blocks on device results only when synchronizing (JAX dispatch is
-  asynchronous, so without it a device stage measures dispatch, and the wait lands in a later stage).
-- `TimingLog`, one per server: collects `timer.record()` of every request, logs them at the chosen
-  verbosity, keeps a summary and writes `<metrics-output-dir>/metrics.yaml`.
-- `Profiler`: NONE, JAX (`jax.profiler` trace + `TraceAnnotation` ranges) or NVTX (`nvtx.annotate` ranges
-  for Nsight Systems, plus `TraceAnnotation`). A timer given a profiler opens one range per stage.
+`TimingLog` collects `StageTimer.record()` of every request, logs them at the chosen verbosity, keeps a
+summary (get_server_config's `timing.*` keys) and writes `metrics.yaml` (`metrics_yaml.py`).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import importlib
 import json
 import logging
 import math
 import os
-import re
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import numpy as np
 
 from nurec_jax.fileio import atomic_file
+from nurec_jax.server.metrics_yaml import METRICS_FILENAME, metrics_yaml
 
 _LOGGER = logging.getLogger(__name__)
 
 TIMING_VERBOSITIES = ("NONE", "SUMMARY", "BASIC", "DETAILS")
-PROFILING_BACKENDS = ("NONE", "TRACY", "NVTX", "JAX")  # TRACY is NRE's and is refused here
 WARMUP_RENDERS = 3  # NRE's metrics.yaml skips the first renders (compiles, allocator growth)
-METRICS_FILENAME = "metrics.yaml"
 RENDER_STAGE = "render"  # the stage whose ms is a metrics.yaml render-time sample
 TOTAL = "total"  # the pseudo-stage holding a request's total ms in summaries
 MAX_SAMPLES = 10_000  # per series: count/mean/max stay exact, percentiles and samples_ms use the newest
-
-_T = TypeVar("_T")
-
-
-# ----------------------------------------------------------------------------------------------------
-# StageTimer
-
-
-class _NullStage:
-    """The stage of a disabled timer: enters, exits and waits for nothing."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> _NullStage:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def wait(self, value: _T) -> _T:
-        return value
-
-
-_NULL_STAGE = _NullStage()
-
-
-class _Stage:
-    """One open stage of an enabled timer (or of a profiler-only timer, when `timer` is None)."""
-
-    __slots__ = ("_timer", "_name", "_range", "_t0")
-
-    def __init__(self, timer: StageTimer | None, name: str, prange):
-        self._timer = timer
-        self._name = name
-        self._range = prange
-
-    def __enter__(self) -> _Stage:
-        if self._timer is not None:
-            self._timer._ms.setdefault(self._name, 0.0)  # entry order: `render` before its sub-stages
-        if self._range is not None:
-            self._range.__enter__()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        t1 = time.perf_counter()
-        if self._timer is not None:
-            self._timer._add(self._name, self._t0, t1)
-        if self._range is not None:
-            self._range.__exit__(*exc)
-
-    def wait(self, value: _T) -> _T:
-        """Returns `value`; with `synchronize=True` first blocks until its device arrays are ready, so
-        the stage's clock includes the device work (a pytree of arrays is fine)."""
-        if self._timer is not None and self._timer.synchronize:
-            import jax  # only a synchronizing timer needs it
-
-            jax.block_until_ready(value)
-        return value
-
-
-class StageTimer:
-    """Wall-clock milliseconds of a request's stages, in first-entry order.
-
-    Args:
-        enabled: False makes `stage()` return a shared no-op (a disabled timer records nothing), unless
-            a profiler is given, in which case stages still open profiler ranges.
-        synchronize: `--timing-synchronize`: `Stage.wait(x)` blocks on `x` (else it only returns it).
-        profiler: open `profiler.range(name)` around each stage (ignored when None or backend NONE).
-
-    A name entered twice (e.g. one `compositing` per camera) adds up; it keeps its first position.
-    """
-
-    def __init__(self, enabled: bool = True, synchronize: bool = False, profiler: Profiler | None = None):
-        self.enabled = enabled
-        self.synchronize = synchronize and enabled
-        self._profiler = profiler if profiler is not None and profiler.enabled else None
-        self._ms: dict[str, float] = {}
-        self._first: float | None = None
-        self._last: float | None = None
-        self._lock = threading.Lock()  # a batch encodes one image on a host thread while the next renders
-
-    def stage(self, name: str):
-        """Context manager timing stage `name`; `as st` gives `st.wait(value) -> value`."""
-        if self._profiler is None:
-            return _Stage(self, name, None) if self.enabled else _NULL_STAGE
-        return _Stage(self if self.enabled else None, name, self._profiler.range(name))
-
-    def _add(self, name: str, t0: float, t1: float) -> None:
-        with self._lock:
-            self._ms[name] = self._ms.get(name, 0.0) + (t1 - t0) * 1e3
-            if self._first is None or t0 < self._first:
-                self._first = t0
-            if self._last is None or t1 > self._last:
-                self._last = t1
-
-    def record(self) -> dict[str, float]:
-        """{stage name: ms} in first-entry order (a copy; empty for a disabled timer)."""
-        return dict(self._ms)
-
-    def total_ms(self) -> float:
-        """Wall ms from the start of the first stage to the end of the last one (nested stages such as
-        `projection` inside `render` are not double counted; gaps between stages are included)."""
-        if self._first is None:
-            return 0.0
-        return (self._last - self._first) * 1e3
-
-
-# ----------------------------------------------------------------------------------------------------
-# TimingLog
 
 
 class _Series:
@@ -380,187 +257,3 @@ def format_summary(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
-
-
-# ----------------------------------------------------------------------------------------------------
-# metrics.yaml (written by hand: flat mappings and flow lists of floats, YAML 1.1 and 1.2 compatible)
-
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
-_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
-
-
-def _yaml_key(key: str) -> str:
-    if _PLAIN_KEY.match(key) and key.lower() not in _YAML_WORDS:
-        return key
-    return json.dumps(key)  # a JSON string is a valid YAML double-quoted scalar
-
-
-def _yaml_scalar(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    v = float(v)
-    if math.isnan(v):
-        return ".nan"
-    if math.isinf(v):
-        return ".inf" if v > 0 else "-.inf"
-    # Fixed point: always a '.', never an exponent (PyYAML's YAML 1.1 resolver reads "1e-05" as a string).
-    return f"{v:.4f}"
-
-
-def metrics_yaml(metrics: dict[str, dict[str, Any]], warmup_renders: int = WARMUP_RENDERS) -> str:
-    """metrics.yaml text for `TimingLog.metrics()`:
-
-        # nurec-jax render metrics ...
-        warmup_renders: 3
-        render_rgb:
-          count: 2
-          warmup_skipped: 3
-          mean_ms: 11.0000
-          ...
-          samples_ms: [10.0000, 12.0000]
-          stage_mean_ms:
-            render: 11.0000
-    """
-    lines = ["# nurec-jax render metrics (--metrics-output-dir): render-time samples in ms, per method,",
-             f"# after the first {warmup_renders} renders of each method (warm-up).",
-             f"warmup_renders: {warmup_renders}"]
-    for method, m in metrics.items():
-        lines.append(f"{_yaml_key(method)}:")
-        for key, v in m.items():
-            if isinstance(v, dict):
-                lines.append(f"  {key}:" + ("" if v else " {}"))
-                lines.extend(f"    {_yaml_key(k)}: {_yaml_scalar(x)}" for k, x in v.items())
-            elif isinstance(v, (list, tuple)):
-                lines.append(f"  {key}: [{', '.join(_yaml_scalar(x) for x in v)}]")
-            else:
-                lines.append(f"  {key}: {_yaml_scalar(v)}")
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Profiler
-
-
-class _JaxRange:
-    __slots__ = ("_ann",)
-
-    def __init__(self, name: str):
-        import jax.profiler
-
-        self._ann = jax.profiler.TraceAnnotation(name)
-
-    def __enter__(self):
-        self._ann.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._ann.__exit__(*exc)
-
-
-class _NvtxRange:
-    __slots__ = ("_nvtx", "_jax")
-
-    def __init__(self, nvtx, name: str):
-        self._nvtx = nvtx.annotate(name)
-        self._jax = _JaxRange(name)
-
-    def __enter__(self):
-        self._nvtx.__enter__()
-        self._jax.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._jax.__exit__(*exc)
-        self._nvtx.__exit__(*exc)
-
-
-class Profiler:
-    """`--profiling-backend`: named ranges around server stages, and (JAX) a trace of the whole run.
-
-    - NONE: `range()` is a shared no-op; `start()`/`stop()` do nothing.
-    - JAX (nurec-jax only): `start()` begins `jax.profiler.start_trace(trace_dir)` (TensorBoard/XProf and
-      Perfetto files under `<trace_dir>/plugins/profile/<run>/`), `stop()` ends it; ranges are
-      `jax.profiler.TraceAnnotation`s. Needs `trace_dir`.
-    - NVTX: ranges are `nvtx.annotate(name)` (seen by `nsys profile`) plus a `TraceAnnotation`;
-      `start()`/`stop()` do nothing (the external profiler owns the capture). Needs the `nvtx` package.
-    - TRACY: refused (NRE's C++ profiler).
-
-    Args:
-        backend: one of PROFILING_BACKENDS (case-insensitive).
-        trace_dir: JAX backend's output directory (created on `start()`).
-
-    Raises:
-        ValueError: naming the flag, for TRACY, an unknown backend, NVTX without `nvtx`, or JAX without
-            `trace_dir`.
-    """
-
-    def __init__(self, backend: str = "NONE", trace_dir: str | None = None):
-        b = str(backend).upper()
-        if b == "TRACY":
-            raise ValueError("--profiling-backend TRACY: Tracy is NRE's C++ profiler and is not available "
-                             "in nurec-jax; use JAX (jax.profiler trace) or NVTX (Nsight Systems ranges)")
-        if b not in PROFILING_BACKENDS:
-            raise ValueError(f"--profiling-backend {backend!r}: choose one of NONE, JAX, NVTX")
-        self._nvtx = None
-        if b == "NVTX":
-            try:
-                self._nvtx = importlib.import_module("nvtx")
-            except ImportError as e:
-                raise ValueError("--profiling-backend NVTX needs the nvtx package (pip install nvtx)") from e
-        if b == "JAX" and not trace_dir:
-            raise ValueError("--profiling-backend JAX needs a trace directory")
-        self.backend = b
-        self.trace_dir = os.path.abspath(os.path.expanduser(trace_dir)) if trace_dir else None
-        self._tracing = False
-        self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return self.backend != "NONE"
-
-    @property
-    def tracing(self) -> bool:
-        """True between `start()` and `stop()` of the JAX backend."""
-        return self._tracing
-
-    def start(self) -> None:
-        """Begins the JAX trace (other backends: nothing). Idempotent."""
-        if self.backend != "JAX":
-            return
-        with self._lock:
-            if not self._tracing:
-                import jax.profiler
-
-                os.makedirs(self.trace_dir, exist_ok=True)
-                jax.profiler.start_trace(self.trace_dir)
-                self._tracing = True
-                _LOGGER.info("JAX profiler trace started: %s", self.trace_dir)
-
-    def stop(self) -> None:
-        """Ends and writes the JAX trace (other backends, or not started: nothing). Idempotent."""
-        with self._lock:
-            if self._tracing:
-                import jax.profiler
-
-                self._tracing = False
-                jax.profiler.stop_trace()
-                _LOGGER.info("JAX profiler trace written under %s", self.trace_dir)
-
-    def range(self, name: str):
-        """Context manager marking `name` in the profile."""
-        if self.backend == "JAX":
-            return _JaxRange(name)
-        if self.backend == "NVTX":
-            return _NvtxRange(self._nvtx, name)
-        return contextlib.nullcontext()
-
-    def __enter__(self) -> Profiler:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from nurec_jax.server.errors import ResourceExhausted, Unavailable
-from nurec_jax.server.models import ModelCache
+from nurec_jax.server.request_errors import ResourceExhausted, Unavailable
+from nurec_jax.server.scene_cache import SceneCache
 
 
 class FakeLoader:
@@ -26,7 +26,7 @@ class FakeLoader:
 
 def test_lru_and_reuse():
     loader = FakeLoader()
-    cache = ModelCache(loader, capacity=2)
+    cache = SceneCache(loader, capacity=2)
     for sid in ("a", "b", "a", "c"):
         with cache.use(sid) as scene:
             assert scene == f"scene:{sid}"
@@ -36,7 +36,7 @@ def test_lru_and_reuse():
 
 
 def test_busy_scenes_are_not_evicted():
-    cache = ModelCache(FakeLoader(), capacity=1)
+    cache = SceneCache(FakeLoader(), capacity=1)
     with cache.use("a"):
         with pytest.raises(ResourceExhausted, match="--cache-size"):
             with cache.use("b"):
@@ -48,7 +48,7 @@ def test_busy_scenes_are_not_evicted():
 
 def test_oom_evicts_and_retries():
     loader = FakeLoader()
-    cache = ModelCache(loader, capacity=3)
+    cache = SceneCache(loader, capacity=3)
     with cache.use("a"), cache.use("b"):
         pass
     loader.oom_times = 1
@@ -66,7 +66,7 @@ def test_oom_evicts_and_retries():
 def test_waiters_get_unavailable_then_the_scene():
     gate = threading.Event()
     loader = FakeLoader(gate=gate)
-    cache = ModelCache(loader, capacity=2)
+    cache = SceneCache(loader, capacity=2)
     got = []
     owner = threading.Thread(target=lambda: got.append(cache.use("a").__enter__()))
     owner.start()
@@ -89,7 +89,7 @@ def test_failed_load_is_not_cached():
             raise ValueError("bad payload")
 
     loader = Boom()
-    cache = ModelCache(loader, capacity=2)
+    cache = SceneCache(loader, capacity=2)
     for _ in range(2):
         with pytest.raises(ValueError, match="bad payload"):
             with cache.use("a"):

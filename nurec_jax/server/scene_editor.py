@@ -1,4 +1,4 @@
-"""Server-side actor editing (edit_assets / restore_model_parameters, protocol.md 6.12).
+"""Server-side actor editing (edit_assets / restore_model_parameters, docs/wire.md#asset-editing).
 
 Unlike NRE, whose edits live in the one backend instance that served the call (and silently vanish
 with several backends or after an eviction), edits here belong to the scene as the server holds it:
@@ -17,12 +17,12 @@ import numpy as np
 
 from nurec_jax import assets as assets_lib
 from nurec_jax import geometry
-from nurec_jax.edits import ActorEdits, Placement, apply_edits, edited_metadata
+from nurec_jax.actor_edits import ActorEdits, Placement, apply_edits, edited_metadata
 from nurec_jax.errors import SceneFormatError
 from nurec_jax.metadata import SceneMetadata, Track
 from nurec_jax.scene import Scene
 from nurec_jax.server import convert
-from nurec_jax.server.errors import MAX_ID_CHARS, PermissionDenied, check_id, quoted
+from nurec_jax.server.request_errors import MAX_ID_CHARS, PermissionDenied, check_id, quoted
 
 MAX_PATH_CHARS = 4096  # longest .ply path an asset id may be (Linux PATH_MAX)
 
