@@ -27,5 +27,3 @@ def resolve_interpret(interpret: bool | None = None) -> bool:
 
 def compiler_params(num_warps: int = 4, num_stages: int = 1):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-

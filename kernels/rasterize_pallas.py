@@ -33,7 +33,7 @@ from nurec_jax import math as nmath
 from nurec_jax.kernels import _backend
 from nurec_jax.kernels._backend import plt
 
-_BIG = float(2 ** 30)
+_BIG = float(2**30)
 _OUT_ROWS = 8  # forward out: r, g, b, T, hit, stop position, batches used, (unused)
 # Rows of the flat parameter array (one gather with a single index per row).
 _MEAN, _MT, _OP, _COL, _ROWS = 0, 3, 12, 13, 16
@@ -75,8 +75,24 @@ def _eval_batch(ray, ld, fr, n_frames):
     raw = opac * resp
     alpha = jnp.minimum(C.MAX_ALPHA, raw)
     ok = (resp > C.MIN_KERNEL_RESPONSE) & (alpha > C.ALPHA_THRESHOLD) & (-od / dd > 0)
-    return dict(sel=sel, d=d, diff=diff, m=m, oc=oc, dc=dc, cr=cr, dd=dd, od=od, d2=d2, resp=resp, opac=opac,
-                raw=raw, alpha=alpha, t_star=-od / dd, ok=ok)
+    return dict(
+        sel=sel,
+        d=d,
+        diff=diff,
+        m=m,
+        oc=oc,
+        dc=dc,
+        cr=cr,
+        dd=dd,
+        od=od,
+        d2=d2,
+        resp=resp,
+        opac=opac,
+        raw=raw,
+        alpha=alpha,
+        t_star=-od / dd,
+        ok=ok,
+    )
 
 
 def _composite_batch(a, trans):
@@ -106,8 +122,20 @@ def _batch(gids_ref, frame_ref, params_ref, start, count, k, chunk, stride):
 # Forward kernel
 
 
-def _fwd_kernel(start_ref, counts_ref, gids_ref, rays_ref, valid_ref, params_ref, frame_ref, out_ref, *, chunk: int,
-                n_frames: int, stride: int):
+def _fwd_kernel(
+    start_ref,
+    counts_ref,
+    gids_ref,
+    rays_ref,
+    valid_ref,
+    params_ref,
+    frame_ref,
+    out_ref,
+    *,
+    chunk: int,
+    n_frames: int,
+    stride: int,
+):
     t = pl.program_id(0)
     start, count = start_ref[t], counts_ref[t]
     n_px = valid_ref.shape[-1]
@@ -136,8 +164,17 @@ def _fwd_kernel(start_ref, counts_ref, gids_ref, rays_ref, valid_ref, params_ref
         return (k < count) & (jnp.min(done) < 0.5)
 
     zeros = jnp.zeros((n_px,), jnp.float32)
-    init = (jnp.int32(0), jnp.int32(0), zeros, zeros, zeros, zeros, jnp.ones((n_px,), jnp.float32),
-            jnp.where(valid, 0.0, 1.0), jnp.full((n_px,), _BIG, jnp.float32))
+    init = (
+        jnp.int32(0),
+        jnp.int32(0),
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        jnp.ones((n_px,), jnp.float32),
+        jnp.where(valid, 0.0, 1.0),
+        jnp.full((n_px,), _BIG, jnp.float32),
+    )
     _, c_used, r, g, b, hit, trans, _, stop_pos = jax.lax.while_loop(cond, body, init)
     out_ref[0, :] = r
     out_ref[1, :] = g
@@ -153,8 +190,25 @@ def _fwd_kernel(start_ref, counts_ref, gids_ref, rays_ref, valid_ref, params_ref
 # Backward kernel
 
 
-def _bwd_kernel(start_ref, counts_ref, used_ref, gids_ref, rays_ref, valid_ref, cot_ref, params_ref, frame_ref,
-                zeros_ref, dray_ref, dparam_ref, *, chunk: int, n_frames: int, stride: int, slots: int):
+def _bwd_kernel(
+    start_ref,
+    counts_ref,
+    used_ref,
+    gids_ref,
+    rays_ref,
+    valid_ref,
+    cot_ref,
+    params_ref,
+    frame_ref,
+    zeros_ref,
+    dray_ref,
+    dparam_ref,
+    *,
+    chunk: int,
+    n_frames: int,
+    stride: int,
+    slots: int,
+):
     del zeros_ref  # aliased to dparam_ref: zero-initialises the slots this walk never reaches
     t = pl.program_id(0)
     start, count, n_used = start_ref[t], counts_ref[t], used_ref[t]
@@ -167,8 +221,7 @@ def _bwd_kernel(start_ref, counts_ref, used_ref, gids_ref, rays_ref, valid_ref, 
     final_hit, final_trans, stop_pos = cot_ref[11, :], cot_ref[12, :], cot_ref[13, :]
     # Gradient of everything composited behind the current Gaussian, through T: -(C - P_i).gC - (H - Ph_i) gH
     # - T_f gT, divided by (1 - a_i); "behind" sums come from the final values minus the running prefix.
-    g_behind_total = final_col[0] * g_col[0] + final_col[1] * g_col[1] + final_col[2] * g_col[2] + \
-        final_hit * g_hit
+    g_behind_total = final_col[0] * g_col[0] + final_col[1] * g_col[1] + final_col[2] * g_col[2] + final_hit * g_hit
 
     def body(state):
         c, trans, prefix, g_ray = state
@@ -180,8 +233,12 @@ def _bwd_kernel(start_ref, counts_ref, used_ref, gids_ref, rays_ref, valid_ref, 
         _, t_before, w, trans, _ = _composite_batch(a, trans)
         col = [ld(_COL + c3)[None, :] for c3 in range(3)]
         t_star = jnp.where(keep, e["t_star"], 0.0)
-        own = col[0] * g_col[0][:, None] + col[1] * g_col[1][:, None] + col[2] * g_col[2][:, None] + \
-            t_star * g_hit[:, None]  # [P, B]
+        own = (
+            col[0] * g_col[0][:, None]
+            + col[1] * g_col[1][:, None]
+            + col[2] * g_col[2][:, None]
+            + t_star * g_hit[:, None]
+        )  # [P, B]
         incl = prefix[:, None] + jnp.cumsum(w * own, axis=1)  # P_i . g, inclusive
         behind = g_behind_total[:, None] - incl
         d_alpha = t_before * own - (behind + (final_trans * g_trans)[:, None]) / (1.0 - a)
@@ -196,8 +253,11 @@ def _bwd_kernel(start_ref, counts_ref, used_ref, gids_ref, rays_ref, valid_ref, 
         oc, dc, cr = e["oc"], e["dc"], e["cr"]
         # d2 = |c|^2 / dd with c = oc x dc: d(d2)/d(oc) = 2 p and d(d2)/d(dc) = -2 r p, where p = oc - r dc
         # (the offset of the closest point from the centre) is taken as (dc x c) / dd, which does not cancel.
-        p = [(dc[1] * cr[2] - dc[2] * cr[1]) * inv, (dc[2] * cr[0] - dc[0] * cr[2]) * inv,
-             (dc[0] * cr[1] - dc[1] * cr[0]) * inv]
+        p = [
+            (dc[1] * cr[2] - dc[2] * cr[1]) * inv,
+            (dc[2] * cr[0] - dc[0] * cr[2]) * inv,
+            (dc[0] * cr[1] - dc[1] * cr[0]) * inv,
+        ]
         g_oc = [d_d2 * 2 * p[i] - d_tstar * dc[i] * inv for i in range(3)]
         g_dc = [-d_d2 * 2 * r * p[i] + d_tstar * (2 * r * inv * dc[i] - oc[i] * inv) for i in range(3)]
         m = e["m"]
@@ -215,8 +275,10 @@ def _bwd_kernel(start_ref, counts_ref, used_ref, gids_ref, rays_ref, valid_ref, 
         if n_frames == 1:
             g_ray = [[g_ray[c3][0] + jnp.sum(grads[c3], axis=1)] for c3 in range(6)]
         else:
-            g_ray = [[g_ray[c3][f] + jnp.sum(jnp.where(e["sel"][f], grads[c3], 0.0), axis=1) for f in range(n_frames)]
-                     for c3 in range(6)]
+            g_ray = [
+                [g_ray[c3][f] + jnp.sum(jnp.where(e["sel"][f], grads[c3], 0.0), axis=1) for f in range(n_frames)]
+                for c3 in range(6)
+            ]
         return c + 1, trans, prefix + jnp.sum(w * own, axis=1), g_ray
 
     zeros = jnp.zeros((n_px,), jnp.float32)
@@ -266,9 +328,15 @@ def _forward(pair_gids, tile_start, tile_counts, rays, pixel_valid, rows, frames
         functools.partial(_fwd_kernel, chunk=chunk, n_frames=fp, stride=n_p),
         out_shape=jax.ShapeDtypeStruct((n_tiles, _OUT_ROWS, n_px), jnp.float32),
         grid=(n_tiles,),
-        in_specs=[pl.BlockSpec(**_ANY), pl.BlockSpec(**_ANY), pl.BlockSpec(**_ANY),
-                  pl.BlockSpec((None, 8, fp, n_px), lambda t: (t, 0, 0, 0)),
-                  pl.BlockSpec((None, n_px), lambda t: (t, 0)), pl.BlockSpec(**_ANY), pl.BlockSpec(**_ANY)],
+        in_specs=[
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec((None, 8, fp, n_px), lambda t: (t, 0, 0, 0)),
+            pl.BlockSpec((None, n_px), lambda t: (t, 0)),
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec(**_ANY),
+        ],
         out_specs=pl.BlockSpec((None, _OUT_ROWS, n_px), lambda t: (t, 0, 0)),
         interpret=interpret,
         compiler_params=_backend.compiler_params(num_warps=8),
@@ -281,34 +349,88 @@ def _forward(pair_gids, tile_start, tile_counts, rays, pixel_valid, rows, frames
     return rgb, trans, hit, stop_pos, used
 
 
-def _backward(pair_gids, tile_start, tile_counts, used, rays, pixel_valid, rows, frames, rgb, trans, hit, stop_pos,
-              g_rgb, g_trans, g_hit, chunk, interpret):
+def _backward(
+    pair_gids,
+    tile_start,
+    tile_counts,
+    used,
+    rays,
+    pixel_valid,
+    rows,
+    frames,
+    rgb,
+    trans,
+    hit,
+    stop_pos,
+    g_rgb,
+    g_trans,
+    g_hit,
+    chunk,
+    interpret,
+):
     """Gradients of the flat parameter rows [N, 16] and of the rays [T, P, F, 6]."""
     n_tiles, n_px, n_frames = rays.shape[:3]
     gids, r, valid, params, fr, fp, n_p = _layout(pair_gids, rays, pixel_valid, rows, frames, chunk)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     zero = jnp.zeros((n_tiles, n_px), jnp.float32)
-    cot = jnp.stack([f32(g_rgb[..., 0]), f32(g_rgb[..., 1]), f32(g_rgb[..., 2]), f32(g_trans), f32(g_hit), zero,
-                     zero, zero, f32(rgb[..., 0]), f32(rgb[..., 1]), f32(rgb[..., 2]), f32(hit), f32(trans),
-                     jnp.minimum(stop_pos, 2 ** 30).astype(jnp.float32), zero, zero], axis=1)  # [T, 16, P]
+    cot = jnp.stack(
+        [
+            f32(g_rgb[..., 0]),
+            f32(g_rgb[..., 1]),
+            f32(g_rgb[..., 2]),
+            f32(g_trans),
+            f32(g_hit),
+            zero,
+            zero,
+            zero,
+            f32(rgb[..., 0]),
+            f32(rgb[..., 1]),
+            f32(rgb[..., 2]),
+            f32(hit),
+            f32(trans),
+            jnp.minimum(stop_pos, 2**30).astype(jnp.float32),
+            zero,
+            zero,
+        ],
+        axis=1,
+    )  # [T, 16, P]
     m_pad = gids.shape[0]
     dray, dparam = pl.pallas_call(
         functools.partial(_bwd_kernel, chunk=chunk, n_frames=fp, stride=n_p, slots=m_pad),
-        out_shape=(jax.ShapeDtypeStruct((n_tiles, 8, fp, n_px), jnp.float32),
-                   jax.ShapeDtypeStruct((_ROWS * m_pad,), jnp.float32)),
+        out_shape=(
+            jax.ShapeDtypeStruct((n_tiles, 8, fp, n_px), jnp.float32),
+            jax.ShapeDtypeStruct((_ROWS * m_pad,), jnp.float32),
+        ),
         grid=(n_tiles,),
-        in_specs=[pl.BlockSpec(**_ANY), pl.BlockSpec(**_ANY), pl.BlockSpec(**_ANY), pl.BlockSpec(**_ANY),
-                  pl.BlockSpec((None, 8, fp, n_px), lambda t: (t, 0, 0, 0)),
-                  pl.BlockSpec((None, n_px), lambda t: (t, 0)),
-                  pl.BlockSpec((None, _COT_ROWS, n_px), lambda t: (t, 0, 0)),
-                  pl.BlockSpec(**_ANY), pl.BlockSpec(**_ANY), pl.BlockSpec(**_ANY)],
+        in_specs=[
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec((None, 8, fp, n_px), lambda t: (t, 0, 0, 0)),
+            pl.BlockSpec((None, n_px), lambda t: (t, 0)),
+            pl.BlockSpec((None, _COT_ROWS, n_px), lambda t: (t, 0, 0)),
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec(**_ANY),
+            pl.BlockSpec(**_ANY),
+        ],
         out_specs=(pl.BlockSpec((None, 8, fp, n_px), lambda t: (t, 0, 0, 0)), pl.BlockSpec(**_ANY)),
         input_output_aliases={9: 1},
         interpret=interpret,
         compiler_params=_backend.compiler_params(num_warps=8),
         name="nurec_rasterize_bwd",
-    )(tile_start.astype(jnp.int32), tile_counts.astype(jnp.int32), used.astype(jnp.int32), gids, r, valid, cot,
-      params, fr, jnp.zeros((_ROWS * m_pad,), jnp.float32))
+    )(
+        tile_start.astype(jnp.int32),
+        tile_counts.astype(jnp.int32),
+        used.astype(jnp.int32),
+        gids,
+        r,
+        valid,
+        cot,
+        params,
+        fr,
+        jnp.zeros((_ROWS * m_pad,), jnp.float32),
+    )
     n = rows.shape[0]
     seg = jnp.where(gids >= 0, gids, n)
     d_rows = jax.ops.segment_sum(dparam.reshape(_ROWS, m_pad).T, seg, num_segments=n + 1)[:n]
@@ -317,32 +439,122 @@ def _backward(pair_gids, tile_start, tile_counts, used, rays, pixel_valid, rows,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13))
-def _rasterize(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
-               frames, chunk, tile_batch, interpret):
-    return _rasterize_fwd(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities,
-                          colors, frames, chunk, tile_batch, interpret)[0]
+def _rasterize(
+    pair_gids,
+    tile_start,
+    tile_counts,
+    rays,
+    pixel_valid,
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    frames,
+    chunk,
+    tile_batch,
+    interpret,
+):
+    return _rasterize_fwd(
+        pair_gids,
+        tile_start,
+        tile_counts,
+        rays,
+        pixel_valid,
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        frames,
+        chunk,
+        tile_batch,
+        interpret,
+    )[0]
 
 
-def _rasterize_fwd(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
-                   frames, chunk, tile_batch, interpret):
+def _rasterize_fwd(
+    pair_gids,
+    tile_start,
+    tile_counts,
+    rays,
+    pixel_valid,
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    frames,
+    chunk,
+    tile_batch,
+    interpret,
+):
     del tile_batch
     rows = _param_rows(means, quats, scales, opacities, colors)
-    rgb, trans, hit, stop_pos, used = _forward(pair_gids, tile_start, tile_counts, rays, pixel_valid, rows, frames,
-                                               chunk, interpret)
+    rgb, trans, hit, stop_pos, used = _forward(
+        pair_gids, tile_start, tile_counts, rays, pixel_valid, rows, frames, chunk, interpret
+    )
     dtype = means.dtype
     out = (rgb.astype(dtype), trans.astype(dtype), hit.astype(dtype))
-    res = (pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
-           rgb, trans, hit, stop_pos, used)
+    res = (
+        pair_gids,
+        tile_start,
+        tile_counts,
+        rays,
+        pixel_valid,
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        frames,
+        rgb,
+        trans,
+        hit,
+        stop_pos,
+        used,
+    )
     return out, res
 
 
 def _rasterize_bwd(chunk, tile_batch, interpret, res, cot):
     del tile_batch
-    (pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors, frames,
-     rgb, trans, hit, stop_pos, used) = res
+    (
+        pair_gids,
+        tile_start,
+        tile_counts,
+        rays,
+        pixel_valid,
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        frames,
+        rgb,
+        trans,
+        hit,
+        stop_pos,
+        used,
+    ) = res
     rows, rows_vjp = jax.vjp(_param_rows, means, quats, scales, opacities, colors)
-    d_rows, d_rays = _backward(pair_gids, tile_start, tile_counts, used, rays, pixel_valid, rows, frames, rgb, trans,
-                               hit, stop_pos, *cot, chunk, interpret)
+    d_rows, d_rays = _backward(
+        pair_gids,
+        tile_start,
+        tile_counts,
+        used,
+        rays,
+        pixel_valid,
+        rows,
+        frames,
+        rgb,
+        trans,
+        hit,
+        stop_pos,
+        *cot,
+        chunk,
+        interpret,
+    )
     dm, dq, ds, dop, dcol = rows_vjp(d_rows)
     return (None, None, None, d_rays.astype(rays.dtype), None, dm, dq, ds, dop, dcol, None)
 
@@ -350,8 +562,23 @@ def _rasterize_bwd(chunk, tile_batch, interpret, res, cot):
 _rasterize.defvjp(_rasterize_fwd, _rasterize_bwd)
 
 
-def rasterize_tiles_pallas(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities,
-                           colors, frames, *, chunk: int = 32, tile_batch: int = 8, interpret: bool | None = None):
+def rasterize_tiles_pallas(
+    pair_gids,
+    tile_start,
+    tile_counts,
+    rays,
+    pixel_valid,
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    frames,
+    *,
+    chunk: int = 32,
+    tile_batch: int = 8,
+    interpret: bool | None = None,
+):
     """Pallas twin of `rasterize_tiles_ref` (same arguments and results; differentiable by custom VJP whose
     backward is the backward kernel).
 
@@ -359,5 +586,19 @@ def rasterize_tiles_pallas(pair_gids, tile_start, tile_counts, rays, pixel_valid
     defaults to True off GPU."""
     if chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two for the Triton kernels, got {chunk}")
-    return _rasterize(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
-                      frames, chunk, tile_batch, _backend.resolve_interpret(interpret))
+    return _rasterize(
+        pair_gids,
+        tile_start,
+        tile_counts,
+        rays,
+        pixel_valid,
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        frames,
+        chunk,
+        tile_batch,
+        _backend.resolve_interpret(interpret),
+    )

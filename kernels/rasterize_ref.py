@@ -49,9 +49,11 @@ def canonical_matrix(quats, scales):
     qw, qx, qy, qz = quats
     inv = jax.lax.rsqrt(qw * qw + qx * qx + qy * qy + qz * qz)
     qw, qx, qy, qz = qw * inv, qx * inv, qy * inv, qz * inv
-    r = ((1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)),
-         (2 * (qx * qy + qw * qz), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qw * qx)),
-         (2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx * qx + qy * qy)))
+    r = (
+        (1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)),
+        (2 * (qx * qy + qw * qz), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qw * qx)),
+        (2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx * qx + qy * qy)),
+    )
     return tuple((r[0][i] / sc, r[1][i] / sc, r[2][i] / sc) for i, sc in enumerate(scales))
 
 
@@ -166,7 +168,7 @@ class _Units:
     total: jax.Array  # () units in use
 
 
-_BIG = 2 ** 30
+_BIG = 2**30
 
 
 def _units(tile_start, tile_counts, chunk, pair_capacity):
@@ -181,8 +183,15 @@ def _units(tile_start, tile_counts, chunk, pair_capacity):
     k = u - (end[tile] - per_tile[tile])
     in_use = u < end[-1]
     length = jnp.where(in_use, jnp.clip(tile_counts[tile] - k * chunk, 0, chunk), 0)
-    return _Units(tile, tile_start[tile] + k * chunk, k * chunk, length, in_use & (k == 0),
-                  in_use & (k == per_tile[tile] - 1), end[-1].astype(jnp.int32))
+    return _Units(
+        tile,
+        tile_start[tile] + k * chunk,
+        k * chunk,
+        length,
+        in_use & (k == 0),
+        in_use & (k == per_tile[tile] - 1),
+        end[-1].astype(jnp.int32),
+    )
 
 
 def _segmented_exclusive_sum(x, starts, seed):
@@ -269,8 +278,9 @@ def _unit_alpha_vjp(rays_b, fr, means, quats, scales, opacities):
         g_dc = tuple(y[i] + g_od * oc[i] + 2.0 * g_dd * dc[i] for i in range(3))
         g_diff = tuple(m[0][j] * g_oc[0] + m[1][j] * g_oc[1] + m[2][j] * g_oc[2] for j in range(3))
         g_d = tuple(m[0][j] * g_dc[0] + m[1][j] * g_dc[1] + m[2][j] * g_dc[2] for j in range(3))
-        g_m = tuple(tuple(jnp.sum(g_oc[i] * diff[j] + g_dc[i] * d[j], 1, keepdims=True) for j in range(3))
-                    for i in range(3))
+        g_m = tuple(
+            tuple(jnp.sum(g_oc[i] * diff[j] + g_dc[i] * d[j], 1, keepdims=True) for j in range(3)) for i in range(3)
+        )
         g_q, g_s = m_vjp(g_m)
         if rays_b.shape[2] == 1:  # rays shared by the chunk's Gaussians: sum over them
             d_ray = jnp.stack([jnp.sum(g, -1) for g in g_diff + g_d], -1)[:, :, None, :]
@@ -278,8 +288,10 @@ def _unit_alpha_vjp(rays_b, fr, means, quats, scales, opacities):
             ray_cot = jnp.stack(jax.lax.optimization_barrier(g_diff + g_d), axis=2)  # [B, P, 6, K]
             onehot = (fr[:, :, None] == jnp.arange(rays_b.shape[2])).astype(ray_cot.dtype)  # [B, K, F]
             d_ray = jnp.einsum("bpck,bkf->bpfc", ray_cot, onehot)
+
         def per_k(comps):
             return jnp.stack([x[:, 0] for x in comps], -1)
+
         g_mean = per_k(tuple(-jnp.sum(g, 1, keepdims=True) for g in g_diff))
         return d_ray, g_mean, per_k(g_q), per_k(g_s), g_op
 
@@ -318,8 +330,17 @@ def _gather_step(i, batch, chunk, units, gids, frames, rays, pixel_valid, means,
     gs = jnp.where(live, g, 0)
     tile = units.tile[u]
     params = (means[gs], quats[gs], scales[gs], jnp.where(live, opacities[gs], 0.0))
-    return dict(u=u, ok=ok, gs=gs, live=live, fr=frames[gs], tile=tile, rays=rays[tile],
-                valid=pixel_valid[tile] & ok[:, None], params=params)
+    return dict(
+        u=u,
+        ok=ok,
+        gs=gs,
+        live=live,
+        fr=frames[gs],
+        tile=tile,
+        rays=rays[tile],
+        valid=pixel_valid[tile] & ok[:, None],
+        params=params,
+    )
 
 
 def _incoming(log_unit, st, units, carry_tile, carry_log):
@@ -334,8 +355,22 @@ def _n_steps(units, batch):
     return (units.total + batch - 1) // batch
 
 
-def _forward_units(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
-                   frames, chunk, batch, keep_residuals):
+def _forward_units(
+    pair_gids,
+    tile_start,
+    tile_counts,
+    rays,
+    pixel_valid,
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    frames,
+    chunk,
+    batch,
+    keep_residuals,
+):
     n_tiles, n_px = rays.shape[:2]
     dtype = means.dtype
     units = _units(tile_start, tile_counts, chunk, pair_gids.shape[0])
@@ -350,8 +385,9 @@ def _forward_units(pair_gids, tile_start, tile_counts, rays, pixel_valid, means,
         log_in, carry_tile, carry_log = _incoming(jnp.sum(log_a, -1), st, units, carry_tile, carry_log)
         t_in = jnp.exp(log_in)
         px = ((t_in > C.TRANSMITTANCE_THRESHOLD) & st["valid"])[:, :, None]
-        _, _, w, t_out, stop = _composite_units(jnp.where(px, alpha, 0.0), jnp.where(px, log_a, 0.0), t_in,
-                                                units.offset[st["u"]])
+        _, _, w, t_out, stop = _composite_units(
+            jnp.where(px, alpha, 0.0), jnp.where(px, log_a, 0.0), t_in, units.offset[st["u"]]
+        )
         px = px[..., 0]
         tile = st["tile"]
         rgb = rgb.at[tile].add(jnp.einsum("bpk,bkc->bpc", w, colors[st["gs"]]))
@@ -364,31 +400,92 @@ def _forward_units(pair_gids, tile_start, tile_counts, rays, pixel_valid, means,
 
     n_steps = _n_steps(units, batch)
     res_rows = units.tile.shape[0] + batch  # every step's rows fit, also the last (padded) step
-    init = (jnp.zeros((n_tiles, n_px, 3), dtype), jnp.zeros((n_tiles, n_px), dtype),
-            jnp.ones((n_tiles, n_px), dtype), jnp.full((n_tiles, n_px), _BIG, jnp.int32), jnp.int32(-1),
-            jnp.zeros((n_px,), dtype), jnp.zeros((res_rows, n_px) if keep_residuals else (0, n_px), dtype))
+    init = (
+        jnp.zeros((n_tiles, n_px, 3), dtype),
+        jnp.zeros((n_tiles, n_px), dtype),
+        jnp.ones((n_tiles, n_px), dtype),
+        jnp.full((n_tiles, n_px), _BIG, jnp.int32),
+        jnp.int32(-1),
+        jnp.zeros((n_px,), dtype),
+        jnp.zeros((res_rows, n_px) if keep_residuals else (0, n_px), dtype),
+    )
     rgb, hit, trans, stop_pos, _, _, log_in_all = jax.lax.fori_loop(0, n_steps, step, init)
     return (rgb, trans, hit), (units, log_in_all, stop_pos)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12))
-def _rasterize(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
-               frames, chunk, tile_batch):
-    return _forward_units(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities,
-                          colors, frames, chunk, tile_batch, keep_residuals=False)[0]
+def _rasterize(
+    pair_gids,
+    tile_start,
+    tile_counts,
+    rays,
+    pixel_valid,
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    frames,
+    chunk,
+    tile_batch,
+):
+    return _forward_units(
+        pair_gids,
+        tile_start,
+        tile_counts,
+        rays,
+        pixel_valid,
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        frames,
+        chunk,
+        tile_batch,
+        keep_residuals=False,
+    )[0]
 
 
-def _rasterize_fwd(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities, colors,
-                   frames, chunk, tile_batch):
-    out, (units, log_in, _) = _forward_units(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats,
-                                          scales, opacities, colors, frames, chunk, tile_batch, keep_residuals=True)
+def _rasterize_fwd(
+    pair_gids,
+    tile_start,
+    tile_counts,
+    rays,
+    pixel_valid,
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    frames,
+    chunk,
+    tile_batch,
+):
+    out, (units, log_in, _) = _forward_units(
+        pair_gids,
+        tile_start,
+        tile_counts,
+        rays,
+        pixel_valid,
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        frames,
+        chunk,
+        tile_batch,
+        keep_residuals=True,
+    )
     res = (pair_gids, rays, pixel_valid, means, quats, scales, opacities, colors, frames, units, log_in, out[1])
     return out, res
 
 
 def _rasterize_bwd(chunk, batch, res, cot):
-    (pair_gids, rays, pixel_valid, means, quats, scales, opacities, colors, frames, units, log_in_all,
-     trans_final) = res
+    (pair_gids, rays, pixel_valid, means, quats, scales, opacities, colors, frames, units, log_in_all, trans_final) = (
+        res
+    )
     g_rgb, g_trans, g_hit = cot
     gids = padded_pairs(pair_gids, chunk)
     n_steps = _n_steps(units, batch)
@@ -410,8 +507,9 @@ def _rasterize_bwd(chunk, batch, res, cot):
         # Behind each unit: later units of its tile, this step's (suffix scan) and later steps' (carry).
         nxt = jnp.concatenate([tile[1:], carry_tile[None]])
         ends = units.last[st["u"]] | (tile != nxt)
-        behind_units = jnp.flip(_segmented_exclusive_sum(jnp.flip(jnp.sum(wo, -1), 0), jnp.flip(ends, 0),
-                                                         carry_behind), 0)
+        behind_units = jnp.flip(
+            _segmented_exclusive_sum(jnp.flip(jnp.sum(wo, -1), 0), jnp.flip(ends, 0), carry_behind), 0
+        )
         carry_tile, carry_behind = tile[0], behind_units[0] + jnp.sum(wo[0], -1)
         later = wo @ _tri(chunk, wo.dtype, strict=True).T  # later Gaussians of the same unit
         tail = (trans_final * g_trans)[tile]  # through T_final
@@ -423,14 +521,28 @@ def _rasterize_bwd(chunk, batch, res, cot):
         d_col = jnp.einsum("bpk,bpc->bkc", w, gc)
         m = live[..., None]
         ok = st["ok"][:, None, None, None]
-        return (carry_tile, carry_behind, d_rays.at[tile].add(jnp.where(ok, d_ray, 0.0)),
-                dm.at[gs].add(jnp.where(m, d_mean, 0.0)), dq.at[gs].add(jnp.where(m, d_quat, 0.0)),
-                ds.at[gs].add(jnp.where(m, d_scale, 0.0)), dop.at[gs].add(jnp.where(live, d_op, 0.0)),
-                dcol.at[gs].add(jnp.where(m, d_col, 0.0)))
+        return (
+            carry_tile,
+            carry_behind,
+            d_rays.at[tile].add(jnp.where(ok, d_ray, 0.0)),
+            dm.at[gs].add(jnp.where(m, d_mean, 0.0)),
+            dq.at[gs].add(jnp.where(m, d_quat, 0.0)),
+            ds.at[gs].add(jnp.where(m, d_scale, 0.0)),
+            dop.at[gs].add(jnp.where(live, d_op, 0.0)),
+            dcol.at[gs].add(jnp.where(m, d_col, 0.0)),
+        )
 
     z = jnp.zeros_like
-    init = (jnp.int32(-1), jnp.zeros(rays.shape[1], means.dtype), z(rays), z(means), z(quats), z(scales),
-            z(opacities), z(colors))
+    init = (
+        jnp.int32(-1),
+        jnp.zeros(rays.shape[1], means.dtype),
+        z(rays),
+        z(means),
+        z(quats),
+        z(scales),
+        z(opacities),
+        z(colors),
+    )
     _, _, d_rays, dm, dq, ds, dop, dcol = jax.lax.fori_loop(0, n_steps, step, init)
     return (None, None, None, d_rays, None, dm, dq, ds, dop, dcol, None)
 
@@ -461,16 +573,43 @@ def rasterize_tiles_ref(
 
     Differentiable (custom VJP) with respect to rays, means, quats, scales, opacities and colors.
     """
-    return _rasterize(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities,
-                      colors, frames, chunk, tile_batch)
+    return _rasterize(
+        pair_gids,
+        tile_start,
+        tile_counts,
+        rays,
+        pixel_valid,
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        frames,
+        chunk,
+        tile_batch,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Autodiff oracle.
 
 
-def rasterize_tiles_autodiff(pair_gids, tile_start, tile_counts, rays, pixel_valid, means, quats, scales, opacities,
-                             colors, frames, *, capacity: int, chunk: int = 32):
+def rasterize_tiles_autodiff(
+    pair_gids,
+    tile_start,
+    tile_counts,
+    rays,
+    pixel_valid,
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    frames,
+    *,
+    capacity: int,
+    chunk: int = 32,
+):
     """Same result as `rasterize_tiles_ref` (lists of at most `capacity`), walking every tile's full capacity
     with a differentiable scan."""
     n_chunks = -(-capacity // chunk)
@@ -485,13 +624,18 @@ def rasterize_tiles_autodiff(pair_gids, tile_start, tile_counts, rays, pixel_val
         g = jax.lax.dynamic_slice_in_dim(gids, c * chunk, chunk, axis=1)  # [T, K]
         gs = jnp.maximum(g, 0)
         op = jnp.where(g >= 0, opacities[gs], 0.0)
-        alpha, t_star = jax.vmap(_chunk_alpha)(jax.vmap(_gather_rays)(rays, frames[gs]), means[gs], quats[gs],
-                                               scales[gs], op)
+        alpha, t_star = jax.vmap(_chunk_alpha)(
+            jax.vmap(_gather_rays)(rays, frames[gs]), means[gs], quats[gs], scales[gs], op
+        )
         alpha = jnp.where(pixel_valid[..., None], alpha, 0.0)
         rgb_add, hit_add, trans, done, _ = composite_chunk(alpha, colors[gs][:, None], t_star, trans, done)
         return (rgb + rgb_add, hit + hit_add, trans, done), None
 
-    init = (jnp.zeros((n_tiles, n_px, 3), dtype), jnp.zeros((n_tiles, n_px), dtype),
-            jnp.ones((n_tiles, n_px), dtype), ~pixel_valid)
+    init = (
+        jnp.zeros((n_tiles, n_px, 3), dtype),
+        jnp.zeros((n_tiles, n_px), dtype),
+        jnp.ones((n_tiles, n_px), dtype),
+        ~pixel_valid,
+    )
     (rgb, hit, trans, _), _ = jax.lax.scan(jax.checkpoint(step), init, jnp.arange(n_chunks))
     return rgb, trans, hit

@@ -74,7 +74,9 @@ def edited_metadata(meta: SceneMetadata, edits: ActorEdits) -> SceneMetadata:
         t = tracks[tid]
         lift = np.eye(4)
         lift[2, 3] = 0.5 * (float(p.dims[2]) - float(t.dims[2]))
-        tracks[tid] = dataclasses.replace(t, dims=np.asarray(p.dims, np.float64), T_object_world=t.T_object_world @ lift)
+        tracks[tid] = dataclasses.replace(
+            t, dims=np.asarray(p.dims, np.float64), T_object_world=t.T_object_world @ lift
+        )
     for tid, (track, _) in edits.inserted.items():
         tracks[tid] = track
     return dataclasses.replace(meta, tracks=tracks)
@@ -112,8 +114,9 @@ def apply_edits(scene: Scene, edits: ActorEdits) -> Scene:
         added = sum(p.count for p in parts[1:])
         intensity = np.concatenate([np.asarray(sg.dynamic_intensity)[keep], np.full(added, np.nan, np.float32)])
     device = next(iter(sg.static.means.devices())) if isinstance(sg.static.means, jax.Array) else None
-    new = jax.device_put(dict(dynamic=dynamic, dynamic_track=np.concatenate(tracks).astype(np.int32),
-                              dynamic_intensity=intensity), device)
+    new = jax.device_put(
+        dict(dynamic=dynamic, dynamic_track=np.concatenate(tracks).astype(np.int32), dynamic_intensity=intensity),
+        device,
+    )
     gaussians = dataclasses.replace(sg, track_ids=tuple(track_ids), **new)
     return dataclasses.replace(scene, gaussians=gaussians, metadata=edited_metadata(scene.metadata, edits))
-

@@ -58,13 +58,20 @@ def _check_member_name(name: str, where: str) -> None:
 class Archive:
     """A validated, read-only view of a zip archive."""
 
-    def __init__(self, path: str | os.PathLike, max_member_bytes: int = ArchiveLimits.member_bytes, *,
-                 max_total_bytes: int = ArchiveLimits.total_bytes, max_ratio: float | None = ArchiveLimits.max_ratio,
-                 ratio_floor_bytes: int = ArchiveLimits.ratio_floor):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        max_member_bytes: int = ArchiveLimits.member_bytes,
+        *,
+        max_total_bytes: int = ArchiveLimits.total_bytes,
+        max_ratio: float | None = ArchiveLimits.max_ratio,
+        ratio_floor_bytes: int = ArchiveLimits.ratio_floor,
+    ):
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
-        self.limits = limits = ArchiveLimits(int(max_member_bytes), int(max_total_bytes), max_ratio or 0.0,
-                                             int(ratio_floor_bytes))
+        self.limits = limits = ArchiveLimits(
+            int(max_member_bytes), int(max_total_bytes), max_ratio or 0.0, int(ratio_floor_bytes)
+        )
         self.max_member_bytes = limits.member_bytes
         self.inflated = 0  # bytes produced by every read so far (the total budget's use)
         if not os.path.isfile(self.path):
@@ -109,12 +116,16 @@ class Archive:
             raise SceneFormatError(f"{where}: {info.file_size} bytes exceeds the limit of {limit} bytes")
         left = self.limits.total_bytes - self.inflated
         if info.file_size > left:
-            raise SceneFormatError(f"{where}: {info.file_size} bytes exceeds what is left ({left} bytes) of the "
-                                   f"archive's total limit of {self.limits.total_bytes} inflated bytes")
+            raise SceneFormatError(
+                f"{where}: {info.file_size} bytes exceeds what is left ({left} bytes) of the "
+                f"archive's total limit of {self.limits.total_bytes} inflated bytes"
+            )
         ratio, compressed = self._ratio_of(info)
         if self.limits.max_ratio and info.file_size > max(self.limits.ratio_floor, self.limits.max_ratio * compressed):
-            raise SceneFormatError(f"{where}: inflates {ratio:.0f}:1 ({compressed} -> {info.file_size} bytes), over "
-                                   f"the inflation ratio limit of {self.limits.max_ratio:.0f}:1 (a zip bomb?)")
+            raise SceneFormatError(
+                f"{where}: inflates {ratio:.0f}:1 ({compressed} -> {info.file_size} bytes), over "
+                f"the inflation ratio limit of {self.limits.max_ratio:.0f}:1 (a zip bomb?)"
+            )
 
     def _ratio_of(self, info: zipfile.ZipInfo, produced: int | None = None) -> tuple[float, int]:
         # The compressed size bounds what zipfile reads for the member, and can be no larger than the file.
@@ -127,12 +138,13 @@ class Archive:
         if produced > limit:
             return f"{where}: member inflates beyond the limit of {limit} bytes"
         if self.inflated + produced > self.limits.total_bytes:
-            return (f"{where}: inflating it passes the archive's total limit of "
-                    f"{self.limits.total_bytes} inflated bytes")
+            return f"{where}: inflating it passes the archive's total limit of {self.limits.total_bytes} inflated bytes"
         ratio, compressed = self._ratio_of(info, produced)
         if self.limits.max_ratio and produced > self.limits.ratio_floor and ratio > self.limits.max_ratio:
-            return (f"{where}: inflates more than {self.limits.max_ratio:.0f}:1 ({compressed} compressed bytes gave "
-                    f"{produced} and counting), over the inflation ratio limit (a zip bomb?)")
+            return (
+                f"{where}: inflates more than {self.limits.max_ratio:.0f}:1 ({compressed} compressed bytes gave "
+                f"{produced} and counting), over the inflation ratio limit (a zip bomb?)"
+            )
         return None
 
     def read(self, member: str, max_bytes: int | None = None) -> bytes:
@@ -175,8 +187,9 @@ class Archive:
         self._check_header(info, member, limit)
         if info.compress_type == zipfile.ZIP_STORED:
             if info.file_size != info.compress_size:
-                raise SceneFormatError(f"{self.name}:{member}: stored member claims {info.file_size} bytes but "
-                                       f"holds {info.compress_size}")
+                raise SceneFormatError(
+                    f"{self.name}:{member}: stored member claims {info.file_size} bytes but holds {info.compress_size}"
+                )
             self.inflated += info.file_size
             return self._zip.open(info)
         return io.BytesIO(self.read(member, limit))
@@ -227,13 +240,17 @@ def check_zip_members(zf: zipfile.ZipFile, limits: ArchiveLimits, where: str, co
     for info in zf.infolist():
         name = info.filename if len(info.filename) <= 200 else info.filename[:200] + "…"
         if info.file_size > limits.member_bytes:
-            raise SceneFormatError(f"{where}: member {name!r} holds {info.file_size} bytes, over the limit of "
-                                   f"{limits.member_bytes} bytes")
+            raise SceneFormatError(
+                f"{where}: member {name!r} holds {info.file_size} bytes, over the limit of {limits.member_bytes} bytes"
+            )
         total += info.file_size
         if total > limits.total_bytes:
-            raise SceneFormatError(f"{where}: members hold more than the total limit of "
-                                   f"{limits.total_bytes} inflated bytes")
+            raise SceneFormatError(
+                f"{where}: members hold more than the total limit of {limits.total_bytes} inflated bytes"
+            )
         compressed = max(1, min(info.compress_size, container_bytes))
         if limits.max_ratio and info.file_size > max(limits.ratio_floor, limits.max_ratio * compressed):
-            raise SceneFormatError(f"{where}: member {name!r} inflates {info.file_size / compressed:.0f}:1, over "
-                                   f"the inflation ratio limit of {limits.max_ratio:.0f}:1 (a zip bomb?)")
+            raise SceneFormatError(
+                f"{where}: member {name!r} inflates {info.file_size / compressed:.0f}:1, over "
+                f"the inflation ratio limit of {limits.max_ratio:.0f}:1 (a zip bomb?)"
+            )

@@ -96,8 +96,9 @@ def load_bank_asset(scene_path: str, asset_id: str, max_bytes: int = 1 << 30) ->
         if asset_id not in bank_ids(archive.members):
             raise KeyError(asset_id)
         member = posixpath.join(ASSET_DIR, asset_id, f"{asset_id}.ply")
-        return _as_asset(asset_id, archive.read(member), f"{archive.name}:{member}",
-                         _bank_metadata(archive).get(asset_id))
+        return _as_asset(
+            asset_id, archive.read(member), f"{archive.name}:{member}", _bank_metadata(archive).get(asset_id)
+        )
 
 
 def load_ply_asset(path: str, max_bytes: int = 1 << 30) -> Asset:
@@ -130,5 +131,8 @@ def fit_to_size(g: Gaussians, native_dims, target_dims) -> Gaussians:
     v[:, :, 0] *= np.sign(det)[:, None]  # proper rotations only
     quats = geometry.matrix_to_quat_wxyz(v)
     return dataclasses.replace(
-        g, means=(np.asarray(g.means) * s).astype(np.float32), quats=quats.astype(np.float32),
-        scales=np.sqrt(np.maximum(w, 1e-12)).astype(np.float32))
+        g,
+        means=(np.asarray(g.means) * s).astype(np.float32),
+        quats=quats.astype(np.float32),
+        scales=np.sqrt(np.maximum(w, 1e-12)).astype(np.float32),
+    )

@@ -42,13 +42,27 @@ class Binning:
     max_tile_pairs: jax.Array  # () int32
 
 
-def bin_gaussians(rect_lo, rect_hi, valid, opacities, depth, tiles_x: int, tiles_y: int, pair_capacity: int,
-                  tile_size: int = C.TILE_SIZE) -> Binning:
+def bin_gaussians(
+    rect_lo,
+    rect_hi,
+    valid,
+    opacities,
+    depth,
+    tiles_x: int,
+    tiles_y: int,
+    pair_capacity: int,
+    tile_size: int = C.TILE_SIZE,
+) -> Binning:
     """Emits (tile, Gaussian) pairs for each Gaussian's pixel rectangle and sorts them by (tile, depth)."""
     n_tiles = tiles_x * tiles_y
     if rect_lo.shape[0] == 0:
-        return Binning(jnp.full((pair_capacity,), -1, jnp.int32), jnp.zeros(n_tiles, jnp.int32),
-                       jnp.zeros(n_tiles, jnp.int32), jnp.int32(0), jnp.int32(0))
+        return Binning(
+            jnp.full((pair_capacity,), -1, jnp.int32),
+            jnp.zeros(n_tiles, jnp.int32),
+            jnp.zeros(n_tiles, jnp.int32),
+            jnp.int32(0),
+            jnp.int32(0),
+        )
     tbits = tile_bits(n_tiles)
     dbits = 32 - tbits
     lo = jnp.floor(rect_lo / tile_size)
@@ -84,5 +98,4 @@ def bin_gaussians(rect_lo, rect_hi, valid, opacities, depth, tiles_x: int, tiles
     end = jnp.searchsorted(stile, tids, side="right").astype(jnp.int32)
     tcount = end - start
     gids = jnp.where(slot < total, sg, -1)
-    return Binning(gids, start, tcount, total.astype(jnp.int32),
-                   jnp.max(tcount).astype(jnp.int32))
+    return Binning(gids, start, tcount, total.astype(jnp.int32), jnp.max(tcount).astype(jnp.int32))

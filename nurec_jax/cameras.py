@@ -179,7 +179,7 @@ class FThetaCamera:
         return dataclasses.replace(
             self,
             principal_point=self.principal_point * s,
-            bw_poly=self.bw_poly / jnp.asarray(s ** k, self.bw_poly.dtype),
+            bw_poly=self.bw_poly / jnp.asarray(s**k, self.bw_poly.dtype),
             fw_poly=self.fw_poly * s,
             width=width,
             height=height,
@@ -235,8 +235,13 @@ class OpenCVPinholeCamera:
         return nmath.safe_normalize(jnp.stack([x, y, jnp.ones_like(x)], -1))
 
     def scaled(self, s: float, width: int, height: int) -> "OpenCVPinholeCamera":
-        return dataclasses.replace(self, principal_point=self.principal_point * s,
-                                   focal_length=self.focal_length * s, width=width, height=height)
+        return dataclasses.replace(
+            self,
+            principal_point=self.principal_point * s,
+            focal_length=self.focal_length * s,
+            width=width,
+            height=height,
+        )
 
 
 @jax.tree_util.register_dataclass
@@ -279,8 +284,13 @@ class OpenCVFisheyeCamera:
         return jnp.stack([s * n[..., 0], s * n[..., 1], jnp.cos(theta)], -1)
 
     def scaled(self, s: float, width: int, height: int) -> "OpenCVFisheyeCamera":
-        return dataclasses.replace(self, principal_point=self.principal_point * s,
-                                   focal_length=self.focal_length * s, width=width, height=height)
+        return dataclasses.replace(
+            self,
+            principal_point=self.principal_point * s,
+            focal_length=self.focal_length * s,
+            width=width,
+            height=height,
+        )
 
 
 Camera = Union[FThetaCamera, OpenCVPinholeCamera, OpenCVFisheyeCamera]
@@ -290,7 +300,7 @@ def fit_inverse_poly(coeffs: np.ndarray, x_max: float, degree: int = 5, samples:
     """Least-squares polynomial (c0 = 0) for the inverse of a monotone polynomial on [0, x_max]."""
     x = np.linspace(0.0, x_max, samples)
     y = np.polynomial.polynomial.polyval(x, coeffs)
-    a = np.stack([y ** k for k in range(1, degree + 1)], 1)
+    a = np.stack([y**k for k in range(1, degree + 1)], 1)
     sol = np.linalg.lstsq(a, x, rcond=None)[0]
     return np.concatenate([[0.0], sol])
 
@@ -314,14 +324,40 @@ def camera_from_intrinsics(intr, dtype=jnp.float32) -> Camera:
         if reference == "forward" and bw.size == 0:
             bw = fit_inverse_poly(fw, min(intr.max_angle, math.pi))
         pp = np.asarray(intr.principal_point) + 0.5  # pixel-centre convention -> continuous
-        return FThetaCamera(arr(pp), arr(bw), arr(fw), arr(intr.linear_cde), arr(intr.max_angle), w, h, shutter,
-                            reference, bool(intr.max_angle > math.pi / 2))
+        return FThetaCamera(
+            arr(pp),
+            arr(bw),
+            arr(fw),
+            arr(intr.linear_cde),
+            arr(intr.max_angle),
+            w,
+            h,
+            shutter,
+            reference,
+            bool(intr.max_angle > math.pi / 2),
+        )
     if isinstance(intr, OpenCVPinholeIntrinsics):
-        return OpenCVPinholeCamera(arr(intr.principal_point), arr(intr.focal_length), arr(intr.radial_coeffs),
-                                   arr(intr.tangential_coeffs), arr(intr.thin_prism_coeffs), w, h, shutter)
+        return OpenCVPinholeCamera(
+            arr(intr.principal_point),
+            arr(intr.focal_length),
+            arr(intr.radial_coeffs),
+            arr(intr.tangential_coeffs),
+            arr(intr.thin_prism_coeffs),
+            w,
+            h,
+            shutter,
+        )
     if isinstance(intr, OpenCVFisheyeIntrinsics):
-        return OpenCVFisheyeCamera(arr(intr.principal_point), arr(intr.focal_length), arr(intr.radial_coeffs),
-                                   arr(intr.max_angle), w, h, shutter, bool(intr.max_angle > math.pi / 2))
+        return OpenCVFisheyeCamera(
+            arr(intr.principal_point),
+            arr(intr.focal_length),
+            arr(intr.radial_coeffs),
+            arr(intr.max_angle),
+            w,
+            h,
+            shutter,
+            bool(intr.max_angle > math.pi / 2),
+        )
     raise TypeError(f"unsupported intrinsics {type(intr).__name__}")
 
 

@@ -39,7 +39,7 @@ class CheckpointState(StateSource):
         keys = [k for k in state_dict if isinstance(k, str)]
         if any(k.startswith(_MODEL_PREFIX) for k in keys):
             keys = [k for k in keys if k.startswith(_MODEL_PREFIX)]
-            entries = {"." + k[len(_MODEL_PREFIX):]: state_dict[k] for k in keys}
+            entries = {"." + k[len(_MODEL_PREFIX) :]: state_dict[k] for k in keys}
         else:
             entries = {"." + k: state_dict[k] for k in keys}
         super().__init__(entries, where)
@@ -66,8 +66,10 @@ def read_model_config(archive: Archive, notes: list[str]) -> tuple[Mapping[str, 
     member is absent."""
     where = f"{archive.name}:{CONFIG_MEMBER}"
     if not archive.has(CONFIG_MEMBER):
-        notes.append(f"no {CONFIG_MEMBER}: layer settings taken from the tensors alone (default activations, "
-                     "SH degree from the stored width, 3DGS colour convention)")
+        notes.append(
+            f"no {CONFIG_MEMBER}: layer settings taken from the tensors alone (default activations, "
+            "SH degree from the stored width, 3DGS colour convention)"
+        )
         return {}, ""
     doc = archive.read_yaml(CONFIG_MEMBER, getattr(archive, "max_yaml_bytes", _CONFIG_LIMIT))
     if not isinstance(doc, Mapping):
@@ -91,8 +93,11 @@ def _check_inner_zip(f, archive: Archive, where: str, max_bytes: int) -> None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return  # load_checkpoint says what is wrong with it
     try:
-        limits = dataclasses.replace(archive.limits, member_bytes=min(max_bytes, archive.limits.member_bytes),
-                                     total_bytes=max(0, archive.limits.total_bytes - archive.inflated + size))
+        limits = dataclasses.replace(
+            archive.limits,
+            member_bytes=min(max_bytes, archive.limits.member_bytes),
+            total_bytes=max(0, archive.limits.total_bytes - archive.inflated + size),
+        )
         # (the container's own bytes were counted when it was opened; its members are those bytes)
         check_zip_members(inner, limits, where, size)
     finally:

@@ -39,10 +39,14 @@ class ActorPoses:
 
 def frame_pairs(actors: ActorPoses, dtype) -> PosePair:
     ident = Pose(jnp.array([[1.0, 0.0, 0.0, 0.0]], dtype), jnp.zeros((1, 3), dtype))
-    start = Pose(jnp.concatenate([ident.quat, actors.poses.start.quat.astype(dtype)]),
-                 jnp.concatenate([ident.trans, actors.poses.start.trans.astype(dtype)]))
-    end = Pose(jnp.concatenate([ident.quat, actors.poses.end.quat.astype(dtype)]),
-               jnp.concatenate([ident.trans, actors.poses.end.trans.astype(dtype)]))
+    start = Pose(
+        jnp.concatenate([ident.quat, actors.poses.start.quat.astype(dtype)]),
+        jnp.concatenate([ident.trans, actors.poses.start.trans.astype(dtype)]),
+    )
+    end = Pose(
+        jnp.concatenate([ident.quat, actors.poses.end.quat.astype(dtype)]),
+        jnp.concatenate([ident.trans, actors.poses.end.trans.astype(dtype)]),
+    )
     return PosePair(start, end)
 
 
@@ -85,6 +89,8 @@ def checked_actors(gaussians: SceneGaussians, actors: ActorPoses | None) -> Acto
     if actors is None:
         return ActorPoses.hidden(n_tracks, gaussians.static.means.dtype)
     if actors.visible.shape[0] != n_tracks:
-        raise ValueError(f"actors holds {actors.visible.shape[0]} poses but the scene has {n_tracks} actor tracks "
-                         f"{gaussians.track_ids}")
+        raise ValueError(
+            f"actors holds {actors.visible.shape[0]} poses but the scene has {n_tracks} actor tracks "
+            f"{gaussians.track_ids}"
+        )
     return actors

@@ -71,9 +71,7 @@ def pose7_xyzw_to_matrix(pose: np.ndarray) -> np.ndarray:
     return make_transform(quat_wxyz_to_matrix(xyzw_to_wxyz(pose[..., 3:7])), pose[..., :3])
 
 
-def interpolate_poses(
-    timestamps_us: np.ndarray, transforms: np.ndarray, t_us: np.ndarray | int | float
-) -> np.ndarray:
+def interpolate_poses(timestamps_us: np.ndarray, transforms: np.ndarray, t_us: np.ndarray | int | float) -> np.ndarray:
     """Interpolates rigid transforms sampled at `timestamps_us` (lerp translation, slerp rotation).
 
     Times outside the samples clamp to the first / last pose. Returns (..., 4, 4) for t_us of shape (...).

@@ -84,10 +84,20 @@ def lidar_tables(model: LidarModel, dtype=jnp.float32) -> LidarTables:
     ring[: model.rows] = order
     az = np.zeros(cp)
     az[: model.columns] = model.column_azimuths_rad
-    return LidarTables(jnp.asarray(elev, dtype), jnp.asarray(off, dtype), jnp.asarray(ring), jnp.asarray(az, dtype),
-                       model.rows, model.columns, float(model.column_azimuths_rad[0]), model.azimuth_step,
-                       model.full_circle, float(np.max(np.abs(model.row_azimuth_offsets_rad))),
-                       model.min_range_m, model.max_range_m)
+    return LidarTables(
+        jnp.asarray(elev, dtype),
+        jnp.asarray(off, dtype),
+        jnp.asarray(ring),
+        jnp.asarray(az, dtype),
+        model.rows,
+        model.columns,
+        float(model.column_azimuths_rad[0]),
+        model.azimuth_step,
+        model.full_circle,
+        float(np.max(np.abs(model.row_azimuth_offsets_rad))),
+        model.min_range_m,
+        model.max_range_m,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +152,9 @@ def gaussian_intensity(gaussians: SceneGaussians) -> jax.Array:
             return fallback
         return jnp.clip(jnp.where(jnp.isnan(stored), fallback, stored.astype(rgb.dtype)), 0.0, 1.0)
 
-    return jnp.concatenate([one(gaussians.static, gaussians.static_intensity),
-                            one(gaussians.dynamic, gaussians.dynamic_intensity)])
+    return jnp.concatenate(
+        [one(gaussians.static, gaussians.static_intensity), one(gaussians.dynamic, gaussians.dynamic_intensity)]
+    )
 
 
 def _angle_between(r0, r1):
@@ -166,9 +177,11 @@ def _angular_window(p_s, extent, turn, tables: LidarTables):
     row_hi = jnp.searchsorted(neg, -(alpha_g - rho), side="right") - 1
     # Column range from the azimuth interval.
     polar = (jnp.abs(alpha_g) + rho) >= (math.pi / 2 - 1e-3)
-    rho_az = jnp.where(polar | inside, math.pi,
-                       jnp.arcsin(jnp.clip(jnp.sin(jnp.minimum(rho, math.pi / 2)) /
-                                           jnp.maximum(jnp.cos(alpha_g), 1e-6), 0.0, 1.0)))
+    rho_az = jnp.where(
+        polar | inside,
+        math.pi,
+        jnp.arcsin(jnp.clip(jnp.sin(jnp.minimum(rho, math.pi / 2)) / jnp.maximum(jnp.cos(alpha_g), 1e-6), 0.0, 1.0)),
+    )
     rho_az = rho_az + tables.max_offset
     beta_c = _unwrapped(beta_g, tables)
     u_a = (beta_c - rho_az - tables.az0) / tables.step
@@ -215,8 +228,9 @@ def _footprints(g, tables: LidarTables, sensor_pose: PosePair, frames: PosePair,
     n = g.means.shape[0]
     # Whole-spin bound around the mid-spin position.
     s_ext = extent0 + motion
-    s_lo, s_hi, s_ulo, s_uhi, s_full, s_r = _angular_window(seen_at(jnp.full((n,), 0.5, dtype)), s_ext, sensor_turn,
-                                                           tables)
+    s_lo, s_hi, s_ulo, s_uhi, s_full, s_r = _angular_window(
+        seen_at(jnp.full((n,), 0.5, dtype)), s_ext, sensor_turn, tables
+    )
     if motion_bound == "spin":
         return _wrapped(tables, s_lo, s_hi, s_ulo, s_uhi, s_full) + (s_r, s_ext)
     if motion_bound != "tight":
@@ -242,8 +256,10 @@ def _footprints(g, tables: LidarTables, sensor_pose: PosePair, frames: PosePair,
     if tables.full_circle:  # near the seam, columns at the other end see the Gaussian a spin later
         fits = fits & (s_ulo >= 0.0) & (s_uhi <= tables.columns - 1.0) & ~s_full
     sel = lambda a, b: jnp.where(fits, a, b)  # noqa: E731
-    return _wrapped(tables, sel(t_lo, s_lo), sel(t_hi, s_hi), sel(t_ulo, s_ulo), sel(t_uhi, s_uhi),
-                    ~fits & s_full) + (s_r, sel(ext, s_ext))
+    return _wrapped(tables, sel(t_lo, s_lo), sel(t_hi, s_hi), sel(t_ulo, s_ulo), sel(t_uhi, s_uhi), ~fits & s_full) + (
+        s_r,
+        sel(ext, s_ext),
+    )
 
 
 def _wrapped(tables: LidarTables, row_lo, row_hi, u_lo, u_hi, full):
@@ -260,8 +276,15 @@ def _wrapped(tables: LidarTables, row_lo, row_hi, u_lo, u_hi, full):
     return row_lo, row_hi, u_lo, u_hi, wrap_copy
 
 
-def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: PosePair, actors: ActorPoses,
-                 col_tile0: jax.Array, n_col_tiles: int, options: LidarOptions) -> LidarPass:
+def raycast_pass(
+    gaussians: SceneGaussians,
+    tables: LidarTables,
+    sensor_pose: PosePair,
+    actors: ActorPoses,
+    col_tile0: jax.Array,
+    n_col_tiles: int,
+    options: LidarOptions,
+) -> LidarPass:
     """Casts the rays of column tiles [col_tile0, col_tile0 + n_col_tiles) of one spin."""
     dtype = gaussians.static.means.dtype
     sg = jax.lax.stop_gradient
@@ -280,8 +303,10 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
         rot, trans = pose.rotation(), pose.trans
         elev = tables.elevations[:, None]
         beta = az[None, :] + tables.offsets[:, None]
-        d_s = jnp.stack([jnp.cos(beta) * jnp.cos(elev), jnp.sin(beta) * jnp.cos(elev),
-                         jnp.broadcast_to(jnp.sin(elev), beta.shape)], -1)  # [Rp, nc, 3]
+        d_s = jnp.stack(
+            [jnp.cos(beta) * jnp.cos(elev), jnp.sin(beta) * jnp.cos(elev), jnp.broadcast_to(jnp.sin(elev), beta.shape)],
+            -1,
+        )  # [Rp, nc, 3]
         d_w = jnp.einsum("cij,rcj->rci", rot, d_s)
         o_w = jnp.broadcast_to(trans[None], d_w.shape)
         valid = (tables.ring[:, None] >= 0) & col_ok[None, :]
@@ -305,7 +330,8 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
 
     with jax.named_scope("bin"):
         row_lo, row_hi, u_lo, u_hi, wrap_copy, r, extent = _footprints(
-            jax.tree_util.tree_map(sg, g), tables, sg(sensor_pose), sg(frames), options.motion_bound)
+            jax.tree_util.tree_map(sg, g), tables, sg(sensor_pose), sg(frames), options.motion_bound
+        )
         opac = sg(g.opacities)
         x_lo = jnp.floor(u_lo) - col0
         x_hi = jnp.ceil(u_hi) - col0
@@ -321,18 +347,31 @@ def raycast_pass(gaussians: SceneGaussians, tables: LidarTables, sensor_pose: Po
         else:
             rect_lo, rect_hi = jnp.stack([x_lo, y_lo], -1), jnp.stack([x_hi, y_hi], -1)
             ok2, depth, op2 = ok, r, opac
-        binning = bin_gaussians(rect_lo, rect_hi, ok2, op2, depth, tx, ty,
-                                options.pair_capacity, tile_size=_SQRT_TILE)
+        binning = bin_gaussians(rect_lo, rect_hi, ok2, op2, depth, tx, ty, options.pair_capacity, tile_size=_SQRT_TILE)
         gids = jnp.where(binning.pair_gids >= n, binning.pair_gids - n, binning.pair_gids)
 
     with jax.named_scope("rasterize"):
         inten = gaussian_intensity(gaussians).astype(dtype)
         colors = jnp.stack([inten, jnp.zeros_like(inten), jnp.zeros_like(inten)], -1)
-        acc, trans_t, hit = composite_tiles(options.implementation, gids, binning.tile_start, binning.tile_counts,
-                                            rays_t, valid_t, g.means, g.quats, g.scales, g.opacities, colors,
-                                            g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
+        acc, trans_t, hit = composite_tiles(
+            options.implementation,
+            gids,
+            binning.tile_start,
+            binning.tile_counts,
+            rays_t,
+            valid_t,
+            g.means,
+            g.quats,
+            g.scales,
+            g.opacities,
+            colors,
+            g.frames,
+            chunk=options.chunk,
+            tile_batch=options.tile_batch,
+        )
 
     with jax.named_scope("points"):
+
         def untile(x):
             x = x.reshape((ty, tx, _SQRT_TILE, _SQRT_TILE) + x.shape[2:])
             x = jnp.moveaxis(x, 2, 1)
@@ -365,8 +404,11 @@ class LidarSpin:
         """(points (N, 3), intensities (N,), ring ids (N,)) of rays that return: alpha above the
         threshold, distance within the model's range, and (optionally) not an edge: a ray whose range
         differs from both column neighbours by more than `distance_filter` relative is dropped."""
-        keep = (self.alpha > opacity_threshold) & (self.distance >= model.min_range_m) & \
-               (self.distance <= model.max_range_m)
+        keep = (
+            (self.alpha > opacity_threshold)
+            & (self.distance >= model.min_range_m)
+            & (self.distance <= model.max_range_m)
+        )
         if distance_filter is not None:
             d = self.distance
             left = np.roll(d, 1, axis=1)

@@ -99,7 +99,10 @@ def pandar128() -> LidarModel:
         np.radians(pandar128_elevations_deg()),
         np.radians(np.tile([1.3, -1.3, 3.9, -3.9], 32) * 0.5),
         np.linspace(math.pi, -math.pi, 3600, endpoint=False),  # clockwise seen from above
-        10.0, 0.3, 200.0)
+        10.0,
+        0.3,
+        200.0,
+    )
 
 
 def at128() -> LidarModel:
@@ -110,7 +113,10 @@ def at128() -> LidarModel:
         np.radians(np.linspace(12.9, -12.5, 128)),
         np.zeros(128),
         np.radians(np.linspace(60.0, -60.0, 1200, endpoint=False)),
-        10.0, 0.5, 200.0)
+        10.0,
+        0.5,
+        200.0,
+    )
 
 
 DEVICES = {"PANDAR128": pandar128, "AT128": at128}
@@ -125,11 +131,20 @@ def from_parameters(name: str, params: Mapping[str, Any]) -> LidarModel:
     except KeyError as e:
         raise ValueError(f"{where}: missing parameter {e.args[0]!r}") from None
     offsets = params.get("row_azimuth_offsets_rad")
-    offsets = (0.0,) * len(elev) if offsets is None else parse_floats(
-        offsets, f"{where}.row_azimuth_offsets_rad", error=ValueError)
-    return LidarModel(name, np.asarray(elev), np.asarray(offsets), np.asarray(az),
-                      float(params.get("spinning_frequency_hz", 10.0)), float(params.get("min_range_m", 0.3)),
-                      float(params.get("max_range_m", 200.0)))
+    offsets = (
+        (0.0,) * len(elev)
+        if offsets is None
+        else parse_floats(offsets, f"{where}.row_azimuth_offsets_rad", error=ValueError)
+    )
+    return LidarModel(
+        name,
+        np.asarray(elev),
+        np.asarray(offsets),
+        np.asarray(az),
+        float(params.get("spinning_frequency_hz", 10.0)),
+        float(params.get("min_range_m", 0.3)),
+        float(params.get("max_range_m", 200.0)),
+    )
 
 
 def from_calibration(cal: LidarCalibration) -> LidarModel:

@@ -272,15 +272,19 @@ class SceneMetadata:
         one in file order (`cameras[logical_id]`). Raises KeyError naming what is missing."""
         if trajectory_idx is None:
             if logical_id not in self.cameras:
-                raise KeyError(f"scene {self.scene_id!r} has no camera {logical_id!r} "
-                               f"(cameras: {', '.join(self.cameras) or 'none'})")
+                raise KeyError(
+                    f"scene {self.scene_id!r} has no camera {logical_id!r} "
+                    f"(cameras: {', '.join(self.cameras) or 'none'})"
+                )
             return self.cameras[logical_id]
         for cal in self.camera_list:
             if cal.logical_id == logical_id and cal.trajectory_idx == trajectory_idx:
                 return cal
         held = sorted({c.trajectory_idx for c in self.camera_list if c.logical_id == logical_id})
-        raise KeyError(f"scene {self.scene_id!r} has no camera {logical_id!r} in trajectory {trajectory_idx} "
-                       f"(it is in trajectories {held or 'none'})")
+        raise KeyError(
+            f"scene {self.scene_id!r} has no camera {logical_id!r} in trajectory {trajectory_idx} "
+            f"(it is in trajectories {held or 'none'})"
+        )
 
     def trajectory_of(self, sensor: CameraCalibration | LidarCalibration) -> RigTrajectory | None:
         """The rig trajectory a sensor calibration belongs to (`trajectory` when its index names none)."""
@@ -316,8 +320,9 @@ def _rigid(value: Any, where: str) -> np.ndarray:
     return _rigid_stack(m, (), where)
 
 
-def parse_floats(value: Any, where: str, length: int | None = None, pad: int | None = None,
-                 error: type[Exception] = SceneFormatError) -> tuple[float, ...]:
+def parse_floats(
+    value: Any, where: str, length: int | None = None, pad: int | None = None, error: type[Exception] = SceneFormatError
+) -> tuple[float, ...]:
     """A list of finite numbers: exactly `length` of them, or at most `pad`, zero-padded to `pad`.
 
     `error` is the exception raised (scene files: SceneFormatError; gRPC requests: ValueError).
@@ -380,13 +385,25 @@ def _resolution(params: Mapping[str, Any], where: str) -> tuple[int, int]:
 CAMERA_MODELS = ("ftheta", "opencv-pinhole", "opencv-fisheye")
 
 
-def build_intrinsics(kind: str, where: str, *, resolution: tuple[int, int], shutter: ShutterType,
-                     principal_point: Any, focal_length: Any = None, focal_field: str = "focal_length",
-                     reference_poly: PolynomialType = PolynomialType.PIXELDIST_TO_ANGLE,
-                     pixeldist_to_angle_poly: Any = None, angle_to_pixeldist_poly: Any = None,
-                     linear_cde: Any = None, radial_coeffs: Any = None, tangential_coeffs: Any = None,
-                     thin_prism_coeffs: Any = None, max_angle: float | None = None,
-                     error: type[Exception] = SceneFormatError) -> CameraIntrinsics:
+def build_intrinsics(
+    kind: str,
+    where: str,
+    *,
+    resolution: tuple[int, int],
+    shutter: ShutterType,
+    principal_point: Any,
+    focal_length: Any = None,
+    focal_field: str = "focal_length",
+    reference_poly: PolynomialType = PolynomialType.PIXELDIST_TO_ANGLE,
+    pixeldist_to_angle_poly: Any = None,
+    angle_to_pixeldist_poly: Any = None,
+    linear_cde: Any = None,
+    radial_coeffs: Any = None,
+    tangential_coeffs: Any = None,
+    thin_prism_coeffs: Any = None,
+    max_angle: float | None = None,
+    error: type[Exception] = SceneFormatError,
+) -> CameraIntrinsics:
     """The one validated constructor of camera intrinsics, for scene files (`parse_camera_model`) and
     gRPC CameraSpecs (`server/convert.py`) alike.
 
@@ -402,8 +419,7 @@ def build_intrinsics(kind: str, where: str, *, resolution: tuple[int, int], shut
             reference_poly == PolynomialType.ANGLE_TO_PIXELDIST and not fw
         ):
             raise error(f"{where}: the reference polynomial ({reference_poly.name}) is missing or empty")
-        cde = parse_floats((1.0, 0.0, 0.0) if linear_cde is None else linear_cde, f"{where}.linear_cde", 3,
-                           error=error)
+        cde = parse_floats((1.0, 0.0, 0.0) if linear_cde is None else linear_cde, f"{where}.linear_cde", 3, error=error)
         if abs(cde[0] - cde[1] * cde[2]) < 1e-9:
             raise error(f"{where}.linear_cde: singular (c - d*e = 0)")
         angle = parse_max_angle(max_angle, math.pi, f"{where}.max_angle", error=error)
@@ -413,23 +429,35 @@ def build_intrinsics(kind: str, where: str, *, resolution: tuple[int, int], shut
         raise error(f"{where}.{focal_field}: must be positive, got {list(fl)}")
     if kind == "opencv-pinhole":
         return OpenCVPinholeIntrinsics(
-            resolution, shutter, pp, fl,  # type: ignore[arg-type]
+            resolution,
+            shutter,
+            pp,
+            fl,  # type: ignore[arg-type]
             parse_floats(radial_coeffs or (), f"{where}.radial_coeffs", pad=6, error=error),
             parse_floats(tangential_coeffs or (), f"{where}.tangential_coeffs", pad=2, error=error),
             parse_floats(thin_prism_coeffs or (), f"{where}.thin_prism_coeffs", pad=4, error=error),
         )
     if kind == "opencv-fisheye":
         return OpenCVFisheyeIntrinsics(
-            resolution, shutter, pp, fl,  # type: ignore[arg-type]
+            resolution,
+            shutter,
+            pp,
+            fl,  # type: ignore[arg-type]
             parse_floats(radial_coeffs or (), f"{where}.radial_coeffs", pad=4, error=error),
             parse_max_angle(max_angle, math.pi / 2, f"{where}.max_angle", error=error),
         )
     raise ValueError(f"unknown camera model kind {kind!r} (expected one of {', '.join(CAMERA_MODELS)})")
 
 
-_MODEL_KINDS = {"ftheta": "ftheta", "opencv-pinhole": "opencv-pinhole", "opencv_pinhole": "opencv-pinhole",
-                "pinhole": "opencv-pinhole", "opencv-fisheye": "opencv-fisheye", "opencv_fisheye": "opencv-fisheye",
-                "fisheye": "opencv-fisheye"}
+_MODEL_KINDS = {
+    "ftheta": "ftheta",
+    "opencv-pinhole": "opencv-pinhole",
+    "opencv_pinhole": "opencv-pinhole",
+    "pinhole": "opencv-pinhole",
+    "opencv-fisheye": "opencv-fisheye",
+    "opencv_fisheye": "opencv-fisheye",
+    "fisheye": "opencv-fisheye",
+}
 
 
 def parse_camera_model(model: Any, where: str) -> CameraIntrinsics:
@@ -442,15 +470,23 @@ def parse_camera_model(model: Any, where: str) -> CameraIntrinsics:
     p = model.get("parameters") or {}
     at = f"{where}.parameters"
     return build_intrinsics(
-        kind, at, resolution=_resolution(p, at),
+        kind,
+        at,
+        resolution=_resolution(p, at),
         shutter=_enum(ShutterType, p.get("shutter_type"), f"{at}.shutter_type", ShutterType.GLOBAL),
-        principal_point=p.get("principal_point"), focal_length=p.get("focal_length"),
-        reference_poly=_enum(PolynomialType, p.get("reference_poly"), f"{at}.reference_poly",
-                             PolynomialType.PIXELDIST_TO_ANGLE),
+        principal_point=p.get("principal_point"),
+        focal_length=p.get("focal_length"),
+        reference_poly=_enum(
+            PolynomialType, p.get("reference_poly"), f"{at}.reference_poly", PolynomialType.PIXELDIST_TO_ANGLE
+        ),
         pixeldist_to_angle_poly=p.get("pixeldist_to_angle_poly"),
-        angle_to_pixeldist_poly=p.get("angle_to_pixeldist_poly"), linear_cde=p.get("linear_cde"),
-        radial_coeffs=p.get("radial_coeffs"), tangential_coeffs=p.get("tangential_coeffs"),
-        thin_prism_coeffs=p.get("thin_prism_coeffs"), max_angle=p.get("max_angle"))
+        angle_to_pixeldist_poly=p.get("angle_to_pixeldist_poly"),
+        linear_cde=p.get("linear_cde"),
+        radial_coeffs=p.get("radial_coeffs"),
+        tangential_coeffs=p.get("tangential_coeffs"),
+        thin_prism_coeffs=p.get("thin_prism_coeffs"),
+        max_angle=p.get("max_angle"),
+    )
 
 
 def _frame_windows(value: Any, where: str) -> np.ndarray:
@@ -619,32 +655,36 @@ def parse_rig_document(doc: Any, member: str = "rig_trajectories.json") -> RigDo
         raise SceneFormatError(f"{member}: camera_calibrations must be an object")
     for key, cal in cals.items():
         where, logical, idx, tdoc, tw, windows, start, seq, usi = sensor_common(
-            key, cal, "camera", "cameras_frame_timestamps_us", "cameras_linear_start_frame_indices")
+            key, cal, "camera", "cameras_frame_timestamps_us", "cameras_linear_start_frame_indices"
+        )
         recorded = _per_sensor(tdoc, "cameras_frame_T_rig_worlds", key, logical)
         frame_poses = None
         if recorded is not None and not isinstance(recorded, list):
             raise SceneFormatError(f"{tw}.cameras_frame_T_rig_worlds[{key!r}]: expected [[T_start, T_end], ...]")
         if recorded:
             frame_poses = _rigid_stack(recorded, (len(windows), 2), f"{tw}.cameras_frame_T_rig_worlds[{key!r}]")
-        cameras.append(CameraCalibration(
-            logical_id=logical,
-            key=key,
-            T_sensor_rig=_rigid(cal.get("T_sensor_rig"), f"{where}.T_sensor_rig"),
-            intrinsics=parse_camera_model(cal.get("camera_model"), f"{where}.camera_model"),
-            frame_timestamps_us=windows,
-            unique_sensor_idx=usi,
-            trajectory_idx=idx,
-            sequence_id=seq,
-            frame_T_rig_world=frame_poses,
-            linear_start_frame_index=start,
-        ))
+        cameras.append(
+            CameraCalibration(
+                logical_id=logical,
+                key=key,
+                T_sensor_rig=_rigid(cal.get("T_sensor_rig"), f"{where}.T_sensor_rig"),
+                intrinsics=parse_camera_model(cal.get("camera_model"), f"{where}.camera_model"),
+                frame_timestamps_us=windows,
+                unique_sensor_idx=usi,
+                trajectory_idx=idx,
+                sequence_id=seq,
+                frame_T_rig_world=frame_poses,
+                linear_start_frame_index=start,
+            )
+        )
     lidars: list[LidarCalibration] = []
     cals = doc.get("lidar_calibrations") or {}
     if not isinstance(cals, Mapping):
         raise SceneFormatError(f"{member}: lidar_calibrations must be an object")
     for key, cal in cals.items():
         where, logical, idx, tdoc, tw, windows, start, seq, usi = sensor_common(
-            key, cal, "lidar", "lidars_frame_timestamps_us", "lidars_linear_start_frame_indices")
+            key, cal, "lidar", "lidars_frame_timestamps_us", "lidars_linear_start_frame_indices"
+        )
         model = cal.get("lidar_model")
         if model is None:  # NuRec writes null for lidars it has no model of
             model = {}
@@ -653,18 +693,20 @@ def parse_rig_document(doc: Any, member: str = "rig_trajectories.json") -> RigDo
         params = model.get("parameters")
         if params is not None and not isinstance(params, Mapping):
             raise SceneFormatError(f"{where}.lidar_model.parameters: expected an object, got {type(params).__name__}")
-        lidars.append(LidarCalibration(
-            logical_id=logical,
-            key=key,
-            T_sensor_rig=_rigid(cal.get("T_sensor_rig"), f"{where}.T_sensor_rig"),
-            model=str(model.get("type") or ""),
-            parameters=dict(params or {}),
-            frame_timestamps_us=windows,
-            trajectory_idx=idx,
-            sequence_id=seq,
-            linear_start_frame_index=start,
-            unique_sensor_idx=usi,
-        ))
+        lidars.append(
+            LidarCalibration(
+                logical_id=logical,
+                key=key,
+                T_sensor_rig=_rigid(cal.get("T_sensor_rig"), f"{where}.T_sensor_rig"),
+                model=str(model.get("type") or ""),
+                parameters=dict(params or {}),
+                frame_timestamps_us=windows,
+                trajectory_idx=idx,
+                sequence_id=seq,
+                linear_start_frame_index=start,
+                unique_sensor_idx=usi,
+            )
+        )
     return RigDocument(trajectories, tuple(cameras), tuple(lidars), world_to_nre, t_world_base)
 
 
@@ -676,8 +718,13 @@ def parse_rig_trajectories(doc: Any, member: str = "rig_trajectories.json"):
       of that id, likewise for lidars, and the first trajectory (or None).
     """
     rig = parse_rig_document(doc, member)
-    return (RigDocument.first_of_each(rig.cameras), RigDocument.first_of_each(rig.lidars),
-            rig.trajectories[0] if rig.trajectories else None, rig.world_to_nre, rig.T_world_base)
+    return (
+        RigDocument.first_of_each(rig.cameras),
+        RigDocument.first_of_each(rig.lidars),
+        rig.trajectories[0] if rig.trajectories else None,
+        rig.world_to_nre,
+        rig.T_world_base,
+    )
 
 
 def _flags_str(value: Any) -> str:
@@ -698,8 +745,8 @@ def parse_sequence_tracks(doc: Any, member: str = "sequence_tracks.json") -> dic
             if tid in tracks:
                 if not _same_track(tracks[tid], track):
                     raise SceneFormatError(
-                        f"{member}: track {tid!r} is in sequences {origin[tid]!r} and {seq_key!r} with different "
-                        "data")
+                        f"{member}: track {tid!r} is in sequences {origin[tid]!r} and {seq_key!r} with different data"
+                    )
                 continue
             tracks[tid] = track
             origin[tid] = seq_key
@@ -707,8 +754,13 @@ def parse_sequence_tracks(doc: Any, member: str = "sequence_tracks.json") -> dic
 
 
 def _same_track(a: Track, b: Track) -> bool:
-    return (a.label == b.label and a.flags == b.flags and np.array_equal(a.timestamps_us, b.timestamps_us)
-            and np.array_equal(a.T_object_world, b.T_object_world) and np.array_equal(a.dims, b.dims))
+    return (
+        a.label == b.label
+        and a.flags == b.flags
+        and np.array_equal(a.timestamps_us, b.timestamps_us)
+        and np.array_equal(a.T_object_world, b.T_object_world)
+        and np.array_equal(a.dims, b.dims)
+    )
 
 
 def _parse_sequence(seq_key: str, seq: Any, member: str) -> dict[str, Track]:
@@ -751,9 +803,7 @@ def _parse_sequence(seq_key: str, seq: Any, member: str) -> dict[str, Track]:
             raise SceneFormatError(f"{w}: cuboids_dims must have 3 values, got {d.shape}")
         if tid in tracks:
             raise SceneFormatError(f"{w}: duplicate track id")
-        tracks[tid] = Track(
-            tid, str(lists["tracks_label_class"][i]), _flags_str(lists["tracks_flags"][i]), ts, mats, d
-        )
+        tracks[tid] = Track(tid, str(lists["tracks_label_class"][i]), _flags_str(lists["tracks_flags"][i]), ts, mats, d)
     return tracks
 
 
@@ -782,6 +832,8 @@ def metadata_lines(meta: SceneMetadata) -> list[str]:
             f"frames{extra}"
         )
     for lid in meta.lidar_list:
-        lines.append(f"  lidar  {lid.logical_id:<28} {lid.model or '(no lidar model)'} "
-                     f"trajectory {lid.trajectory_idx}: {len(lid.frame_timestamps_us)} spins")
+        lines.append(
+            f"  lidar  {lid.logical_id:<28} {lid.model or '(no lidar model)'} "
+            f"trajectory {lid.trajectory_idx}: {len(lid.frame_timestamps_us)} spins"
+        )
     return lines

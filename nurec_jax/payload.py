@@ -64,8 +64,7 @@ class Payload:
     ppisp_per_frame: bool = False
 
 
-def gunzip_limited(data: bytes, limit: int, where: str, max_ratio: float | None = None,
-                   ratio_floor: int = 0) -> bytes:
+def gunzip_limited(data: bytes, limit: int, where: str, max_ratio: float | None = None, ratio_floor: int = 0) -> bytes:
     """Gunzips `data`, refusing to produce more than `limit` bytes, or (with `max_ratio`) more than
     `max_ratio` times the compressed size once past `ratio_floor` bytes (gzip bombs). A refused stream
     drops its partial output before raising, so a kept error holds no buffer."""
@@ -80,12 +79,16 @@ def gunzip_limited(data: bytes, limit: int, where: str, max_ratio: float | None 
             buf = d.decompress(pending, 1 << 20)
             produced += len(buf)
             if produced > limit:
-                problem = (f"{where}: decompressed payload exceeds the limit of {limit} bytes "
-                           "(raise max_payload_bytes if the scene is genuine)")
+                problem = (
+                    f"{where}: decompressed payload exceeds the limit of {limit} bytes "
+                    "(raise max_payload_bytes if the scene is genuine)"
+                )
                 break
             if ratio_cap is not None and produced > ratio_cap:
-                problem = (f"{where}: gzip stream inflates more than {max_ratio:.0f}:1 ({len(data)} compressed bytes "
-                           f"gave {produced} and counting), over the inflation ratio limit (a gzip bomb?)")
+                problem = (
+                    f"{where}: gzip stream inflates more than {max_ratio:.0f}:1 ({len(data)} compressed bytes "
+                    f"gave {produced} and counting), over the inflation ratio limit (a gzip bomb?)"
+                )
                 break
             out.write(buf)
             if d.eof:
@@ -137,9 +140,7 @@ def decode_tensor(state: Mapping[str, Any], key: str, where: str) -> np.ndarray:
         itemsize, rem = divmod(len(data), count)
         table = _ANY_BY_ITEMSIZE if suffix.endswith("_extra_state") else _FLOAT_BY_ITEMSIZE
         if rem or itemsize not in table:
-            raise SceneFormatError(
-                f"{where}: {key!r} holds {len(data)} bytes, which does not fit shape {shape}"
-            )
+            raise SceneFormatError(f"{where}: {key!r} holds {len(data)} bytes, which does not fit shape {shape}")
         dtype = np.dtype(table[itemsize])
     if len(data) != count * dtype.itemsize:
         raise SceneFormatError(
@@ -180,7 +181,7 @@ def _layer_names(config: Mapping[str, Any], state: StateSource) -> list[str]:
         names.extend(str(n) for n in layers_cfg)
     for key in state.keys():
         if isinstance(key, str) and key.startswith(_LAYER_PREFIX):
-            name = key[len(_LAYER_PREFIX):].split(".", 1)[0]
+            name = key[len(_LAYER_PREFIX) :].split(".", 1)[0]
             if name not in names:
                 names.append(name)
     return names
@@ -198,9 +199,22 @@ def valid_gaussians(means, quats, scales, opacities, coeffs) -> np.ndarray:
     )
 
 
-def activated_layer(name: str, positions, rotations, log_scales, logits, coeffs, degree: int, *,
-                    colour_convention: str, rigid: bool = False, cuboid_ids=None,
-                    track_ids: tuple[str, ...] = (), where: str = "", lidar_intensity=None) -> HostLayer:
+def activated_layer(
+    name: str,
+    positions,
+    rotations,
+    log_scales,
+    logits,
+    coeffs,
+    degree: int,
+    *,
+    colour_convention: str,
+    rigid: bool = False,
+    cuboid_ids=None,
+    track_ids: tuple[str, ...] = (),
+    where: str = "",
+    lidar_intensity=None,
+) -> HostLayer:
     """Drops invalid Gaussians and applies the activations of pre-activation values
     (normalize, exp, sigmoid), as both `.nurec` payloads and 3DGS PLY files store them."""
     valid = valid_gaussians(positions, rotations, log_scales, logits, coeffs)
@@ -239,8 +253,9 @@ def config_number(cfg: Mapping[str, Any], key: str, where: str, kind=int, defaul
         if not math.isfinite(number) or (kind is int and number != int(number)):
             raise ValueError
     except ValueError:
-        raise SceneFormatError(f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, "
-                               f"got {str(value)[:60]!r}") from None
+        raise SceneFormatError(
+            f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, got {str(value)[:60]!r}"
+        ) from None
     return kind(number)
 
 
@@ -255,21 +270,29 @@ def _active_degree(state: StateSource, pre: str, present: set[str], where: str) 
     return None
 
 
-_DEFORMABLE_NOTE = ("layer {name!r}: deformable actors rendered rigidly attached to their tracks "
-                    "(NuRec's deformation network is not evaluated)")
+_DEFORMABLE_NOTE = (
+    "layer {name!r}: deformable actors rendered rigidly attached to their tracks "
+    "(NuRec's deformation network is not evaluated)"
+)
 
 
 class _Skip(Exception):
     """A layer that cannot be loaded but must not fail the scene (deformable actors)."""
 
 
-def _decode_layer(name: str, cfg: Mapping[str, Any], state: StateSource, obj_track_ids: Mapping[str, Any],
-                  where: str, config_where: str) -> HostLayer:
+def _decode_layer(
+    name: str,
+    cfg: Mapping[str, Any],
+    state: StateSource,
+    obj_track_ids: Mapping[str, Any],
+    where: str,
+    config_where: str,
+) -> HostLayer:
     pre = f"{_LAYER_PREFIX}{name}."
     wl = f"{where}: layer {name!r}"
     wc = f"{config_where}.layers.{name}"
     deformable = "deformable" in name or str(cfg.get("name", "")).startswith("deformable")
-    present = {k[len(pre):] for k in state.keys() if k.startswith(pre)}
+    present = {k[len(pre) :] for k in state.keys() if k.startswith(pre)}
     missing = [p for p in _REQUIRED if p not in present]
     if missing and deformable:
         raise _Skip(f"layer {name!r} skipped: deformable layer without tensors {missing}")
@@ -358,9 +381,21 @@ def _decode_layer(name: str, cfg: Mapping[str, Any], state: StateSource, obj_tra
             if sig.shape[0] != n:
                 raise SceneFormatError(f"{wl}: lidar_extra_signal has shape {list(sig.shape)} for {n} Gaussians")
             lidar = sig.reshape(n, -1)[:, 0].astype(np.float32)
-    layer = activated_layer(name, pos, rot, scl, dens, coeffs, degree,
-                            colour_convention="radiance_sph_O0" if o0 else "3dgs", rigid=rigid,
-                            cuboid_ids=cuboid_ids, track_ids=track_ids, where=wl, lidar_intensity=lidar)
+    layer = activated_layer(
+        name,
+        pos,
+        rot,
+        scl,
+        dens,
+        coeffs,
+        degree,
+        colour_convention="radiance_sph_O0" if o0 else "3dgs",
+        rigid=rigid,
+        cuboid_ids=cuboid_ids,
+        track_ids=track_ids,
+        where=wl,
+        lidar_intensity=lidar,
+    )
     if deformable:
         layer = dataclasses.replace(layer, approximation=_DEFORMABLE_NOTE.format(name=name))
     return layer
@@ -376,22 +411,27 @@ def _read_sky(state: StateSource, config: Mapping[str, Any], where: str, notes: 
         return None
     tex = state.array(".background.textures")
     if str(kind) != "cubemap" or tex.ndim == 4 and tex.shape[0] == 1 and tex.shape[1] != 6:
-        notes.append(f"sky: {kind!s} environment map of shape {list(tex.shape)} is not supported (only cubemaps "
-                     "[1, 6, S, S, 3]); the sky is rendered as the constant background colour")
+        notes.append(
+            f"sky: {kind!s} environment map of shape {list(tex.shape)} is not supported (only cubemaps "
+            "[1, 6, S, S, 3]); the sky is rendered as the constant background colour"
+        )
         return None
     if tex.ndim == 5 and tex.shape[0] == 1:
         tex = tex[0]
     if tex.ndim != 4 or tex.shape[0] != 6 or tex.shape[3] != 3 or tex.shape[1] != tex.shape[2]:
-        raise SceneFormatError(f"{where}: .background.textures has shape {list(tex.shape)}, expected a cubemap "
-                               "[1, 6, S, S, 3]")
+        raise SceneFormatError(
+            f"{where}: .background.textures has shape {list(tex.shape)}, expected a cubemap [1, 6, S, S, 3]"
+        )
     return np.nan_to_num(tex.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
 
 
-def _read_post_processing(state: StateSource, config: Mapping[str, Any], where: str,
-                          notes: list[str]) -> tuple[dict[str, np.ndarray], bool]:
+def _read_post_processing(
+    state: StateSource, config: Mapping[str, Any], where: str, notes: list[str]
+) -> tuple[dict[str, np.ndarray], bool]:
     """The first PPISP module's tensors (`.post_processings.<i>.ppisp.*`) and its per-frame flag."""
-    prefixes = sorted({k.split(".ppisp.")[0] for k in state.keys()
-                       if k.startswith(".post_processings.") and ".ppisp." in k})
+    prefixes = sorted(
+        {k.split(".ppisp.")[0] for k in state.keys() if k.startswith(".post_processings.") and ".ppisp." in k}
+    )
     arrays: dict[str, np.ndarray] = {}
     if prefixes:
         pre = prefixes[0] + ".ppisp."
@@ -407,18 +447,22 @@ def _read_post_processing(state: StateSource, config: Mapping[str, Any], where: 
             if "ppisp" in str(entry.get("name", "")):
                 per_frame = bool(entry.get("per_frame_ppisp_enabled", False))
             elif entry.get("name"):
-                notes.append(f"post-processing {key!s}: {str(entry.get('name'))[:60]!r} is not implemented; "
-                             "colours will differ from NuRec's renders")
+                notes.append(
+                    f"post-processing {key!s}: {str(entry.get('name'))[:60]!r} is not implemented; "
+                    "colours will differ from NuRec's renders"
+                )
     appearance = config.get("appearance_embedding") if isinstance(config, Mapping) else None
     app_name = appearance.get("name") if isinstance(appearance, Mapping) else appearance
     if app_name not in (None, "", "skip-appearance"):
-        notes.append(f"appearance embedding {str(app_name)[:60]!r} is not applied; colours will differ from "
-                     "NuRec's renders")
+        notes.append(
+            f"appearance embedding {str(app_name)[:60]!r} is not applied; colours will differ from NuRec's renders"
+        )
     return arrays, per_frame
 
 
-def decode_state(state: StateSource, config: Mapping[str, Any], version: str, where: str,
-                 config_where: str | None = None) -> Payload:
+def decode_state(
+    state: StateSource, config: Mapping[str, Any], version: str, where: str, config_where: str | None = None
+) -> Payload:
     """Decodes a NuRec model state (payload keys, see StateSource) into activated numpy layers.
 
     `where` names the state in messages; `config_where` the config's file and key path (default
@@ -458,8 +502,9 @@ def decode_state(state: StateSource, config: Mapping[str, Any], version: str, wh
     return Payload(version, config, tuple(layers), sky, tuple(skipped), tuple(notes), ppisp, per_frame)
 
 
-def decode_payload(data: bytes, where: str, max_bytes: int, max_ratio: float | None = None,
-                   ratio_floor: int = 0) -> Payload:
+def decode_payload(
+    data: bytes, where: str, max_bytes: int, max_ratio: float | None = None, ratio_floor: int = 0
+) -> Payload:
     """Decodes one `.nurec` member into activated numpy layers and the sky cubemap (`max_ratio`,
     `ratio_floor`: the gzip layer's inflation ratio limit, see `gunzip_limited`)."""
     nre = unpack_nre_data(gunzip_limited(data, max_bytes, where, max_ratio, ratio_floor), where)

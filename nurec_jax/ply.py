@@ -17,9 +17,22 @@ from nurec_jax.payload import activated_layer
 from nurec_jax.types import HostLayer
 
 _PLY_TYPES = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
-    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+    "char": "i1",
+    "int8": "i1",
+    "uchar": "u1",
+    "uint8": "u1",
+    "short": "i2",
+    "int16": "i2",
+    "ushort": "u2",
+    "uint16": "u2",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+    "float": "f4",
+    "float32": "f4",
+    "double": "f8",
+    "float64": "f8",
 }
 
 
@@ -71,8 +84,22 @@ def parse_ply_gaussians(data: bytes, where: str) -> HostLayer:
         raise SceneFormatError(f"{where}: truncated ({len(data) - offset} bytes for {n} vertices of {dtype.itemsize})")
     v = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
     names = set(dtype.names or ())
-    need = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
-            "rot_0", "rot_1", "rot_2", "rot_3"]
+    need = [
+        "x",
+        "y",
+        "z",
+        "f_dc_0",
+        "f_dc_1",
+        "f_dc_2",
+        "opacity",
+        "scale_0",
+        "scale_1",
+        "scale_2",
+        "rot_0",
+        "rot_1",
+        "rot_2",
+        "rot_3",
+    ]
     missing = [p for p in need if p not in names]
     if missing:
         raise SceneFormatError(f"{where}: missing 3DGS vertex properties {missing}")
@@ -108,8 +135,16 @@ def ply_bytes(means, quats_wxyz, log_scales, opacity_logits, sh_coeffs) -> bytes
     fields += ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
     rest = np.asarray(sh_coeffs[:, 1:, :]).transpose(0, 2, 1).reshape(n, -1)
     cols = np.concatenate(
-        [means, np.zeros((n, 3)), sh_coeffs[:, 0, :], rest, np.asarray(opacity_logits).reshape(n, 1), log_scales,
-         quats_wxyz], axis=1
+        [
+            means,
+            np.zeros((n, 3)),
+            sh_coeffs[:, 0, :],
+            rest,
+            np.asarray(opacity_logits).reshape(n, 1),
+            log_scales,
+            quats_wxyz,
+        ],
+        axis=1,
     ).astype("<f4")
     header = "ply\nformat binary_little_endian 1.0\nelement vertex %d\n" % n
     header += "".join(f"property float {f}\n" for f in fields) + "end_header\n"

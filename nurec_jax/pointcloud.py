@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
-def write_ply(path: str, points: np.ndarray, intensities: np.ndarray | None = None,
-              ring_ids: np.ndarray | None = None) -> None:
+def write_ply(
+    path: str, points: np.ndarray, intensities: np.ndarray | None = None, ring_ids: np.ndarray | None = None
+) -> None:
     """Binary little-endian PLY with float x, y, z, optional float intensity and ushort ring."""
     pts = np.asarray(points, np.float32).reshape(-1, 3)
     n = pts.shape[0]
@@ -60,14 +61,23 @@ def _colormap(t: np.ndarray) -> np.ndarray:
     return ((stops[i] * (1 - f) + stops[i + 1] * f) * 255).astype(np.uint8)
 
 
-def bev_image(points: np.ndarray, values: np.ndarray | None = None, *, range_m: float = 50.0, size: int = 800,
-              value_range: tuple[float, float] | None = None) -> np.ndarray:
+def bev_image(
+    points: np.ndarray,
+    values: np.ndarray | None = None,
+    *,
+    range_m: float = 50.0,
+    size: int = 800,
+    value_range: tuple[float, float] | None = None,
+) -> np.ndarray:
     """Top view (x forward = up, y left = left) of points within +/- range_m, coloured by `values`
     (default: height z). Returns (size, size, 3) uint8; farther-up points are drawn last."""
     pts = np.asarray(points, np.float64).reshape(-1, 3)
     vals = pts[:, 2] if values is None else np.asarray(values, np.float64).reshape(-1)
-    lo, hi = value_range if value_range is not None else (
-        (np.percentile(vals, 2), np.percentile(vals, 98)) if vals.size else (0.0, 1.0))
+    lo, hi = (
+        value_range
+        if value_range is not None
+        else ((np.percentile(vals, 2), np.percentile(vals, 98)) if vals.size else (0.0, 1.0))
+    )
     t = (vals - lo) / max(hi - lo, 1e-9)
     col = (size / 2 - pts[:, 1] / range_m * size / 2).astype(int)
     row = (size / 2 - pts[:, 0] / range_m * size / 2).astype(int)
@@ -76,7 +86,7 @@ def bev_image(points: np.ndarray, values: np.ndarray | None = None, *, range_m: 
     img = np.zeros((size, size, 3), np.uint8)
     img[row[ok][order], col[ok][order]] = _colormap(t[ok][order])
     c = size // 2
-    img[c - 2:c + 3, c - 2:c + 3] = 255  # the sensor
+    img[c - 2 : c + 3, c - 2 : c + 3] = 255  # the sensor
     return img
 
 
@@ -118,19 +128,25 @@ def tick_spacing(range_m: float) -> float:
     """A round tick spacing (1, 2 or 5 x 10^k metres) giving 2 to 5 ticks on each side of the sensor."""
     for k in range(-2, 6):
         for m in (1, 2, 5):
-            step = m * 10.0 ** k
+            step = m * 10.0**k
             if range_m / step <= 5:
                 return step
-    return 10.0 ** 6
+    return 10.0**6
 
 
 def _label(v: float) -> str:
     return f"{v:g}"
 
 
-def bev_figure(points: np.ndarray, values: np.ndarray | None = None, *, range_m: float = 50.0, size: int = 800,
-               value_range: tuple[float, float] | None = None,
-               value_label: str = "height (m)") -> tuple[np.ndarray, BevAxes]:
+def bev_figure(
+    points: np.ndarray,
+    values: np.ndarray | None = None,
+    *,
+    range_m: float = 50.0,
+    size: int = 800,
+    value_range: tuple[float, float] | None = None,
+    value_label: str = "height (m)",
+) -> tuple[np.ndarray, BevAxes]:
     """`bev_image` with metre axes, a grid, a scale bar and a colour bar.
 
     Args:
@@ -146,8 +162,11 @@ def bev_figure(points: np.ndarray, values: np.ndarray | None = None, *, range_m:
     """
     pts = np.asarray(points, np.float64).reshape(-1, 3)
     vals = pts[:, 2] if values is None else np.asarray(values, np.float64).reshape(-1)
-    lo, hi = value_range if value_range is not None else (
-        (float(np.percentile(vals, 2)), float(np.percentile(vals, 98))) if vals.size else (0.0, 1.0))
+    lo, hi = (
+        value_range
+        if value_range is not None
+        else ((float(np.percentile(vals, 2)), float(np.percentile(vals, 98))) if vals.size else (0.0, 1.0))
+    )
     plot = bev_image(pts, vals, range_m=range_m, size=size, value_range=(lo, hi))
     axes = BevAxes(_MARGIN["left"], _MARGIN["top"], size, range_m, tick_spacing(range_m))
     fig = Image.new("RGB", (axes.left + size + _MARGIN["right"], axes.top + size + _MARGIN["bottom"]), (0, 0, 0))
@@ -192,8 +211,9 @@ def _scale_bar(draw: ImageDraw.ImageDraw, axes: BevAxes, font) -> None:
     draw.text(((x0 + x1) // 2, y - 6), f"{_label(axes.tick_m)} m", fill=_INK, font=font, anchor="mb")
 
 
-def _colour_bar(fig: Image.Image, draw: ImageDraw.ImageDraw, axes: BevAxes, font, lo: float, hi: float,
-                label: str) -> None:
+def _colour_bar(
+    fig: Image.Image, draw: ImageDraw.ImageDraw, axes: BevAxes, font, lo: float, hi: float, label: str
+) -> None:
     """The colour scale, `hi` at the top, right of the plot."""
     x0, height = axes.left + axes.size + 14, axes.size // 2
     y0 = axes.top + (axes.size - height) // 2

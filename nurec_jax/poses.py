@@ -84,4 +84,3 @@ class PosePair:
         q = nmath.slerp(self.start.quat, self.end.quat, tau)
         t = self.start.trans + tau[..., None] * (self.end.trans - self.start.trans)
         return Pose(q, t)
-

@@ -83,9 +83,7 @@ class Ppisp:
         return int(self.crf_params.shape[0])
 
     @classmethod
-    def from_state(
-        cls, arrays: Mapping[str, np.ndarray], where: str, prefix: str = "", dtype=jnp.float32
-    ) -> "Ppisp":
+    def from_state(cls, arrays: Mapping[str, np.ndarray], where: str, prefix: str = "", dtype=jnp.float32) -> "Ppisp":
         """Checks and converts the four tensors `arrays[prefix + name]` (host side, not under jit).
 
         Args:

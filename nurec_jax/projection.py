@@ -51,8 +51,7 @@ def _transform_xyz(rot, trans, xyz):
     return tuple(r[3 * i] * x + r[3 * i + 1] * y + r[3 * i + 2] * z + r[9 + i] for i in range(3))
 
 
-def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx, xyz, shutter: int,
-                   iterations: int):
+def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx, xyz, shutter: int, iterations: int):
     """Projects the sigma points of each Gaussian (frame `frame_idx` [N]), given as components
     xyz = (x, y, z) each [S, N] with the centre at s = 0, under the rolling-shutter fixed point
     (docs/rendering.md#rolling-shutter). Component arrays with the Gaussians on the minor axis vectorise on CPU, where
@@ -99,7 +98,7 @@ def project_points(camera: Camera, sensor: PosePair, frames: PosePair, frame_idx
 def sigma_points(g: MergedGaussians):
     """The 7 unscented sigma points of every Gaussian in its own frame, as components (x, y, z) each
     [7, N]: the centre, then centre +- each scaled principal axis (docs/rendering.md#unscented-projection)."""
-    lam = C.UT_ALPHA ** 2 * (3 + C.UT_KAPPA) - 3
+    lam = C.UT_ALPHA**2 * (3 + C.UT_KAPPA) - 3
     spread = math.sqrt(3 + lam)
     rot = nmath.quat_to_matrix(g.quats)  # column j is principal axis j
     out = []
@@ -109,8 +108,9 @@ def sigma_points(g: MergedGaussians):
     return tuple(out)
 
 
-def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: MergedGaussians, shutter: int,
-                        iterations: int):
+def unscented_footprint(
+    camera: Camera, sensor: PosePair, frames: PosePair, g: MergedGaussians, shutter: int, iterations: int
+):
     """Tile-selection rectangle of every Gaussian from its 7 sigma points (docs/rendering.md#unscented-projection).
 
     Returns (lo (N, 2), hi (N, 2), valid (N,)) in pixels. Under a rolling shutter the rectangle is
@@ -118,9 +118,9 @@ def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: M
     footprint is only an estimate, and a fast-moving sensor shears the true one. Only the diagonal of
     the projected covariance is needed: the rectangle is axis-aligned.
     """
-    lam = C.UT_ALPHA ** 2 * (3 + C.UT_KAPPA) - 3
+    lam = C.UT_ALPHA**2 * (3 + C.UT_KAPPA) - 3
     w0m = lam / (3 + lam)
-    w0c = w0m + (1 - C.UT_ALPHA ** 2 + C.UT_BETA)
+    w0c = w0m + (1 - C.UT_ALPHA**2 + C.UT_BETA)
     wi = 1.0 / (2 * (3 + lam))
     dtype = g.means.dtype
     wm = jnp.array([w0m] + [wi] * 6, dtype)[:, None]
@@ -145,8 +145,9 @@ def unscented_footprint(camera: Camera, sensor: PosePair, frames: PosePair, g: M
     return lo, hi, valid
 
 
-def project_gaussians(camera: Camera, sensor_pose: PosePair, frames: PosePair, g: MergedGaussians, shutter: int,
-                      iterations: int):
+def project_gaussians(
+    camera: Camera, sensor_pose: PosePair, frames: PosePair, g: MergedGaussians, shutter: int, iterations: int
+):
     """Rectangles, culling, sort depth and colours of every Gaussian.
 
     Returns (rect_lo [N, 2], rect_hi [N, 2], ok [N] (projected, in front, opaque enough), depth [N],
@@ -156,8 +157,9 @@ def project_gaussians(camera: Camera, sensor_pose: PosePair, frames: PosePair, g
     dtype = g.means.dtype
     sg = jax.lax.stop_gradient
     with jax.named_scope("project"):
-        rect_lo, rect_hi, ok = unscented_footprint(camera, sg(sensor_pose), sg(frames),
-                                                   jax.tree_util.tree_map(sg, g), shutter, iterations)
+        rect_lo, rect_hi, ok = unscented_footprint(
+            camera, sg(sensor_pose), sg(frames), jax.tree_util.tree_map(sg, g), shutter, iterations
+        )
         mid = sensor_pose.at(jnp.asarray(0.5, dtype))
         frames_mid = frames.at(jnp.full(frames.start.trans.shape[:1], 0.5, dtype))  # one pose per frame
         fmid = Pose(frames_mid.quat[g.frames], frames_mid.trans[g.frames])

@@ -57,8 +57,13 @@ class FramePrep:
     depth: jax.Array  # [N] sort key distance
 
 
-def prepare_frame(gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair, actors: ActorPoses | None,
-                  options: RenderOptions = RenderOptions()) -> FramePrep:
+def prepare_frame(
+    gaussians: SceneGaussians,
+    camera: Camera,
+    sensor_pose: PosePair,
+    actors: ActorPoses | None,
+    options: RenderOptions = RenderOptions(),
+) -> FramePrep:
     """Stages "rays" and "projection": rays, unscented-transform footprints, culling, depth keys, colours."""
     actors = checked_actors(gaussians, actors)
     dtype = gaussians.static.means.dtype
@@ -67,8 +72,9 @@ def prepare_frame(gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePa
     g = merge_gaussians(gaussians, actors)
     with jax.named_scope("rays"):
         rays, direction = camera_rays(camera, sensor_pose, frames, shutter, tile_size_for(options))
-    rect_lo, rect_hi, ok, depth, colors = project_gaussians(camera, sensor_pose, frames, g, shutter,
-                                                            options.rolling_shutter_iterations)
+    rect_lo, rect_hi, ok, depth, colors = project_gaussians(
+        camera, sensor_pose, frames, g, shutter, options.rolling_shutter_iterations
+    )
     return FramePrep(rays, direction, g, colors, rect_lo, rect_hi, ok, depth)
 
 
@@ -78,8 +84,17 @@ def bin_frame(prep: FramePrep, camera: Camera, options: RenderOptions = RenderOp
     _, _, tiles_x, tiles_y = pixel_grid(camera.width, camera.height, tile)
     sg = jax.lax.stop_gradient
     with jax.named_scope("bin"):
-        return bin_gaussians(prep.rect_lo, prep.rect_hi, prep.ok, sg(prep.gaussians.opacities), prep.depth,
-                             tiles_x, tiles_y, options.pair_capacity, tile)
+        return bin_gaussians(
+            prep.rect_lo,
+            prep.rect_hi,
+            prep.ok,
+            sg(prep.gaussians.opacities),
+            prep.depth,
+            tiles_x,
+            tiles_y,
+            options.pair_capacity,
+            tile,
+        )
 
 
 def composite_frame(prep: FramePrep, binning: Binning, camera: Camera, options: RenderOptions = RenderOptions()):
@@ -87,13 +102,35 @@ def composite_frame(prep: FramePrep, binning: Binning, camera: Camera, options: 
     _, valid_np, _, _ = pixel_grid(camera.width, camera.height, tile_size_for(options))
     g = prep.gaussians
     with jax.named_scope("rasterize"):
-        return composite_tiles(options.implementation, binning.pair_gids, binning.tile_start, binning.tile_counts,
-                               prep.rays, jnp.asarray(valid_np), g.means, g.quats, g.scales, g.opacities, prep.colors,
-                               g.frames, chunk=options.chunk, tile_batch=options.tile_batch)
+        return composite_tiles(
+            options.implementation,
+            binning.pair_gids,
+            binning.tile_start,
+            binning.tile_counts,
+            prep.rays,
+            jnp.asarray(valid_np),
+            g.means,
+            g.quats,
+            g.scales,
+            g.opacities,
+            prep.colors,
+            g.frames,
+            chunk=options.chunk,
+            tile_batch=options.tile_batch,
+        )
 
 
-def compose_frame(sky: Sky, camera: Camera, prep: FramePrep, binning: Binning, rgb, trans, hit,
-                  ppisp: Ppisp | None = None, isp: IspIndex | None = None) -> RenderOutput:
+def compose_frame(
+    sky: Sky,
+    camera: Camera,
+    prep: FramePrep,
+    binning: Binning,
+    rgb,
+    trans,
+    hit,
+    ppisp: Ppisp | None = None,
+    isp: IspIndex | None = None,
+) -> RenderOutput:
     """Stage "compose": sky behind, alpha and depth, tiles -> image, then the scene's PPISP camera
     post-processing (when it has one) for the camera and frame `isp` names (None: neither)."""
     out = compose_image(sky, camera, prep.direction, rgb, trans, hit, binning.num_pairs, binning.max_tile_pairs)

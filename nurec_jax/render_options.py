@@ -41,7 +41,7 @@ class RenderOptions:
 
 
 def resolved_implementation(impl: str) -> str:
-    """"reference" or "pallas" for an implementation name (see RenderOptions) on this backend."""
+    """ "reference" or "pallas" for an implementation name (see RenderOptions) on this backend."""
     if impl == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "reference"
     if impl not in ("reference", "pallas"):

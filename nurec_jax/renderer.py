@@ -235,8 +235,13 @@ class CompiledCache:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return dict(entries=len(self._entries), max_entries=self._max, hits=self.hits, misses=self.misses,
-                        evictions=self.evictions)
+            return dict(
+                entries=len(self._entries),
+                max_entries=self._max,
+                hits=self.hits,
+                misses=self.misses,
+                evictions=self.evictions,
+            )
 
     def clear(self) -> None:
         with self._lock:
@@ -264,11 +269,15 @@ class CompiledCache:
     @staticmethod
     def key(name: str, args: tuple, kwargs: dict, static: dict) -> tuple:
         leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
-        return (name, tree, tuple(_leaf_signature(x) for x in leaves), tuple(sorted(static.items())),
-                _run_device(leaves))
+        return (
+            name,
+            tree,
+            tuple(_leaf_signature(x) for x in leaves),
+            tuple(sorted(static.items())),
+            _run_device(leaves),
+        )
 
-    def get(self, name: str, fn, counter: list, args: tuple, kwargs: dict | None = None,
-            static: dict | None = None):
+    def get(self, name: str, fn, counter: list, args: tuple, kwargs: dict | None = None, static: dict | None = None):
         """The executable of `fn(*args, **kwargs, **static)` (compiled on a miss; `static` are the
         static keyword arguments). Call it with `(*args, **kwargs)`, without the static ones."""
         kwargs, static = kwargs or {}, static or {}
@@ -313,8 +322,16 @@ class CompiledCache:
         wrapper = jax.jit(traced, static_argnames=tuple(static))
         return wrapper.lower(*args, **kwargs, **static).compile()
 
-    def call(self, name: str, fn, counter: list, args: tuple, kwargs: dict | None = None,
-             static: dict | None = None, check=None):
+    def call(
+        self,
+        name: str,
+        fn,
+        counter: list,
+        args: tuple,
+        kwargs: dict | None = None,
+        static: dict | None = None,
+        check=None,
+    ):
         """Runs `fn` through its cached executable; `check()` (if given) runs after a compile and before
         the run, and may raise to stop (a call whose deadline passed while it compiled)."""
         exe = self.get(name, fn, counter, args, kwargs, static)
@@ -328,8 +345,12 @@ COMPILED = CompiledCache()
 server sets its bound from --max-compiled-variants)."""
 
 _TRACES = [0]
-_STAGE_FUNCTIONS = {"projection": prepare_frame, "binning": bin_frame, "compositing": composite_frame,
-                    "compose": compose_frame}
+_STAGE_FUNCTIONS = {
+    "projection": prepare_frame,
+    "binning": bin_frame,
+    "compositing": composite_frame,
+    "compose": compose_frame,
+}
 
 
 class Renderer:
@@ -340,8 +361,11 @@ class Renderer:
     frames start there. Nothing is ever silently clipped.
     """
 
-    def __init__(self, base_options: RenderOptions = RenderOptions(pair_capacity=C.FIRST_PAIR_CAPACITY),
-                 max_pair_capacity: int = C.MAX_PAIR_CAPACITY):
+    def __init__(
+        self,
+        base_options: RenderOptions = RenderOptions(pair_capacity=C.FIRST_PAIR_CAPACITY),
+        max_pair_capacity: int = C.MAX_PAIR_CAPACITY,
+    ):
         self.base_options = base_options
         self.max_pair_capacity = max_pair_capacity
         self._buckets = _Buckets(max_pair_capacity, "frame")
@@ -372,8 +396,9 @@ class Renderer:
         with timer.stage("compositing") as st:
             rgb, trans, hit = st.wait(stage("compositing", prep, binning, camera, options=options))
         with timer.stage("compose") as st:
-            return st.wait(stage("compose", gaussians.sky, camera, prep, binning, rgb, trans, hit, gaussians.ppisp,
-                                 isp))
+            return st.wait(
+                stage("compose", gaussians.sky, camera, prep, binning, rgb, trans, hit, gaussians.ppisp, isp)
+            )
 
     @staticmethod
     def _key(camera: Camera, cache_key: tuple) -> tuple:
@@ -398,10 +423,19 @@ class Renderer:
             caps = self.first_capacity(camera, n_gaussians)
         return dataclasses.replace(self.base_options, pair_capacity=caps)
 
-    def render(self, gaussians: SceneGaussians, camera: Camera, sensor_pose: PosePair,
-               actors: ActorPoses | None = None, *, disable_rolling_shutter: bool = False,
-               cache_key: tuple = (), timer: StageTimer | None = None, isp: IspIndex | None = None,
-               check=None) -> RenderOutput:
+    def render(
+        self,
+        gaussians: SceneGaussians,
+        camera: Camera,
+        sensor_pose: PosePair,
+        actors: ActorPoses | None = None,
+        *,
+        disable_rolling_shutter: bool = False,
+        cache_key: tuple = (),
+        timer: StageTimer | None = None,
+        isp: IspIndex | None = None,
+        check=None,
+    ) -> RenderOutput:
         """Renders a frame, growing the pair bucket on overflow. With a `timer` (any `StageTimer`) the frame
         runs as four separately compiled, timed stages. `isp` selects the camera and frame of the scene's
         PPISP post-processing (see `isp_index`); ignored for scenes without one. `check()` (if given) runs
@@ -411,8 +445,9 @@ class Renderer:
         camera, poses and actors are put there too, and the compiled function is that device's."""
         key = self._key(camera, cache_key)
         n_gaussians = gaussians.static.count + gaussians.dynamic.count
-        opts = dataclasses.replace(self.options_for(camera, cache_key, n_gaussians),
-                                   disable_rolling_shutter=disable_rolling_shutter)
+        opts = dataclasses.replace(
+            self.options_for(camera, cache_key, n_gaussians), disable_rolling_shutter=disable_rolling_shutter
+        )
         if actors is None:
             actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)
         # One argument structure per scene kind, so every caller shares one compiled function.
@@ -422,8 +457,15 @@ class Renderer:
             camera, sensor_pose, actors, isp = jax.device_put((camera, sensor_pose, actors, isp), device)
         while True:
             if timer is None:
-                out = COMPILED.call("render", render, _TRACES, (gaussians, camera, sensor_pose, actors),
-                                    dict(isp=isp), dict(options=opts), check=check)
+                out = COMPILED.call(
+                    "render",
+                    render,
+                    _TRACES,
+                    (gaussians, camera, sensor_pose, actors),
+                    dict(isp=isp),
+                    dict(options=opts),
+                    check=check,
+                )
             else:
                 out = self._render_staged(gaussians, camera, sensor_pose, actors, opts, timer, isp, check)
             pairs = int(out.num_pairs)
@@ -451,9 +493,17 @@ class LidarCaster:
         caster, like the Renderer's)."""
         return _LIDAR_TRACES[0]
 
-    def cast(self, gaussians: SceneGaussians, model: LidarModel, sensor_pose: PosePair,
-             actors: ActorPoses | None = None, *, ray_chunk_size: int = 1 << 62, cache_key: tuple = (),
-             check=None) -> LidarSpin:
+    def cast(
+        self,
+        gaussians: SceneGaussians,
+        model: LidarModel,
+        sensor_pose: PosePair,
+        actors: ActorPoses | None = None,
+        *,
+        ray_chunk_size: int = 1 << 62,
+        cache_key: tuple = (),
+        check=None,
+    ) -> LidarSpin:
         """Casts one spin in passes of `ray_chunk_size` rays at most; `check()` (if given) runs before
         each pass and may raise to stop early (cancellation)."""
         dtype = gaussians.static.means.dtype
@@ -465,17 +515,23 @@ class LidarCaster:
             tables, sensor_pose, actors = jax.device_put((tables, sensor_pose, actors), device)
         n_ct = column_tiles_for(tables, ray_chunk_size)
         key = (cache_key, model.static_key(), n_ct)
-        opts = dataclasses.replace(self.options, pair_capacity=self._buckets.get(key, self.options.pair_capacity),
-                                   column_tiles=n_ct)
+        opts = dataclasses.replace(
+            self.options, pair_capacity=self._buckets.get(key, self.options.pair_capacity), column_tiles=n_ct
+        )
         parts = []
         c0 = 0
         while c0 < tables.column_tiles:
             if check is not None:
                 check()
             first = jnp.int32(c0) if device is None else jax.device_put(np.int32(c0), device)
-            out = COMPILED.call("lidar_pass", raycast_pass, _LIDAR_TRACES,
-                                (gaussians, tables, sensor_pose, actors, first),
-                                static=dict(n_col_tiles=n_ct, options=opts), check=check)
+            out = COMPILED.call(
+                "lidar_pass",
+                raycast_pass,
+                _LIDAR_TRACES,
+                (gaussians, tables, sensor_pose, actors, first),
+                static=dict(n_col_tiles=n_ct, options=opts),
+                check=check,
+            )
             pairs = int(out.num_pairs)
             if pairs > opts.pair_capacity:
                 opts = dataclasses.replace(opts, pair_capacity=self._buckets.grow(key, opts.pair_capacity, pairs))
@@ -489,9 +545,14 @@ class LidarCaster:
         return LidarSpin(dist[inv], alpha[inv], inten[inv], pts[inv])
 
 
-def track_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], start_us: int, end_us: int,
-                      overrides: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                      dtype=np.float32) -> ActorPoses:
+def track_actor_poses(
+    metadata: SceneMetadata,
+    track_ids: tuple[str, ...],
+    start_us: int,
+    end_us: int,
+    overrides: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    dtype=np.float32,
+) -> ActorPoses:
     """Actor poses at an exposure's start and end from the scene's tracks (interpolated).
 
     An actor is visible when its track exists at the exposure start (no extrapolation outside the
@@ -517,12 +578,19 @@ def track_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], start
         vis.append(bool(track.is_present(start_us) or track.is_present(end_us)))
     if not track_ids:
         return ActorPoses.hidden(0, dtype)
-    return ActorPoses(PosePair.from_matrices(np.stack(starts).astype(dtype), np.stack(ends).astype(dtype)),
-                      jnp.asarray(vis))
+    return ActorPoses(
+        PosePair.from_matrices(np.stack(starts).astype(dtype), np.stack(ends).astype(dtype)), jnp.asarray(vis)
+    )
 
 
-def isp_index(metadata: SceneMetadata, camera_id: str | None, end_us: int, *, per_frame: bool = False,
-              trajectory_idx: int | None = None) -> IspIndex:
+def isp_index(
+    metadata: SceneMetadata,
+    camera_id: str | None,
+    end_us: int,
+    *,
+    per_frame: bool = False,
+    trajectory_idx: int | None = None,
+) -> IspIndex:
     """The PPISP camera and frame of a render of camera `camera_id` (None: a camera the scene does not
     know) at exposure end `end_us`.
 
@@ -548,8 +616,14 @@ def isp_index(metadata: SceneMetadata, camera_id: str | None, end_us: int, *, pe
     return IspIndex.of(camera, frame)
 
 
-def rig_camera_poses(metadata: SceneMetadata, camera_id: str, start_us: int, end_us: int,
-                     dtype=np.float32, trajectory_idx: int | None = None) -> PosePair:
+def rig_camera_poses(
+    metadata: SceneMetadata,
+    camera_id: str,
+    start_us: int,
+    end_us: int,
+    dtype=np.float32,
+    trajectory_idx: int | None = None,
+) -> PosePair:
     """Camera -> world at an exposure's start and end.
 
     The calibration is `metadata.camera(camera_id, trajectory_idx)` (None: the first of that logical

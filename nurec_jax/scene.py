@@ -149,9 +149,7 @@ def _metadata_from_archive(archive: Archive, path: str) -> SceneMetadata:
             raise SceneFormatError(f"{archive.name}:metadata.yaml: top level must be a mapping")
     rig = RigDocument((), (), (), np.eye(4), None)
     if archive.has("rig_trajectories.json"):
-        rig = parse_rig_document(
-            _read_json(archive, "rig_trajectories.json"), f"{archive.name}:rig_trajectories.json"
-        )
+        rig = parse_rig_document(_read_json(archive, "rig_trajectories.json"), f"{archive.name}:rig_trajectories.json")
     trajectory = rig.trajectories[0] if rig.trajectories else None
     tracks = {}
     if archive.has("sequence_tracks.json"):
@@ -167,8 +165,10 @@ def _metadata_from_archive(archive: Archive, path: str) -> SceneMetadata:
         except (TypeError, ValueError):
             raise SceneFormatError(f"{archive.name}:metadata.yaml: time_range must hold integer µs") from None
     elif rig.trajectories:  # the union of every trajectory's range
-        time_range = (min(t.time_range_us[0] for t in rig.trajectories),
-                      max(t.time_range_us[1] for t in rig.trajectories))
+        time_range = (
+            min(t.time_range_us[0] for t in rig.trajectories),
+            max(t.time_range_us[1] for t in rig.trajectories),
+        )
     return SceneMetadata(
         scene_id=scene_id,
         source=path,
@@ -199,15 +199,31 @@ def _data_info_sequence_id(archive: Archive) -> str:
 
 def _plain_metadata(path: str) -> SceneMetadata:
     return SceneMetadata(
-        scene_id=os.path.splitext(os.path.basename(path))[0], source=path, cameras={}, lidars={},
-        trajectory=None, tracks={}, world_to_nre=np.eye(4), T_world_base=None, time_range_us=None,
-        yaml={}, members=(), trajectories=(), camera_list=(), lidar_list=(),
+        scene_id=os.path.splitext(os.path.basename(path))[0],
+        source=path,
+        cameras={},
+        lidars={},
+        trajectory=None,
+        tracks={},
+        world_to_nre=np.eye(4),
+        T_world_base=None,
+        time_range_us=None,
+        yaml={},
+        members=(),
+        trajectories=(),
+        camera_list=(),
+        lidar_list=(),
     )
 
 
 def _open_archive(path: str, options: LoadOptions) -> Archive:
-    archive = Archive(path, options.max_member_bytes, max_total_bytes=options.max_total_bytes,
-                      max_ratio=options.max_inflation_ratio, ratio_floor_bytes=options.ratio_floor_bytes)
+    archive = Archive(
+        path,
+        options.max_member_bytes,
+        max_total_bytes=options.max_total_bytes,
+        max_ratio=options.max_inflation_ratio,
+        ratio_floor_bytes=options.ratio_floor_bytes,
+    )
     archive.max_side_file_bytes = options.max_side_file_bytes
     archive.max_yaml_bytes = options.max_yaml_bytes
     return archive
@@ -230,12 +246,20 @@ def read_scene_metadata(path: str | os.PathLike, options: LoadOptions = LoadOpti
 
 def _transform_layer(layer: HostLayer, T: np.ndarray, where: str) -> HostLayer:
     means, quats, scales, coeffs = usd_stage.transform_gaussians(
-        T, layer.means.astype(np.float64), layer.quats.astype(np.float64), layer.scales.astype(np.float64),
-        layer.sh.astype(np.float64), layer.sh_degree, where,
+        T,
+        layer.means.astype(np.float64),
+        layer.quats.astype(np.float64),
+        layer.scales.astype(np.float64),
+        layer.sh.astype(np.float64),
+        layer.sh_degree,
+        where,
     )
     return dataclasses.replace(
-        layer, means=means.astype(np.float32), quats=quats.astype(np.float32),
-        scales=scales.astype(np.float32), sh=coeffs.astype(np.float32),
+        layer,
+        means=means.astype(np.float32),
+        quats=quats.astype(np.float32),
+        scales=scales.astype(np.float32),
+        sh=coeffs.astype(np.float32),
     )
 
 
@@ -252,11 +276,19 @@ def _merge_same_name(layers: list[HostLayer]) -> list[HostLayer]:
         g = Gaussians.concatenate([_as_gaussians(p) for p in parts])
         if any(p.rigid for p in parts):
             raise SceneFormatError(f"rigid layer {name!r} appears in several payloads")
-        merged.append(dataclasses.replace(
-            parts[0], means=g.means, quats=g.quats, scales=g.scales, opacities=g.opacities, sh=g.sh,
-            sh_degree=g.sh_degree, dropped=sum(p.dropped for p in parts),
-            lidar_intensity=_joined_intensity(parts),
-        ))
+        merged.append(
+            dataclasses.replace(
+                parts[0],
+                means=g.means,
+                quats=g.quats,
+                scales=g.scales,
+                opacities=g.opacities,
+                sh=g.sh,
+                sh_degree=g.sh_degree,
+                dropped=sum(p.dropped for p in parts),
+                lidar_intensity=_joined_intensity(parts),
+            )
+        )
     return merged
 
 
@@ -264,8 +296,10 @@ def _joined_intensity(layers) -> np.ndarray | None:
     """Concatenated lidar intensities; NaN for layers without one; None when none has one."""
     if all(l.lidar_intensity is None for l in layers):
         return None
-    return np.concatenate([np.full(l.count, np.nan, np.float32) if l.lidar_intensity is None
-                           else l.lidar_intensity for l in layers] + [np.zeros(0, np.float32)])
+    return np.concatenate(
+        [np.full(l.count, np.nan, np.float32) if l.lidar_intensity is None else l.lidar_intensity for l in layers]
+        + [np.zeros(0, np.float32)]
+    )
 
 
 def _as_gaussians(layer: HostLayer) -> Gaussians:
@@ -338,8 +372,11 @@ def _load_usdz_gaussians(archive: Archive, meta: SceneMetadata, options: LoadOpt
                 decoded[member] = checkpoint.decode_checkpoint(archive, options.max_payload_bytes)
             else:
                 decoded[member] = decode_payload(
-                    archive.read(member, options.max_payload_bytes), where, options.max_payload_bytes,
-                    max_ratio=options.max_inflation_ratio, ratio_floor=options.ratio_floor_bytes,
+                    archive.read(member, options.max_payload_bytes),
+                    where,
+                    options.max_payload_bytes,
+                    max_ratio=options.max_inflation_ratio,
+                    ratio_floor=options.ratio_floor_bytes,
                 )
             warnings.extend(decoded[member].notes)
         payload = decoded[member]
@@ -373,8 +410,7 @@ def load_host_scene(path: str | os.PathLike, options: LoadOptions = LoadOptions(
     if lower.endswith(".usdz"):
         with _open_archive(path, options) as archive:
             meta = _metadata_from_archive(archive, path)
-            static, rigid, sky, version, sources, skipped, warnings, post = _load_usdz_gaussians(
-                archive, meta, options)
+            static, rigid, sky, version, sources, skipped, warnings, post = _load_usdz_gaussians(archive, meta, options)
     elif lower.endswith(".ply"):
         meta = read_scene_metadata(path, options)
         static, sources = [read_ply_gaussians(path, options.max_member_bytes)], [os.path.basename(path)]
@@ -402,8 +438,9 @@ def load_host_scene(path: str | os.PathLike, options: LoadOptions = LoadOptions(
         arrays, per_frame, where = post
         ppisp_arrays = ppisp_lib.checked_state(arrays, where)  # refused at load, not at put_scene
         n_cam = ppisp_arrays["crf_params"].shape[0]
-        post_text = (f"PPISP: per-camera vignetting and response curve ({n_cam} cameras)"
-                     + (", per-frame exposure and colour" if per_frame else "; per-frame terms off"))
+        post_text = f"PPISP: per-camera vignetting and response curve ({n_cam} cameras)" + (
+            ", per-frame exposure and colour" if per_frame else "; per-frame terms off"
+        )
     report = LoadReport(
         payload_version=version,
         sources=tuple(sources),
@@ -423,8 +460,12 @@ def load_host_scene(path: str | os.PathLike, options: LoadOptions = LoadOptions(
 def _empty_gaussians(degree: int) -> Gaussians:
     k = (degree + 1) ** 2
     return Gaussians(
-        np.zeros((0, 3), np.float32), np.zeros((0, 4), np.float32), np.zeros((0, 3), np.float32),
-        np.zeros((0,), np.float32), np.zeros((0, k, 3), np.float32), degree,
+        np.zeros((0, 3), np.float32),
+        np.zeros((0, 4), np.float32),
+        np.zeros((0, 3), np.float32),
+        np.zeros((0,), np.float32),
+        np.zeros((0, k, 3), np.float32),
+        degree,
     )
 
 
@@ -500,8 +541,11 @@ def describe(scene: Scene | HostScene) -> str:
         labels: dict[str, int] = {}
         for t in m.tracks.values():
             labels[t.label] = labels.get(t.label, 0) + 1
-        with_gaussians = set(scene.gaussians.track_ids) if isinstance(scene, Scene) else {
-            t for l in scene.rigid_layers for t in l.track_ids}
+        with_gaussians = (
+            set(scene.gaussians.track_ids)
+            if isinstance(scene, Scene)
+            else {t for l in scene.rigid_layers for t in l.track_ids}
+        )
         lines.append(
             f"  tracks: {len(m.tracks)} ({', '.join(f'{v} {k}' for k, v in sorted(labels.items()))}); "
             f"{len(with_gaussians & set(m.tracks))} with Gaussians"

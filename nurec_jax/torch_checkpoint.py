@@ -254,9 +254,7 @@ _INERT_CLASSES: dict[str, type[InertObject]] = {}
 def _inert_class(qualname: str) -> type[InertObject]:
     cls = _INERT_CLASSES.get(qualname)
     if cls is None:
-        cls = type(
-            f"Inert[{qualname}]", (InertObject,), {"qualname": qualname, "__module__": __name__}
-        )
+        cls = type(f"Inert[{qualname}]", (InertObject,), {"qualname": qualname, "__module__": __name__})
         _INERT_CLASSES[qualname] = cls
     return cls
 
@@ -299,9 +297,7 @@ class _RewindingReader:
 class _Archive:
     """The zip container of one checkpoint, kept open for lazy storage reads."""
 
-    def __init__(
-        self, source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, where: str
-    ):
+    def __init__(self, source: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO, where: str):
         self.where = where
         if isinstance(source, (str, os.PathLike)):
             fileobj: Any = os.fspath(source)
@@ -314,9 +310,7 @@ class _Archive:
                 raise SceneFormatError(f"{where}: the checkpoint stream is not seekable")
             fileobj = _RewindingReader(source) if isinstance(source, zipfile.ZipExtFile) else source
         else:
-            raise TypeError(
-                f"{where}: expected a path, bytes or a binary file, got {type(source).__name__}"
-            )
+            raise TypeError(f"{where}: expected a path, bytes or a binary file, got {type(source).__name__}")
         try:
             self.zip = zipfile.ZipFile(fileobj)
         except zipfile.BadZipFile as e:
@@ -328,14 +322,10 @@ class _Archive:
             raise SceneFormatError(f"{where}: cannot be read ({e})") from None
         self.infos = {info.filename: info for info in self.zip.infolist()}
         prefixes = sorted(
-            name[: -len("/data.pkl")]
-            for name in self.infos
-            if name.endswith("/data.pkl") and name.count("/") == 1
+            name[: -len("/data.pkl")] for name in self.infos if name.endswith("/data.pkl") and name.count("/") == 1
         )
         if not prefixes:
-            raise SceneFormatError(
-                f"{where}: no <folder>/data.pkl member: not a PyTorch checkpoint"
-            )
+            raise SceneFormatError(f"{where}: no <folder>/data.pkl member: not a PyTorch checkpoint")
         if len(prefixes) > 1:
             raise SceneFormatError(f"{where}: several data.pkl members ({', '.join(prefixes)})")
         self.prefix = prefixes[0]
@@ -356,26 +346,18 @@ class _Archive:
             )
         want = info.file_size if exact is None else exact
         if info.file_size != want:
-            raise SceneFormatError(
-                f"{self.where}: member {name} holds {info.file_size} bytes, expected {want}"
-            )
+            raise SceneFormatError(f"{self.where}: member {name} holds {info.file_size} bytes, expected {want}")
         out = bytearray()
         try:
             with self.zip.open(info) as f:
                 while len(out) <= want and (chunk := f.read(min(1 << 20, want + 1 - len(out)))):
                     out += chunk
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            raise SceneFormatError(
-                f"{self.where}: member {name} is corrupt or truncated ({e})"
-            ) from None
+            raise SceneFormatError(f"{self.where}: member {name} is corrupt or truncated ({e})") from None
         except NotImplementedError as e:
-            raise SceneFormatError(
-                f"{self.where}: member {name}: unsupported compression ({e})"
-            ) from None
+            raise SceneFormatError(f"{self.where}: member {name}: unsupported compression ({e})") from None
         if len(out) != want:
-            raise SceneFormatError(
-                f"{self.where}: member {name} is truncated: read {len(out)} of {want} bytes"
-            )
+            raise SceneFormatError(f"{self.where}: member {name} is truncated: read {len(out)} of {want} bytes")
         return bytes(out)
 
 
@@ -501,9 +483,7 @@ class LazyTensor:
         if len(self.stride) != len(self.shape):
             raise self._fail("stride and shape differ in length")
         if self.storage.nbytes % self.itemsize:
-            raise self._fail(
-                f"storage size {self.storage.nbytes} is not a multiple of {self.itemsize}"
-            )
+            raise self._fail(f"storage size {self.storage.nbytes} is not a multiple of {self.itemsize}")
         out_bytes = self.size * (4 if self.dtype == "bfloat16" else self.itemsize)
         if out_bytes > self.storage._limit:
             raise self._fail(f"{out_bytes} bytes exceeds the limit of {self.storage._limit}")
@@ -653,18 +633,14 @@ class _CheckpointUnpickler(pickle.Unpickler):
             )
         _, cls, key, location, numel = pid
         if not isinstance(cls, _StorageClass):
-            raise UnsafeCheckpointError(
-                f"{self._where}: storage reference with type {_short(cls)}; refused"
-            )
+            raise UnsafeCheckpointError(f"{self._where}: storage reference with type {_short(cls)}; refused")
         if not (isinstance(key, str) and _KEY_RE.fullmatch(key) and key not in (".", "..")):
             raise self._bad(f"invalid storage key {_short(key)}")
         if not isinstance(location, str) or not _is_int(numel) or numel < 0:
             raise self._bad(f"invalid storage reference {_short(pid)}")
         dtype = cls.dtype
         if dtype is not None and dtype not in _DTYPES:
-            raise UnsupportedSceneError(
-                f"{self._where}: storage data/{key} has unsupported type {cls!r} ({dtype})"
-            )
+            raise UnsupportedSceneError(f"{self._where}: storage data/{key} has unsupported type {cls!r} ({dtype})")
         nbytes = numel if dtype is None else numel * _DTYPES[dtype][1]
         known = self._storages.get(key)
         if known is not None:
@@ -681,8 +657,7 @@ class _CheckpointUnpickler(pickle.Unpickler):
             raise SceneFormatError(f"{self._where}: storage member {member} is missing")
         if size != nbytes:
             raise SceneFormatError(
-                f"{self._where}: storage member {member} holds {size} bytes, expected {nbytes} "
-                f"({numel} x {cls!r})"
+                f"{self._where}: storage member {member} holds {size} bytes, expected {nbytes} ({numel} x {cls!r})"
             )
         storage = LazyStorage(self._archive, key, dtype, nbytes, self._byteorder, self._limit)
         self._storages[key] = storage
@@ -691,11 +666,7 @@ class _CheckpointUnpickler(pickle.Unpickler):
     # allow-listed callables
 
     def _dims(self, x: Any, what: str) -> tuple[int, ...]:
-        if (
-            not isinstance(x, (tuple, list))
-            or not all(_is_int(d) and d >= 0 for d in x)
-            or len(x) > 64
-        ):
+        if not isinstance(x, (tuple, list)) or not all(_is_int(d) and d >= 0 for d in x) or len(x) > 64:
             raise self._bad(f"tensor {what} must be a tuple of non-negative ints, got {_short(x)}")
         return tuple(x)
 
@@ -713,19 +684,11 @@ class _CheckpointUnpickler(pickle.Unpickler):
         elif storage.dtype is not None and storage.dtype != dtype:
             raise self._bad(f"tensor dtype {dtype} differs from its storage's {storage.dtype}")
         if dtype not in _DTYPES:
-            raise UnsupportedSceneError(
-                f"{self._where}: tensor over data/{storage.key} has unsupported dtype {dtype}"
-            )
+            raise UnsupportedSceneError(f"{self._where}: tensor over data/{storage.key} has unsupported dtype {dtype}")
         negative = False
         if metadata:
-            if (
-                not isinstance(metadata, dict)
-                or not set(metadata) <= {"neg", "conj"}
-                or metadata.get("conj")
-            ):
-                raise UnsupportedSceneError(
-                    f"{self._where}: unsupported tensor metadata {_short(metadata)}"
-                )
+            if not isinstance(metadata, dict) or not set(metadata) <= {"neg", "conj"} or metadata.get("conj"):
+                raise UnsupportedSceneError(f"{self._where}: unsupported tensor metadata {_short(metadata)}")
             negative = bool(metadata.get("neg"))
         return LazyTensor(
             storage,
@@ -773,9 +736,7 @@ class _CheckpointUnpickler(pickle.Unpickler):
         data.is_parameter = True
         return data
 
-    def _rebuild_parameter(
-        self, data: Any, requires_grad: Any = False, backward_hooks: Any = None
-    ) -> LazyTensor:
+    def _rebuild_parameter(self, data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> LazyTensor:
         return self._as_parameter(data)
 
     def _rebuild_parameter_with_state(
@@ -786,11 +747,7 @@ class _CheckpointUnpickler(pickle.Unpickler):
         return tensor
 
     def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> LazyTensor:
-        if (
-            func not in self._rebuilders
-            or not isinstance(new_type, _TensorClass)
-            or not isinstance(args, tuple)
-        ):
+        if func not in self._rebuilders or not isinstance(new_type, _TensorClass) or not isinstance(args, tuple):
             raise UnsafeCheckpointError(
                 f"{self._where}: _rebuild_from_type_v2 with {_short(func)} / {_short(new_type)} refused"
             )
@@ -845,16 +802,12 @@ class _CheckpointUnpickler(pickle.Unpickler):
     def _codecs_encode(self, text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
         # Protocol-2 pickles write bytes as _codecs.encode(<latin-1 str>, 'latin1').
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-            raise UnsafeCheckpointError(
-                f"{self._where}: _codecs.encode{_short((text, encoding))} refused"
-            )
+            raise UnsafeCheckpointError(f"{self._where}: _codecs.encode{_short((text, encoding))} refused")
         self._spend(len(text))
         return text.encode("latin-1")
 
 
-_REPR = reprlib.Repr(
-    maxlevel=3, maxtuple=6, maxlist=6, maxdict=6, maxset=6, maxstring=60, maxother=60
-)
+_REPR = reprlib.Repr(maxlevel=3, maxtuple=6, maxlist=6, maxdict=6, maxset=6, maxstring=60, maxother=60)
 
 
 def _short(x: Any) -> str:
@@ -884,9 +837,7 @@ def load_checkpoint(
     if archive.size("byteorder") is not None:
         raw = archive.read("byteorder", 64).strip()
         if raw not in (b"little", b"big"):
-            raise SceneFormatError(
-                f"{where}: {archive.prefix}/byteorder is {raw[:16]!r}, not little or big"
-            )
+            raise SceneFormatError(f"{where}: {archive.prefix}/byteorder is {raw[:16]!r}, not little or big")
         byteorder = raw.decode()
     data = archive.read("data.pkl", max_member_bytes)
     unpickler = _CheckpointUnpickler(data, archive, byteorder, max_member_bytes)

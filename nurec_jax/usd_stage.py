@@ -203,9 +203,7 @@ def transform_gaussians(T: np.ndarray, means, quats_wxyz, scales, coeffs, degree
         # Reflection Q: Q R F (F = diag(1, 1, -1)) is a rotation with the same covariance;
         # Q R F = (-Q) R (-F), and -F is the half turn about z, quaternion (0, 0, 0, 1).
         qn = geometry.matrix_to_quat_wxyz(-q)
-        quats = geometry.quat_multiply_wxyz(
-            geometry.quat_multiply_wxyz(qn, quats_wxyz), np.array([0.0, 0.0, 0.0, 1.0])
-        )
+        quats = geometry.quat_multiply_wxyz(geometry.quat_multiply_wxyz(qn, quats_wxyz), np.array([0.0, 0.0, 0.0, 1.0]))
     if degree > 0:
         m = sh.rotation_matrix_for_sh(q, degree)
         coeffs = np.einsum("kj,njc->nkc", m, coeffs)

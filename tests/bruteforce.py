@@ -36,8 +36,22 @@ def interp(T0, T1, tau):
     return out
 
 
-def render(camera, T_start, T_end, means, quats, scales, opac, shc, degree, frames, actor_T, background,
-           shutter=None, wide=False):
+def render(
+    camera,
+    T_start,
+    T_end,
+    means,
+    quats,
+    scales,
+    opac,
+    shc,
+    degree,
+    frames,
+    actor_T,
+    background,
+    shutter=None,
+    wide=False,
+):
     """Returns (rgb [H,W,3], alpha [H,W], hit [H,W]).
 
     frames: (N,) 0 = world, 1 + a = actor a; actor_T: list of (T_start, T_end) object -> world.

@@ -81,8 +81,22 @@ def tensor(state: dict, key: str, array, dtype=np.float16) -> None:
     state[key + ".shape"] = list(a.shape)
 
 
-def gaussian_layer(state: dict, layer: str, n: int, rng, *, fourier=None, degree=3, positions=None,
-                   cuboid_ids=None, albedo=None, specular=None, rotations=None, densities=None, scales=None):
+def gaussian_layer(
+    state: dict,
+    layer: str,
+    n: int,
+    rng,
+    *,
+    fourier=None,
+    degree=3,
+    positions=None,
+    cuboid_ids=None,
+    albedo=None,
+    specular=None,
+    rotations=None,
+    densities=None,
+    scales=None,
+):
     p = f".gaussians_nodes.{layer}."
     pos = rng.uniform(-5, 5, (n, 3)) if positions is None else positions
     tensor(state, p + "positions", pos)
@@ -106,8 +120,12 @@ def gaussian_layer(state: dict, layer: str, n: int, rng, *, fourier=None, degree
 
 
 def layer_config(o0=True, degree=3, **over):
-    cfg = {"density_activation": "sigmoid", "scale_activation": "exp", "rotation_activation": "normalize",
-           "particle": {"radiance_sph_degree": degree, "radiance_sph_O0": o0}}
+    cfg = {
+        "density_activation": "sigmoid",
+        "scale_activation": "exp",
+        "rotation_activation": "normalize",
+        "particle": {"radiance_sph_degree": degree, "radiance_sph_O0": o0},
+    }
     cfg.update(over)
     return cfg
 
@@ -160,10 +178,20 @@ def pinhole_calibration(seq: str | None, logical: str, idx: int, resolution, mou
     t[:3, :3] = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # OpenCV camera axes in the FLU rig
     t[:3, 3] = [mount_x, 0.0, 1.5]
     w, h = resolution
-    cal = {"logical_sensor_name": logical, "unique_sensor_idx": idx, "T_sensor_rig": t.tolist(),
-           "camera_model": {"type": "opencv-pinhole", "parameters": {
-               "resolution": [w, h], "shutter_type": "GLOBAL", "principal_point": [w / 2, h / 2],
-               "focal_length": [w / 2, w / 2]}}}
+    cal = {
+        "logical_sensor_name": logical,
+        "unique_sensor_idx": idx,
+        "T_sensor_rig": t.tolist(),
+        "camera_model": {
+            "type": "opencv-pinhole",
+            "parameters": {
+                "resolution": [w, h],
+                "shutter_type": "GLOBAL",
+                "principal_point": [w / 2, h / 2],
+                "focal_length": [w / 2, w / 2],
+            },
+        },
+    }
     if seq is not None:
         cal["sequence_id"] = seq
     return cal
@@ -184,8 +212,11 @@ def two_sequence_rig(recorded_offset=(0.0, 0.0, 0.5)) -> dict:
     ts_b = [tb, tb + 100_000, tb + 200_000, tb + 300_000]
     poses_a = [rig_pose(0.0, [10.0 * i, 0.0, 0.0]) for i in range(3)]
     poses_b = [rig_pose(90.0 + 5 * i, [50.0, 10.0 * i, 0.0]) for i in range(4)]
-    front_a, front_b, rear_b = (f"camera_front_wide_120fov@{sa}", f"camera_front_wide_120fov@{sb}",
-                                f"camera_rear_b@{sb}")
+    front_a, front_b, rear_b = (
+        f"camera_front_wide_120fov@{sa}",
+        f"camera_front_wide_120fov@{sb}",
+        f"camera_rear_b@{sb}",
+    )
     win_a = [[ta, ta + 30_000], [ta + 100_000, ta + 130_000]]
     win_b = [[tb + 50_000, tb + 80_000], [tb + 150_000, tb + 180_000], [tb + 250_000, tb + 280_000]]
 
@@ -193,8 +224,9 @@ def two_sequence_rig(recorded_offset=(0.0, 0.0, 0.5)) -> dict:
         i = min(max(int(np.searchsorted(ts, t, side="right")) - 1, 0), len(ts) - 2)
         f = (t - ts[i]) / (ts[i + 1] - ts[i])
         yaw = lambda m: np.degrees(np.arctan2(m[1, 0], m[0, 0]))  # noqa: E731
-        return rig_pose((1 - f) * yaw(poses[i]) + f * yaw(poses[i + 1]),
-                        (1 - f) * poses[i][:3, 3] + f * poses[i + 1][:3, 3])
+        return rig_pose(
+            (1 - f) * yaw(poses[i]) + f * yaw(poses[i + 1]), (1 - f) * poses[i][:3, 3] + f * poses[i + 1][:3, 3]
+        )
 
     recorded = []
     for s, e in win_b:
@@ -210,17 +242,25 @@ def two_sequence_rig(recorded_offset=(0.0, 0.0, 0.5)) -> dict:
         "T_world_base": np.eye(4).tolist(),
         "world_to_nre": {"matrix": np.eye(4).tolist()},
         "rig_trajectories": [
-            {"sequence_id": sa, "T_rig_world_timestamps_us": ts_a, "T_rig_worlds": [p.tolist() for p in poses_a],
-             "cameras_frame_timestamps_us": {front_a: win_a, f"camera_side_a@{sa}": [[ta + 10, ta + 20]]},
-             "lidars_frame_timestamps_us": {f"lidar_top_360fov@{sa}": [[ta, ta + 100_000]]},
-             "cameras_linear_start_frame_indices": {front_a: 0, f"camera_side_a@{sa}": 2},
-             "lidars_linear_start_frame_indices": {f"lidar_top_360fov@{sa}": 0},
-             "rig_bbox": {"centroid": [1.3, 0, 0.8], "dim": [4.8, 1.9, 1.6], "rot": [0, 0, 0]}},
-            {"sequence_id": sb, "T_rig_world_timestamps_us": ts_b, "T_rig_worlds": [p.tolist() for p in poses_b],
-             "cameras_frame_timestamps_us": {front_b: win_b, rear_b: [[tb, tb + 20_000]]},
-             "cameras_frame_T_rig_worlds": {front_b: recorded},
-             "cameras_linear_start_frame_indices": {front_b: 3, rear_b: 6},
-             "rig_bbox": None},
+            {
+                "sequence_id": sa,
+                "T_rig_world_timestamps_us": ts_a,
+                "T_rig_worlds": [p.tolist() for p in poses_a],
+                "cameras_frame_timestamps_us": {front_a: win_a, f"camera_side_a@{sa}": [[ta + 10, ta + 20]]},
+                "lidars_frame_timestamps_us": {f"lidar_top_360fov@{sa}": [[ta, ta + 100_000]]},
+                "cameras_linear_start_frame_indices": {front_a: 0, f"camera_side_a@{sa}": 2},
+                "lidars_linear_start_frame_indices": {f"lidar_top_360fov@{sa}": 0},
+                "rig_bbox": {"centroid": [1.3, 0, 0.8], "dim": [4.8, 1.9, 1.6], "rot": [0, 0, 0]},
+            },
+            {
+                "sequence_id": sb,
+                "T_rig_world_timestamps_us": ts_b,
+                "T_rig_worlds": [p.tolist() for p in poses_b],
+                "cameras_frame_timestamps_us": {front_b: win_b, rear_b: [[tb, tb + 20_000]]},
+                "cameras_frame_T_rig_worlds": {front_b: recorded},
+                "cameras_linear_start_frame_indices": {front_b: 3, rear_b: 6},
+                "rig_bbox": None,
+            },
         ],
         "camera_calibrations": {
             front_a: pinhole_calibration(sa, "camera_front_wide_120fov", 0, (1920, 1080), 1.7),
@@ -229,9 +269,13 @@ def two_sequence_rig(recorded_offset=(0.0, 0.0, 0.5)) -> dict:
             f"camera_side_a@{sa}": pinhole_calibration(sa, "camera_side_a", 3, (640, 480), 0.5),
         },
         "lidar_calibrations": {
-            f"lidar_top_360fov@{sa}": {"logical_sensor_name": "lidar_top_360fov", "sequence_id": sa,
-                                       "unique_sensor_idx": 4, "T_sensor_rig": lidar_t.tolist(),
-                                       "lidar_model": None},
+            f"lidar_top_360fov@{sa}": {
+                "logical_sensor_name": "lidar_top_360fov",
+                "sequence_id": sa,
+                "unique_sensor_idx": 4,
+                "T_sensor_rig": lidar_t.tolist(),
+                "lidar_model": None,
+            },
         },
     }
 
@@ -244,10 +288,16 @@ def two_sequence_tracks(conflict: bool = False) -> dict:
     def seq(key, ids, labels, t0, x0s):
         ts = [[t0, t0 + 100_000] for _ in ids]
         poses = [[[x, 5.0, 0.8, 0, 0, 0, 1], [x + 1, 5.0, 0.8, 0, 0, 0, 1]] for x in x0s]
-        return {"tracks_data": {"tracks_id": [f"{i}@{key}" for i in ids],
-                                "tracks_label_class": labels, "tracks_flags": ["DYNAMIC|CONTROLLABLE"] * len(ids),
-                                "tracks_timestamps_us": ts, "tracks_poses": poses},
-                "cuboidtracks_data": {"cuboids_dims": [[4.5, 1.9, 1.5]] * len(ids)}}
+        return {
+            "tracks_data": {
+                "tracks_id": [f"{i}@{key}" for i in ids],
+                "tracks_label_class": labels,
+                "tracks_flags": ["DYNAMIC|CONTROLLABLE"] * len(ids),
+                "tracks_timestamps_us": ts,
+                "tracks_poses": poses,
+            },
+            "cuboidtracks_data": {"cuboids_dims": [[4.5, 1.9, 1.5]] * len(ids)},
+        }
 
     a = seq(sa, ["3", "7"], ["automobile", "automobile"], ta, [5.0, 15.0])
     b = seq(sb, ["7", "12"], ["person" if conflict else "automobile", "person"], ta, [15.0, 60.0])
@@ -259,12 +309,15 @@ def two_sequence_scene(path, *, data_info=b'{"sequence_id": "two-seq-scene"}', t
     metadata.yaml, `data_info` as data_info.json (None: no member) and `n` plain Gaussians."""
     rng = np.random.default_rng(seed)
     state: dict = {}
-    pos = np.concatenate([rng.uniform([0, -10, 0], [60, 10, 4], (n // 2, 3)),
-                          rng.uniform([40, 0, 0], [60, 60, 4], (n - n // 2, 3))])
+    pos = np.concatenate(
+        [rng.uniform([0, -10, 0], [60, 10, 4], (n // 2, 3)), rng.uniform([40, 0, 0], [60, 60, 4], (n - n // 2, 3))]
+    )
     gaussian_layer(state, "gaussians", n, rng, degree=0, positions=pos)
-    members = [("volume.nurec", payload(state, {})),
-               ("rig_trajectories.json", jbytes(two_sequence_rig())),
-               ("sequence_tracks.json", jbytes(two_sequence_tracks() if tracks is None else tracks))]
+    members = [
+        ("volume.nurec", payload(state, {})),
+        ("rig_trajectories.json", jbytes(two_sequence_rig())),
+        ("sequence_tracks.json", jbytes(two_sequence_tracks() if tracks is None else tracks)),
+    ]
     if data_info is not None:
         members.append(("data_info.json", data_info))
     usdz(path, members)

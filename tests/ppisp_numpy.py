@@ -34,9 +34,7 @@ def crf_knots(raw) -> dict:
     s1 = gamma * m * (y1 ** (1.0 / gamma)) ** (gamma - 1.0)
     sh_y = 1.0 + (1.0 - y1) * ov
     sh_x = x1 + (sh_y - y1) / s1 * (1.0 + sh)
-    return dict(
-        x0=x0, y0=y0, s0=s0, y0g=y0g, m=m, gamma=gamma, x1=x1, y1=y1, s1=s1, sh_x=sh_x, sh_y=sh_y
-    )
+    return dict(x0=x0, y0=y0, s0=s0, y0g=y0g, m=m, gamma=gamma, x1=x1, y1=y1, s1=s1, sh_x=sh_x, sh_y=sh_y)
 
 
 def _solve(x, y, s):
@@ -63,9 +61,7 @@ def crf_channel(x: np.ndarray, raw) -> np.ndarray:
 
 def ppisp_numpy(exposure, vignetting, color, crf, rgb, camera_index: int, frame_index: int):
     """The post-processed image (H, W, 3) in float64; an index outside its table counts as -1."""
-    exposure, vignetting, color, crf = (
-        np.asarray(a, np.float64) for a in (exposure, vignetting, color, crf)
-    )
+    exposure, vignetting, color, crf = (np.asarray(a, np.float64) for a in (exposure, vignetting, color, crf))
     img = np.array(rgb, np.float64)
     h, w = img.shape[:2]
     f = frame_index if 0 <= frame_index < exposure.shape[0] else -1

@@ -25,14 +25,35 @@ BACKGROUND = (0.2, 0.3, 0.5)
 def make_camera(model: str, shutter=ShutterType.GLOBAL, width=40, height=32, dtype=jnp.float32):
     if model == "ftheta":
         bw = (0.0, 0.021, 1.5e-5, -2e-7, 0.0, 0.0)
-        intr = FThetaIntrinsics((width, height), shutter, (width / 2 - 0.3, height / 2 + 0.2),
-                                PolynomialType.PIXELDIST_TO_ANGLE, bw, (), 1.2, (1.01, 0.01, -0.005))
+        intr = FThetaIntrinsics(
+            (width, height),
+            shutter,
+            (width / 2 - 0.3, height / 2 + 0.2),
+            PolynomialType.PIXELDIST_TO_ANGLE,
+            bw,
+            (),
+            1.2,
+            (1.01, 0.01, -0.005),
+        )
     elif model == "pinhole":
-        intr = OpenCVPinholeIntrinsics((width, height), shutter, (width / 2 + 0.3, height / 2 - 0.2), (30.0, 31.0),
-                                       (-0.05, 0.01, 0.0, 0.001, 0.0, 0.0), (1e-3, -5e-4), (1e-4, 0.0, -1e-4, 0.0))
+        intr = OpenCVPinholeIntrinsics(
+            (width, height),
+            shutter,
+            (width / 2 + 0.3, height / 2 - 0.2),
+            (30.0, 31.0),
+            (-0.05, 0.01, 0.0, 0.001, 0.0, 0.0),
+            (1e-3, -5e-4),
+            (1e-4, 0.0, -1e-4, 0.0),
+        )
     elif model == "fisheye":
-        intr = OpenCVFisheyeIntrinsics((width, height), shutter, (width / 2, height / 2), (16.0, 16.0),
-                                       (0.01, -0.002, 0.0, 0.0), math.radians(95.0))
+        intr = OpenCVFisheyeIntrinsics(
+            (width, height),
+            shutter,
+            (width / 2, height / 2),
+            (16.0, 16.0),
+            (0.01, -0.002, 0.0, 0.0),
+            math.radians(95.0),
+        )
     else:
         raise ValueError(model)
     return cameras.camera_from_intrinsics(intr, dtype)
@@ -42,8 +63,10 @@ def camera_poses(motion=0.0, dtype=np.float64):
     """Camera -> world at start/end: a yawed camera moving sideways by `motion` metres (camera x)."""
     r = geometry.quat_wxyz_to_matrix(np.array([0.97, 0.05, -0.2, 0.1]))
     start = geometry.make_transform(r, [0.5, -0.3, 0.2])
-    end = geometry.make_transform(r @ geometry.quat_wxyz_to_matrix(np.array([1.0, 0.0, 0.01, 0.0])),
-                                  start[:3, 3] + r @ np.array([motion, 0.0, 0.0]))
+    end = geometry.make_transform(
+        r @ geometry.quat_wxyz_to_matrix(np.array([1.0, 0.0, 0.01, 0.0])),
+        start[:3, 3] + r @ np.array([motion, 0.0, 0.0]),
+    )
     return start.astype(dtype), end.astype(dtype)
 
 
@@ -74,23 +97,47 @@ def random_scene(seed=0, n=60, n_actor=6, degree=2, wide=False, dtype=np.float32
         p0 = start[:3, :3] @ np.array([-0.6 + a, 0.2, depth]) + start[:3, 3]
         q0 = geometry.quat_wxyz_to_matrix(np.array([0.9, 0.1 * a, 0.3, -0.1]))
         t0 = geometry.make_transform(q0, p0)
-        t1 = geometry.make_transform(q0 @ geometry.quat_wxyz_to_matrix(np.array([1.0, 0.0, 0.0, 0.05])),
-                                     p0 + start[:3, :3] @ np.array([0.25, 0.0, 0.0]))
+        t1 = geometry.make_transform(
+            q0 @ geometry.quat_wxyz_to_matrix(np.array([1.0, 0.0, 0.0, 0.05])),
+            p0 + start[:3, :3] @ np.array([0.25, 0.0, 0.0]),
+        )
         actor_T.append((t0, t1))
-    host = dict(means=means, quats=quats, scales=scales, opac=opac, shc=shc, a_means=a_means, a_quats=a_quats,
-                a_scales=a_scales, a_op=a_op, a_sh=a_sh, tracks=tracks, actor_T=actor_T, degree=degree)
+    host = dict(
+        means=means,
+        quats=quats,
+        scales=scales,
+        opac=opac,
+        shc=shc,
+        a_means=a_means,
+        a_quats=a_quats,
+        a_scales=a_scales,
+        a_op=a_op,
+        a_sh=a_sh,
+        tracks=tracks,
+        actor_T=actor_T,
+        degree=degree,
+    )
     return host
 
 
 def to_scene(host, dtype=np.float32) -> SceneGaussians:
     c = lambda x: jnp.asarray(np.asarray(x, dtype))  # noqa: E731
-    static = Gaussians(c(host["means"]), c(host["quats"]), c(host["scales"]), c(host["opac"]), c(host["shc"]),
-                       host["degree"])
-    dyn = Gaussians(c(host["a_means"]), c(host["a_quats"]), c(host["a_scales"]), c(host["a_op"]), c(host["a_sh"]),
-                    host["degree"])
+    static = Gaussians(
+        c(host["means"]), c(host["quats"]), c(host["scales"]), c(host["opac"]), c(host["shc"]), host["degree"]
+    )
+    dyn = Gaussians(
+        c(host["a_means"]), c(host["a_quats"]), c(host["a_scales"]), c(host["a_op"]), c(host["a_sh"]), host["degree"]
+    )
     sky = Sky(None, c(BACKGROUND), c(np.eye(3)))
-    return SceneGaussians(static, jnp.zeros(static.means.shape[0], jnp.int32), dyn, jnp.asarray(host["tracks"]),
-                          sky, ("background",), ("a", "b"))
+    return SceneGaussians(
+        static,
+        jnp.zeros(static.means.shape[0], jnp.int32),
+        dyn,
+        jnp.asarray(host["tracks"]),
+        sky,
+        ("background",),
+        ("a", "b"),
+    )
 
 
 def actor_poses(host, dtype=np.float32) -> ActorPoses:

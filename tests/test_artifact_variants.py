@@ -161,10 +161,13 @@ def test_malformed_checkpoint_artifacts_name_what_is_wrong(paths, tmp_path):
     with zipfile.ZipFile(paths["checkpoint-only"]) as z:
         members = {i.filename: z.read(i) for i in z.infolist()}
     members["parsed_config.yaml"] = members["parsed_config.yaml"].replace(
-        b"radiance_sph_degree: 3", b"radiance_sph_degree: three", 1)
+        b"radiance_sph_degree: 3", b"radiance_sph_degree: three", 1
+    )
     bad = tmp_path / "badcfg.usdz"
     sample.write_zip(bad, list(members.items()))
-    with pytest.raises(SceneFormatError, match=r"parsed_config.yaml: model\.layers\.background\.particle\."
-                       r"radiance_sph_degree: expected an integer, got 'three'"):
+    with pytest.raises(
+        SceneFormatError,
+        match=r"parsed_config.yaml: model\.layers\.background\.particle\."
+        r"radiance_sph_degree: expected an integer, got 'three'",
+    ):
         S.load_host_scene(str(bad))
-

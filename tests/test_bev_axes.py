@@ -29,8 +29,8 @@ def test_ticks_labels_and_scale_bar_follow_the_metre_mapping(range_m, size, step
         assert _is_ink(img[row, left - 4]), ("x tick", t)
         assert _is_ink(img[bottom + 4, col]), ("y tick", t)
         # A label beside each tick: ink left of the x tick, below the y tick.
-        assert (img[row - 4:row + 5, left - 40:left - 9] > 128).any(), ("x label", t)
-        assert (img[bottom + 10:bottom + 24, col - 10:col + 11] > 128).any(), ("y label", t)
+        assert (img[row - 4 : row + 5, left - 40 : left - 9] > 128).any(), ("x label", t)
+        assert (img[bottom + 10 : bottom + 24, col - 10 : col + 11] > 128).any(), ("y label", t)
     # No tick halfway between two.
     mid = top + int(size / 2 - step / 2 * px_per_m)
     assert not _is_ink(img[mid, left - 4])
@@ -42,7 +42,7 @@ def test_ticks_labels_and_scale_bar_follow_the_metre_mapping(range_m, size, step
     rows = [r for r in range(top, bottom) if _is_ink(img[r, left + size - 12]) and _is_ink(img[r, left + size - 13])]
     assert rows, "no scale bar"
     bar_row = rows[-1]
-    ink = np.flatnonzero([_is_ink(p) for p in img[bar_row, left:left + size]])
+    ink = np.flatnonzero([_is_ink(p) for p in img[bar_row, left : left + size]])
     length = ink.max() - ink.min()
     assert length == round(step * px_per_m)
     x0 = left + ink.min()

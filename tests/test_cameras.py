@@ -29,7 +29,7 @@ CAMS = _sample_cameras()
 @pytest.mark.parametrize("name", sorted(CAMS))
 def test_unproject_project_round_trip_over_the_image(name):
     cam = CAMS[name]
-    ys, xs = np.mgrid[0:cam.height:max(1, cam.height // 23), 0:cam.width:max(1, cam.width // 29)]
+    ys, xs = np.mgrid[0 : cam.height : max(1, cam.height // 23), 0 : cam.width : max(1, cam.width // 29)]
     uv = jnp.asarray(np.stack([xs + 0.5, ys + 0.5], -1).reshape(-1, 2), jnp.float32)
     ray = cam.unproject(uv)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(ray), axis=-1), 1.0, atol=1e-5)
@@ -69,12 +69,21 @@ def test_ftheta_forward_and_backward_polynomials_agree():
 
 def test_ftheta_forward_reference_derives_backward():
     fw = (0.0, 900.0, -20.0, 5.0, 0.0, 0.0)
-    intr = FThetaIntrinsics((1920, 1080), ShutterType.GLOBAL, (959.5, 539.5), PolynomialType.ANGLE_TO_PIXELDIST,
-                            (), fw, 1.2, (1.0, 0.0, 0.0))
+    intr = FThetaIntrinsics(
+        (1920, 1080),
+        ShutterType.GLOBAL,
+        (959.5, 539.5),
+        PolynomialType.ANGLE_TO_PIXELDIST,
+        (),
+        fw,
+        1.2,
+        (1.0, 0.0, 0.0),
+    )
     cam = cameras.camera_from_intrinsics(intr)
     theta = jnp.linspace(0.0, 1.1, 50)
-    np.testing.assert_allclose(np.asarray(cam.angle_of_distance(cam.distance_of_angle(theta))), np.asarray(theta),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(cam.angle_of_distance(cam.distance_of_angle(theta))), np.asarray(theta), atol=1e-5
+    )
 
 
 def test_principal_point_and_on_axis_jacobian():
@@ -108,8 +117,14 @@ def test_resolution_scaling_scales_image_points(name):
 
 
 def test_output_resolution_rule_matches_nurec():
-    table = [((320, 512), (320, 567)), ((1080, 1900), (1080, 1916)), ((1080, 1920), (1081, 1920)),
-             ((2160, 3456), (2160, 3833)), ((2168, 3848), (2168, 3848)), ((300, 1), (300, 532))]
+    table = [
+        ((320, 512), (320, 567)),
+        ((1080, 1900), (1080, 1916)),
+        ((1080, 1920), (1081, 1920)),
+        ((2160, 3456), (2160, 3833)),
+        ((2168, 3848), (2168, 3848)),
+        ((300, 1), (300, 532)),
+    ]
     for (h, w), (oh, ow) in table:
         out_w, out_h, _ = cameras.output_resolution(3848, 2168, w, h)
         assert (out_h, out_w) == (oh, ow), (h, w)

@@ -17,8 +17,10 @@ from nurec_jax import scene as S
 from nurec_jax.errors import SceneFormatError
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "checkpoints")
-CONFIG = {"layers": {"background": hm.layer_config(o0=True), "dynamic_rigids": hm.layer_config(o0=True)},
-          "background": {"name": "sky-env-map", "envmap_type": "cubemap"}}
+CONFIG = {
+    "layers": {"background": hm.layer_config(o0=True), "dynamic_rigids": hm.layer_config(o0=True)},
+    "background": {"name": "sky-env-map", "envmap_type": "cubemap"},
+}
 
 
 def _arrays():
@@ -32,12 +34,17 @@ def scenes(tmp_path_factory):
     with open(os.path.join(DATA, "gaussian_scene.ckpt"), "rb") as f:
         ckpt = f.read()
     ckpt_path = d / "ckpt.usdz"
-    hm.usdz(ckpt_path, [("checkpoint.ckpt", ckpt),
-                        ("parsed_config.yaml", yaml.safe_dump({"version": "26.4.111", "model": CONFIG}).encode())])
+    hm.usdz(
+        ckpt_path,
+        [
+            ("checkpoint.ckpt", ckpt),
+            ("parsed_config.yaml", yaml.safe_dump({"version": "26.4.111", "model": CONFIG}).encode()),
+        ],
+    )
     state = {}
     for key, value in _arrays().items():  # the same tensors as a .nurec payload (float16, `.` keys)
         dtype = np.float16 if value.dtype == np.float32 else value.dtype
-        hm.tensor(state, "." + key[len("model."):], value, dtype)
+        hm.tensor(state, "." + key[len("model.") :], value, dtype)
     for layer in ("background", "dynamic_rigids"):
         state[f".gaussians_nodes.{layer}._extra_state"] = {"n_active_features": 3}
     state["._extra_state"] = {"obj_track_ids": {"dynamic_rigids": ["5@clipgt-fixture"]}}
@@ -82,6 +89,9 @@ def test_missing_config_loads_with_a_warning_and_bad_config_is_named(tmp_path):
     bad = {"model": {"layers": {"background": {"particle": {"radiance_sph_degree": "${model.sh}"}}}}}
     path = tmp_path / "badconfig.usdz"
     hm.usdz(path, [("checkpoint.ckpt", ckpt), ("parsed_config.yaml", yaml.safe_dump(bad).encode())])
-    with pytest.raises(SceneFormatError, match=r"badconfig.usdz:parsed_config.yaml: model\.layers\.background\.particle\.radiance_sph_degree: "
-                       r"expected an integer, got '\$\{model.sh\}'"):
+    with pytest.raises(
+        SceneFormatError,
+        match=r"badconfig.usdz:parsed_config.yaml: model\.layers\.background\.particle\.radiance_sph_degree: "
+        r"expected an integer, got '\$\{model.sh\}'",
+    ):
         S.load_host_scene(str(path))

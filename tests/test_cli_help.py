@@ -13,11 +13,23 @@ import pytest
 
 # command -> (module, the groups its help shows, in order)
 CLIS = {
-    "serve-grpc": ("serve_grpc", ["Server", "Scenes", "Rendering", "DiFix / post-processing",
-                                  "Profiling and operations", "Security (who may call)",
-                                  "Downloads (x-nre-scene-url)", "Accepted for NuRec compatibility"]),
-    "render-grpc": ("render_grpc", ["Scene and output", "Server connection", "Security", "Cameras", "Actors", "Lidar",
-                                    "Requests and progress"]),
+    "serve-grpc": (
+        "serve_grpc",
+        [
+            "Server",
+            "Scenes",
+            "Rendering",
+            "DiFix / post-processing",
+            "Profiling and operations",
+            "Security (who may call)",
+            "Downloads (x-nre-scene-url)",
+            "Accepted for NuRec compatibility",
+        ],
+    ),
+    "render-grpc": (
+        "render_grpc",
+        ["Scene and output", "Server connection", "Security", "Cameras", "Actors", "Lidar", "Requests and progress"],
+    ),
     "nurec-scene-info": ("scene_info", ["Scene"]),
     "nurec-render": ("render_frame", ["Scene", "Cameras and frames", "Output"]),
 }
@@ -30,9 +42,11 @@ def _env():
 def _own_flags(module: str) -> dict[str, str]:
     """The flags a CLI module defines -> their help text, read in a process of its own (the four modules
     define some of the same names, so they cannot share absl's registry)."""
-    code = (f"import json; from absl import flags; import nurec_jax.cli.{module} as m; "
-            "from nurec_jax.cli import _flags; "
-            "print(json.dumps({n: flags.FLAGS[n].help for n in _flags.own_flags(vars(m))}))")
+    code = (
+        f"import json; from absl import flags; import nurec_jax.cli.{module} as m; "
+        "from nurec_jax.cli import _flags; "
+        "print(json.dumps({n: flags.FLAGS[n].help for n in _flags.own_flags(vars(m))}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -65,15 +79,21 @@ def test_help_lists_every_flag_in_its_group(prog):
 @pytest.mark.parametrize("prog", sorted(CLIS))
 def test_short_help_and_module_form(prog):
     module, groups = CLIS[prog]
-    out = subprocess.run([sys.executable, "-m", f"nurec_jax.cli.{module}", "-h"], capture_output=True, text=True,
-                         env=_env(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", f"nurec_jax.cli.{module}", "-h"], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert out.returncode == 0 and out.stdout.startswith(f"usage: {prog} [flags]"), out.stdout + out.stderr
     assert f"\n{groups[0]}:\n" in out.stdout
 
 
 def test_help_shows_nuRec_spelling_defaults_and_choices():
-    out = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--help"], capture_output=True, text=True,
-                         env=_env(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     text = out.stdout
     assert re.search(r"^  --artifact-glob=GLOB +Recursive glob", text, flags=re.MULTILINE)
     assert re.search(r"^  --\[no-\]enable-editing-actors +Accept dynamic_objects", text, flags=re.MULTILINE)

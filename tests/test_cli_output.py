@@ -16,7 +16,7 @@ def _frames(n=5, h=24, w=42):
     out = []
     for k in range(n):
         f = np.full((h, w, 3), 40, np.uint8)
-        f[:, 8 * k:8 * k + 8] = 255
+        f[:, 8 * k : 8 * k + 8] = 255
         out.append(f)
     return out
 
@@ -73,16 +73,18 @@ def test_messages_print_above_the_bar_not_inside_it():
     with _progress.Progress(3, file=term) as progress:
         assert progress.has_bar
         progress.started("camera_a frame 1/3")
-        progress.say("camera_a: compiling 64x36 images on the server unless it already has (first request of "
-                     "this size)")
+        progress.say(
+            "camera_a: compiling 64x36 images on the server unless it already has (first request of this size)"
+        )
         progress.finished("camera_a frame 1/3", 2.0)
     text = term.getvalue()
     assert "camera_a frame 1/3" in text  # the bar named the frame in flight
     lines = [l for l in text.split("\n") if "compiling" in l]
     assert len(lines) == 1
     # A carriage return cleared the bar before the message, so the terminal shows the message alone on its line.
-    assert lines[0].split("\r")[-1] == ("camera_a: compiling 64x36 images on the server unless it already has "
-                                       "(first request of this size)")
+    assert lines[0].split("\r")[-1] == (
+        "camera_a: compiling 64x36 images on the server unless it already has (first request of this size)"
+    )
 
 
 def test_plain_lines_off_a_terminal():

@@ -90,8 +90,10 @@ def test_concurrent_misses_compile_once():
         return x + 1
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.call("slow", slow, traces, (jnp.ones(2),))))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.call("slow", slow, traces, (jnp.ones(2),))))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -156,11 +158,16 @@ def test_output_pixel_limit_defaults_agree_and_name_the_fields():
     req_lib.check_output_pixels(3848, 2168, 3848, 2168, (3848, 2168))
     from nurec_jax.server.request_errors import InvalidArgument
 
-    with pytest.raises(InvalidArgument, match=r"items\[2\]\.request\.resolution_w/resolution_h: 5000x1 gives an "
-                                              r"output of 5000x2812 .* at most 12582912 pixels"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"items\[2\]\.request\.resolution_w/resolution_h: 5000x1 gives an "
+        r"output of 5000x2812 .* at most 12582912 pixels",
+    ):
         req_lib.check_output_pixels(5000, 2812, 5000, 1, (1920, 1080), "items[2].request.")
-    for kw, flag in ((dict(max_output_pixels=0), "--max-output-pixels"),
-                     (dict(max_compiled_variants=0), "--max-compiled-variants")):
+    for kw, flag in (
+        (dict(max_output_pixels=0), "--max-output-pixels"),
+        (dict(max_compiled_variants=0), "--max-compiled-variants"),
+    ):
         with pytest.raises(ValueError, match=flag):
             ServerOptions(**kw).validate()
 

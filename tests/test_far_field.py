@@ -27,8 +27,7 @@ W, H, F = 96, 64, 3000.0  # a tele camera: a 5 cm Gaussian at 100 m spans ~1.5 p
 
 
 def _psnr(a, b):
-    return float(10 * np.log10(1.0 / max(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2),
-                                         1e-30)))
+    return float(10 * np.log10(1.0 / max(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2), 1e-30)))
 
 
 def _far_gaussians(seed=0, n=600):
@@ -51,16 +50,31 @@ def _scene(host, dtype):
     means, quats, scales, opac, sh = host
     c = lambda x: jnp.asarray(np.asarray(x, dtype))  # noqa: E731
     static = Gaussians(c(means), c(quats), c(scales), c(opac), c(sh), 0)
-    empty = Gaussians(c(np.zeros((0, 3))), c(np.zeros((0, 4))), c(np.zeros((0, 3))), c(np.zeros(0)),
-                      c(np.zeros((0, 1, 3))), 0)
-    return SceneGaussians(static, jnp.zeros(len(means), jnp.int32), empty, jnp.zeros(0, jnp.int32),
-                          Sky(None, c([0.1, 0.2, 0.3]), c(np.eye(3))), ("far",), (),
-                          static_intensity=c(np.full(len(means), 0.5)))
+    empty = Gaussians(
+        c(np.zeros((0, 3))), c(np.zeros((0, 4))), c(np.zeros((0, 3))), c(np.zeros(0)), c(np.zeros((0, 1, 3))), 0
+    )
+    return SceneGaussians(
+        static,
+        jnp.zeros(len(means), jnp.int32),
+        empty,
+        jnp.zeros(0, jnp.int32),
+        Sky(None, c([0.1, 0.2, 0.3]), c(np.eye(3))),
+        ("far",),
+        (),
+        static_intensity=c(np.full(len(means), 0.5)),
+    )
 
 
 def _camera(dtype):
-    intr = OpenCVPinholeIntrinsics((W, H), ShutterType.ROLLING_TOP_TO_BOTTOM, (W / 2 + 0.2, H / 2 - 0.3), (F, F),
-                                   (0.0,) * 6, (0.0, 0.0), (0.0,) * 4)
+    intr = OpenCVPinholeIntrinsics(
+        (W, H),
+        ShutterType.ROLLING_TOP_TO_BOTTOM,
+        (W / 2 + 0.2, H / 2 - 0.3),
+        (F, F),
+        (0.0,) * 6,
+        (0.0, 0.0),
+        (0.0,) * 4,
+    )
     return cameras.camera_from_intrinsics(intr, dtype)
 
 
@@ -89,8 +103,12 @@ def test_eval3d_is_exact_far_away_and_the_textbook_form_is_not():
     d = nmath.safe_normalize(jnp.asarray(target - _ORIGIN))
     o = np.broadcast_to(_ORIGIN, (n, 3))
     with jax.enable_x64(True):
-        want, t_want = (np.asarray(x) for x in rasterize_ref.eval3d(
-            jnp.asarray(o), jnp.asarray(d, jnp.float64), jnp.asarray(means), jnp.asarray(quats), jnp.asarray(scales)))
+        want, t_want = (
+            np.asarray(x)
+            for x in rasterize_ref.eval3d(
+                jnp.asarray(o), jnp.asarray(d, jnp.float64), jnp.asarray(means), jnp.asarray(quats), jnp.asarray(scales)
+            )
+        )
     f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
     got, t_got = rasterize_ref.eval3d(f32(o), f32(d), f32(means), f32(quats), f32(scales))
     assert want.max() > 0.9 and np.mean(want > 0.1) > 0.3  # the rays do hit
@@ -172,8 +190,15 @@ def _far_patches():
 
 def test_far_lidar_ranges_match_float64():
     """A fine-pitch scanning lidar on 2-10 cm discs at 30-200 m: alpha and range as in float64."""
-    model = lidar_models.LidarModel("far", np.radians(np.linspace(0.45, -0.45, 32)), np.zeros(32),
-                                    np.radians(np.linspace(0.45, -0.45, 64)), 10.0, 0.3, 250.0)
+    model = lidar_models.LidarModel(
+        "far",
+        np.radians(np.linspace(0.45, -0.45, 32)),
+        np.zeros(32),
+        np.radians(np.linspace(0.45, -0.45, 64)),
+        10.0,
+        0.3,
+        250.0,
+    )
     host = _far_patches()
     opts = lidar.LidarOptions(pair_capacity=1 << 16, implementation="reference")
 
@@ -181,8 +206,11 @@ def test_far_lidar_ranges_match_float64():
         scene = _scene(host, dtype)
         pose = PosePair.from_matrices(geometry.make_transform(np.eye(3), _ORIGIN).astype(dtype))
         tables = lidar.lidar_tables(model, dtype)
-        fn = jax.jit(lambda s, p: lidar.raycast_pass(s, tables, p, lidar.ActorPoses.hidden(0, dtype), jnp.int32(0),
-                                                     tables.column_tiles, opts))
+        fn = jax.jit(
+            lambda s, p: lidar.raycast_pass(
+                s, tables, p, lidar.ActorPoses.hidden(0, dtype), jnp.int32(0), tables.column_tiles, opts
+            )
+        )
         out = fn(scene, pose)
         return np.asarray(out.alpha, np.float64), np.asarray(out.distance, np.float64)
 

@@ -26,8 +26,9 @@ def test_quat_matrix_round_trip(q):
 def test_quat_product_is_matrix_product(a, b):
     a, b = geometry.normalize_quat(np.asarray(a)), geometry.normalize_quat(np.asarray(b))
     ab = geometry.quat_multiply_wxyz(a, b)
-    np.testing.assert_allclose(geometry.quat_wxyz_to_matrix(ab),
-                               geometry.quat_wxyz_to_matrix(a) @ geometry.quat_wxyz_to_matrix(b), atol=1e-12)
+    np.testing.assert_allclose(
+        geometry.quat_wxyz_to_matrix(ab), geometry.quat_wxyz_to_matrix(a) @ geometry.quat_wxyz_to_matrix(b), atol=1e-12
+    )
 
 
 def test_interpolate_poses_lerp_and_slerp():
@@ -37,8 +38,9 @@ def test_interpolate_poses_lerp_and_slerp():
     b = geometry.make_transform(rz, [10, 0, 2])
     mid = geometry.interpolate_poses(ts, np.stack([a, b]), 50)
     np.testing.assert_allclose(mid[:3, 3], [5, 0, 1])
-    np.testing.assert_allclose(mid[:3, :3], geometry.quat_wxyz_to_matrix(
-        np.array([np.cos(np.pi / 8), 0, 0, np.sin(np.pi / 8)])), atol=1e-12)
+    np.testing.assert_allclose(
+        mid[:3, :3], geometry.quat_wxyz_to_matrix(np.array([np.cos(np.pi / 8), 0, 0, np.sin(np.pi / 8)])), atol=1e-12
+    )
     np.testing.assert_allclose(geometry.interpolate_poses(ts, np.stack([a, b]), [-5, 500])[1], b)
 
 
@@ -73,9 +75,12 @@ def test_one_quaternion_implementation_serves_numpy_and_jax():
     q = rng.normal(size=(16, 4))
     r = rng.normal(size=(16, 4))
     t = rng.uniform(size=16)
-    for fn, args in ((nmath.quat_to_matrix, (q,)), (nmath.quat_multiply, (q, r)),
-                     (nmath.matrix_to_quat, (nmath.quat_to_matrix(q, xp=np),)),
-                     (nmath.slerp, (geometry.normalize_quat(q), geometry.normalize_quat(r), t))):
+    for fn, args in (
+        (nmath.quat_to_matrix, (q,)),
+        (nmath.quat_multiply, (q, r)),
+        (nmath.matrix_to_quat, (nmath.quat_to_matrix(q, xp=np),)),
+        (nmath.slerp, (geometry.normalize_quat(q), geometry.normalize_quat(r), t)),
+    ):
         host = fn(*args, xp=np)
         device = fn(*(jnp.asarray(a, jnp.float32) for a in args))
         assert host.dtype == np.float64

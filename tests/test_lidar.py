@@ -24,11 +24,19 @@ def make_scene(means, normal_axis, *, dtype=np.float32, intensity=0.5, size=0.25
     shc = np.zeros((n, 1, 3))
     c = lambda x: jnp.asarray(np.asarray(x, dtype))  # noqa: E731
     static = Gaussians(c(means), c(quats), c(scales), c(np.full(n, opacity)), c(shc), 0)
-    empty = Gaussians(c(np.zeros((0, 3))), c(np.zeros((0, 4))), c(np.zeros((0, 3))), c(np.zeros(0)),
-                      c(np.zeros((0, 1, 3))), 0)
-    return SceneGaussians(static, jnp.zeros(n, jnp.int32), empty, jnp.zeros(0, jnp.int32),
-                          Sky(None, c(np.zeros(3)), c(np.eye(3))), ("static",), (),
-                          static_intensity=c(np.full(n, intensity)))
+    empty = Gaussians(
+        c(np.zeros((0, 3))), c(np.zeros((0, 4))), c(np.zeros((0, 3))), c(np.zeros(0)), c(np.zeros((0, 1, 3))), 0
+    )
+    return SceneGaussians(
+        static,
+        jnp.zeros(n, jnp.int32),
+        empty,
+        jnp.zeros(0, jnp.int32),
+        Sky(None, c(np.zeros(3)), c(np.eye(3))),
+        ("static",),
+        (),
+        static_intensity=c(np.full(n, intensity)),
+    )
 
 
 def ground(half=16.0, step=0.3):
@@ -45,8 +53,11 @@ def wall(x=8.0, ripple=0.0, step=0.25):
 
 
 def small_model(elev_deg, columns=64, full=True):
-    az = np.linspace(math.pi, -math.pi, columns, endpoint=False) if full else \
-        np.radians(np.linspace(40, -40, columns, endpoint=False))
+    az = (
+        np.linspace(math.pi, -math.pi, columns, endpoint=False)
+        if full
+        else np.radians(np.linspace(40, -40, columns, endpoint=False))
+    )
     return lidar_models.LidarModel("test", np.radians(elev_deg), np.zeros(len(elev_deg)), az, 10.0, 0.3, 200.0)
 
 
@@ -127,8 +138,9 @@ def test_depth_agrees_with_the_camera_renderer(caster):
     model = small_model(WALL_BEAMS)
     spin = caster.cast(scene, model, PosePair.from_matrices(pose_at()))
     # A pinhole camera at the same place looking down +x (camera z), x_c = -y_w, y_c = -z_w.
-    intr = OpenCVPinholeIntrinsics((96, 64), ShutterType.GLOBAL, (48.0, 32.0), (40.0, 40.0), (0.0,) * 6, (0.0,) * 2,
-                                   (0.0,) * 4)
+    intr = OpenCVPinholeIntrinsics(
+        (96, 64), ShutterType.GLOBAL, (48.0, 32.0), (40.0, 40.0), (0.0,) * 6, (0.0,) * 2, (0.0,) * 4
+    )
     cam = cameras.camera_from_intrinsics(intr)
     c2w = np.eye(4, dtype=np.float32)
     c2w[:3, :3] = np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], np.float32)
@@ -138,15 +150,25 @@ def test_depth_agrees_with_the_camera_renderer(caster):
     d_w = np.stack([np.cos(b) * np.cos(e), np.sin(b) * np.cos(e), np.sin(e)], -1)
     d_c = d_w @ c2w[:3, :3]  # world -> camera (rotation transpose)
     uv = np.asarray(cam.project(jnp.asarray(d_c.reshape(-1, 3), jnp.float32))[0]).reshape(16, 64, 2)
-    inside = (uv[..., 0] > 2) & (uv[..., 0] < 94) & (uv[..., 1] > 2) & (uv[..., 1] < 62) & (spin.alpha > 0.9) & \
-        (d_c[..., 2] > 0.1)
+    inside = (
+        (uv[..., 0] > 2)
+        & (uv[..., 0] < 94)
+        & (uv[..., 1] > 2)
+        & (uv[..., 1] < 62)
+        & (spin.alpha > 0.9)
+        & (d_c[..., 2] > 0.1)
+    )
     assert inside.sum() > 60
     # Bilinear lookup of the camera's depth at the lidar ray's projection (pixel centres at +0.5).
     u, v = uv[..., 0][inside] - 0.5, uv[..., 1][inside] - 0.5
     u0, v0 = np.floor(u).astype(int), np.floor(v).astype(int)
     fu, fv = u - u0, v - v0
-    cam_d = (depth[v0, u0] * (1 - fu) * (1 - fv) + depth[v0, u0 + 1] * fu * (1 - fv) +
-             depth[v0 + 1, u0] * (1 - fu) * fv + depth[v0 + 1, u0 + 1] * fu * fv)
+    cam_d = (
+        depth[v0, u0] * (1 - fu) * (1 - fv)
+        + depth[v0, u0 + 1] * fu * (1 - fv)
+        + depth[v0 + 1, u0] * (1 - fu) * fv
+        + depth[v0 + 1, u0 + 1] * fu * fv
+    )
     a = np.asarray(out.alpha)
     solid = np.minimum.reduce([a[v0, u0], a[v0, u0 + 1], a[v0 + 1, u0], a[v0 + 1, u0 + 1]]) > 0.95
     assert solid.sum() > 50
@@ -201,11 +223,20 @@ def test_fallback_intensity_is_colour_luminance():
     g = scene.static
     sh_dc = np.zeros((g.count, 1, 3))
     sh_dc[:, 0] = (np.array([0.8, 0.4, 0.2]) - 0.5) / sh.C0
-    scene = SceneGaussians(Gaussians(g.means, g.quats, g.scales, g.opacities, jnp.asarray(sh_dc, jnp.float32), 0),
-                           scene.static_layer, scene.dynamic, scene.dynamic_track, scene.sky, scene.static_layer_names,
-                           (), None, None)
-    np.testing.assert_allclose(np.asarray(lidar.gaussian_intensity(scene)),
-                               0.2126 * 0.8 + 0.7152 * 0.4 + 0.0722 * 0.2, rtol=1e-5)
+    scene = SceneGaussians(
+        Gaussians(g.means, g.quats, g.scales, g.opacities, jnp.asarray(sh_dc, jnp.float32), 0),
+        scene.static_layer,
+        scene.dynamic,
+        scene.dynamic_track,
+        scene.sky,
+        scene.static_layer_names,
+        (),
+        None,
+        None,
+    )
+    np.testing.assert_allclose(
+        np.asarray(lidar.gaussian_intensity(scene)), 0.2126 * 0.8 + 0.7152 * 0.4 + 0.0722 * 0.2, rtol=1e-5
+    )
 
 
 def test_moving_actor_is_posed_at_each_rays_time(caster):
@@ -217,12 +248,21 @@ def test_moving_actor_is_posed_at_each_rays_time(caster):
     c = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
     scales = np.full((n, 3), 0.25)
     scales[:, 0] = 0.02
-    dyn = Gaussians(c(w), c(np.tile([1.0, 0, 0, 0], (n, 1))), c(scales), c(np.full(n, 0.95)), c(np.zeros((n, 1, 3))),
-                    0)
-    scene = SceneGaussians(base.static, base.static_layer, dyn, jnp.zeros(n, jnp.int32), base.sky, ("static",),
-                           ("truck",), static_intensity=base.static_intensity, dynamic_intensity=c(np.full(n, 0.7)))
-    actors = lidar.ActorPoses(PosePair.from_matrices(pose_at(0.0, 8.0)[None], pose_at(0.0, 10.0)[None]),
-                              jnp.ones(1, bool))
+    dyn = Gaussians(c(w), c(np.tile([1.0, 0, 0, 0], (n, 1))), c(scales), c(np.full(n, 0.95)), c(np.zeros((n, 1, 3))), 0)
+    scene = SceneGaussians(
+        base.static,
+        base.static_layer,
+        dyn,
+        jnp.zeros(n, jnp.int32),
+        base.sky,
+        ("static",),
+        ("truck",),
+        static_intensity=base.static_intensity,
+        dynamic_intensity=c(np.full(n, 0.7)),
+    )
+    actors = lidar.ActorPoses(
+        PosePair.from_matrices(pose_at(0.0, 8.0)[None], pose_at(0.0, 10.0)[None]), jnp.ones(1, bool)
+    )
     model = small_model(WALL_BEAMS)
     spin = caster.cast(scene, model, PosePair.from_matrices(pose_at(1.0)), actors)
     tau = np.arange(64) / 63.0
@@ -242,8 +282,7 @@ def test_tight_motion_bound_matches_the_whole_spin_bound(full):
     """Binning bounds a Gaussian's motion only over the columns that see it ("tight"); under fast motion
     and turning, every ray equals the whole-spin bound's, with far fewer pairs (and near the seam of a
     full circle, where the far columns see the Gaussian a spin later, it falls back)."""
-    scene = make_scene(np.concatenate([ground(half=12.0, step=0.5), wall(x=6.0, step=0.4),
-                                       wall(x=-7.0, step=0.4)]), 2)
+    scene = make_scene(np.concatenate([ground(half=12.0, step=0.5), wall(x=6.0, step=0.4), wall(x=-7.0, step=0.4)]), 2)
     model = small_model(np.linspace(10, -25, 16), columns=720, full=full)
     yaw = 0.3
     end = pose_at(1.6, x=3.0)
@@ -255,8 +294,8 @@ def test_tight_motion_bound_matches_the_whole_spin_bound(full):
         spins[bound] = RR.LidarCaster(opts).cast(scene, model, pose)
         tables = lidar.lidar_tables(model)
         out = jax.jit(lidar.raycast_pass, static_argnames=("n_col_tiles", "options"))(
-            scene, tables, pose, lidar.ActorPoses.hidden(0), jnp.int32(0), n_col_tiles=tables.column_tiles,
-            options=opts)
+            scene, tables, pose, lidar.ActorPoses.hidden(0), jnp.int32(0), n_col_tiles=tables.column_tiles, options=opts
+        )
         pairs[bound] = int(out.num_pairs)
     a, b = spins["tight"], spins["spin"]
     assert np.sum(b.alpha > 0.8) > 1000
@@ -271,5 +310,12 @@ def test_unknown_motion_bound_is_refused():
     scene = make_scene(wall(x=6.0, step=1.0), 0)
     tables = lidar.lidar_tables(small_model(np.linspace(5, -5, 8), columns=16))
     with pytest.raises(ValueError, match="motion_bound must be 'tight' or 'spin', got 'loose'"):
-        lidar.raycast_pass(scene, tables, PosePair.from_matrices(pose_at(1.0)), lidar.ActorPoses.hidden(0),
-                           jnp.int32(0), tables.column_tiles, lidar.LidarOptions(motion_bound="loose"))
+        lidar.raycast_pass(
+            scene,
+            tables,
+            PosePair.from_matrices(pose_at(1.0)),
+            lidar.ActorPoses.hidden(0),
+            jnp.int32(0),
+            tables.column_tiles,
+            lidar.LidarOptions(motion_bound="loose"),
+        )

@@ -81,7 +81,8 @@ def _write_particle_field(path, g, degree, parent_matrix=None, half=False):
     pf.CreateOpacitiesAttr().Set(Vt.FloatArray.FromNumpy(g["opacities"].astype(np.float32)))
     pf.CreateRadianceSphericalHarmonicsDegreeAttr().Set(degree)
     pf.CreateRadianceSphericalHarmonicsCoefficientsAttr().Set(
-        Vt.Vec3fArray.FromNumpy(g["sh"].reshape(-1, 3).astype(np.float32)))
+        Vt.Vec3fArray.FromNumpy(g["sh"].reshape(-1, 3).astype(np.float32))
+    )
     stage.GetRootLayer().Save()
     assert n
 

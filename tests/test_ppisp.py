@@ -127,9 +127,7 @@ def test_vignetting_by_hand():
     with jax.enable_x64(True):
         uv = ppisp.pixel_uv(2, 4, jnp.float64)
         np.testing.assert_allclose(uv[1, 3], [0.875, 0.75])
-        params = jnp.asarray(
-            [[0.5, 0.5, -1.0, 0.0, 0.0], [0.0, 0.0, -0.5, 0.0, 0.0], [0.5, 0.5, -1.0, 2.0, 0.0]]
-        )
+        params = jnp.asarray([[0.5, 0.5, -1.0, 0.0, 0.0], [0.0, 0.0, -0.5, 0.0, 0.0], [0.5, 0.5, -1.0, 2.0, 0.0]])
         out = ppisp.vignetting(jnp.ones((2, 4, 3)), params, uv)
         r2 = 0.375**2 + 0.25**2  # pixel (1, 3) to (0.5, 0.5)
         r2_origin = 0.875**2 + 0.75**2
@@ -184,6 +182,7 @@ def test_crf_continuous_at_knots_and_monotone():
         for raw in raws:
             k = ppisp_numpy.crf_knots(raw)
             raw3 = jnp.asarray(np.tile(raw, (3, 1)))
+
             def curve(x):
                 return np.asarray(_crf(jnp.asarray(np.repeat(x[:, None], 3, 1)), raw3))[:, 0]
 
@@ -304,9 +303,7 @@ def _state(prefix="post_processings.0.ppisp.", **override):
 def test_from_state_reads_and_converts():
     m = ppisp.Ppisp.from_state(_state(), "ckpt.pt", prefix="post_processings.0.ppisp.")
     assert (m.num_frames, m.num_cameras) == (F, C) and m.crf_params.dtype == jnp.float32
-    no_frames = ppisp.Ppisp.from_state(
-        _state("", exposure_params=np.zeros(0), color_params=np.zeros((0, 8))), "ckpt"
-    )
+    no_frames = ppisp.Ppisp.from_state(_state("", exposure_params=np.zeros(0), color_params=np.zeros((0, 8))), "ckpt")
     img = jnp.asarray(_image(), jnp.float32)
     assert no_frames.num_frames == 0
     i32 = jnp.int32

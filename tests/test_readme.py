@@ -23,8 +23,13 @@ def _block(marker: str) -> str:
 
 
 def _python(code: str, timeout=600):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
 
 
 def test_every_python_block_is_covered():
@@ -49,10 +54,23 @@ def server(tmp_path):
     from thin_scene import write_thin_scene
 
     scene = write_thin_scene(tmp_path / "thin.usdz", keep_every=200, scene_id="thin-street")
-    proc = subprocess.Popen([sys.executable, "-m", "nurec_jax.cli.serve_grpc", f"--artifact-glob={scene}",
-                             "--host=127.0.0.1", "--port=0", "--test-scenes-are-valid", "--no-warmup-compiles",
-                             "--compilation-cache-dir="], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.serve_grpc",
+            f"--artifact-glob={scene}",
+            "--host=127.0.0.1",
+            "--port=0",
+            "--test-scenes-are-valid",
+            "--no-warmup-compiles",
+            "--compilation-cache-dir=",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     found = {}
 
     def read():
@@ -81,18 +99,21 @@ def test_grpc_snippets_run_against_a_server(server):
     assert out.stdout.split() == ["thin-street", "camera_front_tele_30fov"]
     # The health one-liner, as printed; the server reports SERVING once its scene is loaded.
     line = next(l for l in README.splitlines() if l.startswith('python -c "import grpc; from grpc_health'))
-    code = line[len('python -c "'):-1].replace("localhost:8080", f"127.0.0.1:{server}")
+    code = line[len('python -c "') : -1].replace("localhost:8080", f"127.0.0.1:{server}")
     for _ in range(30):
         out = _python(code, timeout=60)
         if out.stdout.strip() == "SERVING":
             break
     assert out.stdout.strip() == "SERVING", out.stdout + out.stderr[-2000:]
     # grpcurl is not installed here; its commands name services the server lists through reflection.
-    listed = _python("import grpc\nfrom grpc_reflection.v1alpha import reflection_pb2 as r, reflection_pb2_grpc as g\n"
-                     f"ch = grpc.insecure_channel('127.0.0.1:{server}')\n"
-                     "reply = next(g.ServerReflectionStub(ch).ServerReflectionInfo(iter([r.ServerReflectionRequest("
-                     "list_services='')]), timeout=10))\n"
-                     "print(' '.join(s.name for s in reply.list_services_response.service))\n", timeout=60)
+    listed = _python(
+        "import grpc\nfrom grpc_reflection.v1alpha import reflection_pb2 as r, reflection_pb2_grpc as g\n"
+        f"ch = grpc.insecure_channel('127.0.0.1:{server}')\n"
+        "reply = next(g.ServerReflectionStub(ch).ServerReflectionInfo(iter([r.ServerReflectionRequest("
+        "list_services='')]), timeout=10))\n"
+        "print(' '.join(s.name for s in reply.list_services_response.service))\n",
+        timeout=60,
+    )
     services = set(listed.stdout.split())
     for method in re.findall(r"^grpcurl .*? ([\w.]+)/(\w+)$", README, flags=re.MULTILINE):
         assert method[0] in services, method

@@ -30,13 +30,30 @@ def _compare(model, shutter, motion=0.6, seed=0, implementation="reference", til
     cam = fx.make_camera(model, shutter)
     host = fx.random_scene(seed, wide=cam.wide_angle)
     start, end = fx.camera_poses(motion)
-    out = _render(fx.to_scene(host), cam, PosePair.from_matrices(start.astype(np.float32), end.astype(np.float32)),
-                  fx.actor_poses(host), options=dataclasses.replace(_OPTS, implementation=implementation,
-                                                                    tile_size=tile_size))
+    out = _render(
+        fx.to_scene(host),
+        cam,
+        PosePair.from_matrices(start.astype(np.float32), end.astype(np.float32)),
+        fx.actor_poses(host),
+        options=dataclasses.replace(_OPTS, implementation=implementation, tile_size=tile_size),
+    )
     assert int(out.num_pairs) <= _OPTS.pair_capacity
     means, quats, scales, opac, shc, frames = fx.brute_inputs(host)
-    rgb, alpha, hit = bruteforce.render(cam, start, end, means, quats, scales, opac, shc, host["degree"], frames,
-                                        host["actor_T"], fx.BACKGROUND, wide=cam.wide_angle)
+    rgb, alpha, hit = bruteforce.render(
+        cam,
+        start,
+        end,
+        means,
+        quats,
+        scales,
+        opac,
+        shc,
+        host["degree"],
+        frames,
+        host["actor_T"],
+        fx.BACKGROUND,
+        wide=cam.wide_angle,
+    )
     assert alpha.max() > 0.5 and (alpha < 0.9).mean() > 0.05  # neither empty nor a wall
     for name, a, b in (("rgb", np.asarray(out.rgb), rgb), ("alpha", np.asarray(out.alpha), alpha)):
         err = np.abs(a - b).reshape(a.shape[0], a.shape[1], -1).max(-1)
@@ -46,8 +63,13 @@ def _compare(model, shutter, motion=0.6, seed=0, implementation="reference", til
     np.testing.assert_allclose(np.asarray(out.hit_distance), hit, atol=0.05, rtol=1e-3)
 
 
-_SHUTTERS = [ShutterType.GLOBAL, ShutterType.ROLLING_TOP_TO_BOTTOM, ShutterType.ROLLING_LEFT_TO_RIGHT,
-             ShutterType.ROLLING_BOTTOM_TO_TOP, ShutterType.ROLLING_RIGHT_TO_LEFT]
+_SHUTTERS = [
+    ShutterType.GLOBAL,
+    ShutterType.ROLLING_TOP_TO_BOTTOM,
+    ShutterType.ROLLING_LEFT_TO_RIGHT,
+    ShutterType.ROLLING_BOTTOM_TO_TOP,
+    ShutterType.ROLLING_RIGHT_TO_LEFT,
+]
 
 
 _MODELS = ["ftheta", "pinhole", "fisheye"]
@@ -89,13 +111,23 @@ def test_sky_cubemap_behind_an_empty_scene():
     faces = np.eye(6, 3)[[0, 1, 2, 0, 1, 2]] * np.array([1, 1, 1, 0.5, 0.5, 0.5])[:, None]
     cube = np.broadcast_to(faces[:, None, None, :], (6, 4, 4, 3)).astype(np.float32)
     empty = Gaussians(jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0, 3)), jnp.zeros(0), jnp.zeros((0, 1, 3)), 0)
-    scene = SceneGaussians(empty, jnp.zeros(0, jnp.int32), empty, jnp.zeros(0, jnp.int32),
-                           Sky(jnp.asarray(cube), jnp.zeros(3), jnp.eye(3)), (), ())
-    cam = cameras.camera_from_intrinsics(OpenCVPinholeIntrinsics((16, 16), ShutterType.GLOBAL, (8.0, 8.0),
-                                                                 (16.0, 16.0)))
+    scene = SceneGaussians(
+        empty,
+        jnp.zeros(0, jnp.int32),
+        empty,
+        jnp.zeros(0, jnp.int32),
+        Sky(jnp.asarray(cube), jnp.zeros(3), jnp.eye(3)),
+        (),
+        (),
+    )
+    cam = cameras.camera_from_intrinsics(
+        OpenCVPinholeIntrinsics((16, 16), ShutterType.GLOBAL, (8.0, 8.0), (16.0, 16.0))
+    )
     forward = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # OpenCV camera looking along world +x
-    for look, face in ((np.eye(3), 5), (geometry.quat_wxyz_to_matrix(np.array([np.cos(np.pi / 4), 0, 0,
-                                                                                 np.sin(np.pi / 4)])), 1)):
+    for look, face in (
+        (np.eye(3), 5),
+        (geometry.quat_wxyz_to_matrix(np.array([np.cos(np.pi / 4), 0, 0, np.sin(np.pi / 4)])), 1),
+    ):
         T = geometry.make_transform(look @ forward, [1.0, 2.0, 3.0]).astype(np.float32)
         out = _render(scene, cam, PosePair.from_matrices(T), None, options=_OPTS)
         np.testing.assert_allclose(np.asarray(out.rgb)[8, 8], faces[face], atol=1e-6)

@@ -21,15 +21,28 @@ BG = (0.0, 0.0, 0.0)
 def _scene(means, scales, opac, color=(1.0, 0.5, 0.25), actor=None):
     n = len(means)
     sh0 = (np.asarray(color) - 0.5) / 0.28209479177387814
-    static = Gaussians(jnp.asarray(means, jnp.float32), jnp.tile(jnp.array([1.0, 0, 0, 0]), (n, 1)),
-                       jnp.asarray(scales, jnp.float32), jnp.asarray(opac, jnp.float32),
-                       jnp.asarray(np.tile(sh0, (n, 1, 1)), jnp.float32), 0)
+    static = Gaussians(
+        jnp.asarray(means, jnp.float32),
+        jnp.tile(jnp.array([1.0, 0, 0, 0]), (n, 1)),
+        jnp.asarray(scales, jnp.float32),
+        jnp.asarray(opac, jnp.float32),
+        jnp.asarray(np.tile(sh0, (n, 1, 1)), jnp.float32),
+        0,
+    )
     if actor is None:
-        dyn = Gaussians(jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0, 3)), jnp.zeros((0,)), jnp.zeros((0, 1, 3)), 0)
+        dyn = Gaussians(
+            jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0, 3)), jnp.zeros((0,)), jnp.zeros((0, 1, 3)), 0
+        )
         tracks, ids = jnp.zeros(0, jnp.int32), ()
     else:
-        dyn = Gaussians(jnp.zeros((1, 3)), jnp.array([[1.0, 0, 0, 0]]), jnp.full((1, 3), actor),
-                        jnp.array([0.9]), jnp.asarray(np.tile(sh0, (1, 1, 1)), jnp.float32), 0)
+        dyn = Gaussians(
+            jnp.zeros((1, 3)),
+            jnp.array([[1.0, 0, 0, 0]]),
+            jnp.full((1, 3), actor),
+            jnp.array([0.9]),
+            jnp.asarray(np.tile(sh0, (1, 1, 1)), jnp.float32),
+            0,
+        )
         tracks, ids = jnp.zeros(1, jnp.int32), ("car",)
     sky = Sky(None, jnp.asarray(BG, jnp.float32), jnp.eye(3))
     return SceneGaussians(static, jnp.zeros(n, jnp.int32), dyn, tracks, sky, ("s",), ids)
@@ -69,8 +82,9 @@ def test_isotropic_gaussian_on_axis_pinhole():
 
 def test_isotropic_gaussian_on_axis_ftheta():
     bw = (0.0, 0.02, 2e-5, -1e-7, 0.0, 0.0)
-    intr = FThetaIntrinsics((64, 48), ShutterType.GLOBAL, (31.5, 23.5), PolynomialType.PIXELDIST_TO_ANGLE, bw, (),
-                            1.3, (1.0, 0.0, 0.0))
+    intr = FThetaIntrinsics(
+        (64, 48), ShutterType.GLOBAL, (31.5, 23.5), PolynomialType.PIXELDIST_TO_ANGLE, bw, (), 1.3, (1.0, 0.0, 0.0)
+    )
     cam = cameras.camera_from_intrinsics(intr)
     z, sigma, op = 4.0, 0.25, 0.8
     out = _render(_scene([[0, 0, z]], [[sigma] * 3], [op]), cam, _identity_pose(), None, options=_OPTS)
@@ -79,7 +93,9 @@ def test_isotropic_gaussian_on_axis_ftheta():
     theta = np.polynomial.polynomial.polyval(r, bw)
     np.testing.assert_allclose(np.asarray(out.alpha), _expected_alpha(theta, z, sigma, op), atol=5e-5)
     rgb = np.asarray(out.rgb)[24, 32]
-    np.testing.assert_allclose(rgb, np.array([1.0, 0.5, 0.25]) * _expected_alpha(theta[24, 32], z, sigma, op), atol=1e-4)
+    np.testing.assert_allclose(
+        rgb, np.array([1.0, 0.5, 0.25]) * _expected_alpha(theta[24, 32], z, sigma, op), atol=1e-4
+    )
 
 
 def test_moving_actor_renders_where_its_pose_puts_it():
@@ -138,8 +154,9 @@ def test_renderer_grows_capacity_and_caches_compiles():
     assert int(direct.num_pairs) > 64  # overflow is reported, never hidden
     renderer = RR.Renderer(small)
     out = renderer.render(scene, cam, _identity_pose(), cache_key=("t",))
-    big = _render(scene, cam, _identity_pose(), None, options=R.RenderOptions(pair_capacity=1 << 14, chunk=8,
-                                                                              tile_batch=4))
+    big = _render(
+        scene, cam, _identity_pose(), None, options=R.RenderOptions(pair_capacity=1 << 14, chunk=8, tile_batch=4)
+    )
     np.testing.assert_allclose(np.asarray(out.rgb), np.asarray(big.rgb), atol=1e-6)
     traces = renderer.trace_count
     renderer.render(scene, cam, _identity_pose(), cache_key=("t",))

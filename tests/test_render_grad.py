@@ -50,8 +50,14 @@ def _directional_check(f, x, rng, n_dirs=3, eps=1e-6, rtol=2e-4):
         assert abs(fd - an) <= rtol * max(1.0, abs(fd)), (float(fd), float(an))
 
 
-@pytest.mark.parametrize("model,shutter", [("pinhole", ShutterType.ROLLING_TOP_TO_BOTTOM), ("ftheta", ShutterType.GLOBAL),
-                                           ("fisheye", ShutterType.ROLLING_LEFT_TO_RIGHT)])
+@pytest.mark.parametrize(
+    "model,shutter",
+    [
+        ("pinhole", ShutterType.ROLLING_TOP_TO_BOTTOM),
+        ("ftheta", ShutterType.GLOBAL),
+        ("fisheye", ShutterType.ROLLING_LEFT_TO_RIGHT),
+    ],
+)
 def test_pose_gradient_matches_finite_differences(model, shutter):
     with jax.enable_x64(True):
         scene, pose, loss = _setup(model, shutter)
@@ -66,10 +72,15 @@ def test_gaussian_gradients_match_finite_differences(field):
 
         def f(params):
             static, dynamic = params
-            s = SceneGaussians(Gaussians(**{**_fields(scene.static), field: static}, sh_degree=scene.static.sh_degree),
-                               scene.static_layer,
-                               Gaussians(**{**_fields(scene.dynamic), field: dynamic}, sh_degree=scene.dynamic.sh_degree),
-                               scene.dynamic_track, scene.sky, scene.static_layer_names, scene.track_ids)
+            s = SceneGaussians(
+                Gaussians(**{**_fields(scene.static), field: static}, sh_degree=scene.static.sh_degree),
+                scene.static_layer,
+                Gaussians(**{**_fields(scene.dynamic), field: dynamic}, sh_degree=scene.dynamic.sh_degree),
+                scene.dynamic_track,
+                scene.sky,
+                scene.static_layer_names,
+                scene.track_ids,
+            )
             return loss(s, pose)
 
         x = (getattr(scene.static, field), getattr(scene.dynamic, field))

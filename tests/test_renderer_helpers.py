@@ -35,7 +35,9 @@ def test_camera_pose_is_rig_pose_times_extrinsics():
     cal = META.cameras["camera_front_wide_120fov"]
     s, e = (int(x) for x in cal.frame_timestamps_us[10])
     pair = renderer.rig_camera_poses(META, cal.logical_id, s, e)
-    np.testing.assert_allclose(np.asarray(pair.start.as_matrix()), META.trajectory.pose_at(s) @ cal.T_sensor_rig,
-                               atol=1e-5)
-    np.testing.assert_allclose(np.asarray(pair.end.as_matrix()), META.trajectory.pose_at(e) @ cal.T_sensor_rig,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(pair.start.as_matrix()), META.trajectory.pose_at(s) @ cal.T_sensor_rig, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(pair.end.as_matrix()), META.trajectory.pose_at(e) @ cal.T_sensor_rig, atol=1e-5
+    )

@@ -35,13 +35,14 @@ def _t(state, key, dtype="<f2"):
 # bytes are identical; what can still move between CPUs is the last bit of a vectorised numpy
 # transcendental before a value is stored: one float16 step (2^-10 relative) in the payload and the
 # asset PLYs, 1e-9 relative in JSON / YAML / USDA numbers.
-_F16_RTOL, _F32_RTOL, _TEXT_RTOL = 2.0 ** -10, 1e-6, 1e-9
+_F16_RTOL, _F32_RTOL, _TEXT_RTOL = 2.0**-10, 1e-6, 1e-9
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
 
 def _close_numbers(a, b, rtol, atol, where):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol,
-                               err_msg=where)
+    np.testing.assert_allclose(
+        np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol, err_msg=where
+    )
 
 
 def _compare_tree(a, b, where):
@@ -70,8 +71,13 @@ def _compare_payload(a, b):
             if x != y:  # a float buffer may move by one step of its precision; nothing else may
                 dtype = {2: "<f2", 4: "<f4"}.get(len(x) // max(1, np.prod(shapes.get(where, [len(x)]))))
                 assert dtype is not None, f"{where}: bytes differ"
-                _close_numbers(np.frombuffer(x, dtype), np.frombuffer(y, dtype),
-                               _F16_RTOL if dtype == "<f2" else _F32_RTOL, 1e-6, where)
+                _close_numbers(
+                    np.frombuffer(x, dtype),
+                    np.frombuffer(y, dtype),
+                    _F16_RTOL if dtype == "<f2" else _F32_RTOL,
+                    1e-6,
+                    where,
+                )
         elif isinstance(x, dict):
             assert isinstance(y, dict) and list(x) == list(y), f"{where}: keys differ"
             for k in x:
@@ -79,8 +85,11 @@ def _compare_payload(a, b):
         else:
             _compare_tree(x, y, where)
 
-    shapes = {k[: -len(".shape")]: v for k, v in sa["nre_data"]["state_dict"].items()
-              if isinstance(k, str) and k.endswith(".shape")}
+    shapes = {
+        k[: -len(".shape")]: v
+        for k, v in sa["nre_data"]["state_dict"].items()
+        if isinstance(k, str) and k.endswith(".shape")
+    }
     walk(sa, sb, "volume.nurec")
 
 
@@ -96,8 +105,9 @@ def _compare_member(name, a, b):
     elif name.endswith(".usda"):
         ta, tb = a.decode(), b.decode()
         assert _NUMBER.split(ta) == _NUMBER.split(tb), f"{name}: text other than numbers differs"
-        _close_numbers([float(v) for v in _NUMBER.findall(ta)], [float(v) for v in _NUMBER.findall(tb)],
-                       _TEXT_RTOL, 1e-12, name)
+        _close_numbers(
+            [float(v) for v in _NUMBER.findall(ta)], [float(v) for v in _NUMBER.findall(tb)], _TEXT_RTOL, 1e-12, name
+        )
     elif name.endswith(".ply"):
         end = a.index(b"end_header\n") + len(b"end_header\n")
         assert a[:end] == b[:end] and len(a) == len(b), f"{name}: header or size differs"
@@ -144,8 +154,14 @@ def test_layout_follows_the_spec():
     with zipfile.ZipFile(nurec_jax.sample_scene_path()) as z:
         infos = z.infolist()
         names = [i.filename for i in infos]
-        assert names[:6] == ["default.usda", "volume.usda", "volume.nurec", "metadata.yaml",
-                             "rig_trajectories.json", "sequence_tracks.json"]
+        assert names[:6] == [
+            "default.usda",
+            "volume.usda",
+            "volume.nurec",
+            "metadata.yaml",
+            "rig_trajectories.json",
+            "sequence_tracks.json",
+        ]
         assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
         rig = json.loads(z.read("rig_trajectories.json"))
     assert rig["world_to_nre"]["matrix"][0][3] != 0.0
@@ -178,8 +194,11 @@ def test_counts_and_content(sample):
 def test_round_trip_values(sample, raw_state):
     """Generator -> file -> loader gives back the written values (float16 precision)."""
     state = raw_state["state_dict"]
-    w2n = np.asarray(json.loads(zipfile.ZipFile(nurec_jax.sample_scene_path()).read("rig_trajectories.json"))
-                     ["world_to_nre"]["matrix"])
+    w2n = np.asarray(
+        json.loads(zipfile.ZipFile(nurec_jax.sample_scene_path()).read("rig_trajectories.json"))["world_to_nre"][
+            "matrix"
+        ]
+    )
     for layer in ("background", "road"):
         got = sample.gaussians.layer(layer)
         pre = f".gaussians_nodes.{layer}."

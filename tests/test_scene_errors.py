@@ -118,8 +118,11 @@ def test_gzip_bomb_is_refused(tmp_path):
 
 
 def test_zip_bomb_member_is_refused(tmp_path):
-    path = _scene(tmp_path, [("volume.nurec", hm.payload(_good_state(), {})), ("junk.bin", b"\0" * (4 << 20))],
-                  compression=zipfile.ZIP_DEFLATED)
+    path = _scene(
+        tmp_path,
+        [("volume.nurec", hm.payload(_good_state(), {})), ("junk.bin", b"\0" * (4 << 20))],
+        compression=zipfile.ZIP_DEFLATED,
+    )
     with pytest.raises(SceneFormatError, match=r"junk\.bin.*exceeds the limit"):
         nurec_jax.scene.Archive(path, 1 << 20).read("junk.bin")
 
@@ -151,11 +154,22 @@ def test_bad_side_files(tmp_path):
     members[1] = ("rig_trajectories.json", hm.jbytes(bad))
     with pytest.raises(SceneFormatError, match=r"rig_trajectories\[0\]: T_rig_world_timestamps_us \(2\)"):
         nurec_jax.read_scene_metadata(_scene(tmp_path, members, name="b.usdz"))
-    tracks = {"seq": {"tracks_data": {"tracks_id": ["1"], "tracks_label_class": ["car"], "tracks_flags": ["NONE"],
-                                      "tracks_timestamps_us": [[1, 2]], "tracks_poses": [[[0] * 7, [0] * 7]]},
-                      "cuboidtracks_data": {"cuboids_dims": [[1, 1, 1]]}}}
+    tracks = {
+        "seq": {
+            "tracks_data": {
+                "tracks_id": ["1"],
+                "tracks_label_class": ["car"],
+                "tracks_flags": ["NONE"],
+                "tracks_timestamps_us": [[1, 2]],
+                "tracks_poses": [[[0] * 7, [0] * 7]],
+            },
+            "cuboidtracks_data": {"cuboids_dims": [[1, 1, 1]]},
+        }
+    }
     members[1] = ("sequence_tracks.json", hm.jbytes(tracks))
-    with pytest.raises(SceneFormatError, match=r"sequence_tracks\.json: \['seq'\] track '1': tracks_poses has a zero quaternion"):
+    with pytest.raises(
+        SceneFormatError, match=r"sequence_tracks\.json: \['seq'\] track '1': tracks_poses has a zero quaternion"
+    ):
         nurec_jax.read_scene_metadata(_scene(tmp_path, members, name="c.usdz"))
 
 
@@ -170,8 +184,7 @@ def test_metadata_is_read_without_decoding_gaussians(tmp_path):
 
 def test_rigid_ids_out_of_range(tmp_path):
     state = {}
-    hm.gaussian_layer(state, "dynamic_rigids", 4, np.random.default_rng(1), degree=0,
-                      cuboid_ids=np.array([0, 1, 2, 5]))
+    hm.gaussian_layer(state, "dynamic_rigids", 4, np.random.default_rng(1), degree=0, cuboid_ids=np.array([0, 1, 2, 5]))
     state["._extra_state"] = {"obj_track_ids": {"dynamic_rigids": ["1", "2", "3"]}}
     path = _scene(tmp_path, [("volume.nurec", hm.payload(state, {}))])
     with pytest.raises(SceneFormatError, match=r"gaussian_cuboid_ids range \[0, 5\] outside its 3 tracks"):
@@ -179,22 +192,39 @@ def test_rigid_ids_out_of_range(tmp_path):
 
 
 def test_bad_camera_calibration_names_the_key(tmp_path):
-    cal = {"logical_sensor_name": "cam", "T_sensor_rig": np.eye(4).tolist(),
-           "camera_model": {"type": "opencv-fisheye", "parameters": {
-               "resolution": [64, 48], "principal_point": [32, 24], "focal_length": [20, 20], "max_angle": 4.0}}}
-    members = [("volume.nurec", hm.payload(_good_state(), {})),
-               ("rig_trajectories.json", hm.jbytes({"camera_calibrations": {"cam@x": cal}}))]
-    with pytest.raises(SceneFormatError, match=r"camera_calibrations\['cam@x'\].camera_model.parameters.max_angle: "
-                                               r"4.0 not in \(0, pi\]"):
+    cal = {
+        "logical_sensor_name": "cam",
+        "T_sensor_rig": np.eye(4).tolist(),
+        "camera_model": {
+            "type": "opencv-fisheye",
+            "parameters": {
+                "resolution": [64, 48],
+                "principal_point": [32, 24],
+                "focal_length": [20, 20],
+                "max_angle": 4.0,
+            },
+        },
+    }
+    members = [
+        ("volume.nurec", hm.payload(_good_state(), {})),
+        ("rig_trajectories.json", hm.jbytes({"camera_calibrations": {"cam@x": cal}})),
+    ]
+    with pytest.raises(
+        SceneFormatError,
+        match=r"camera_calibrations\['cam@x'\].camera_model.parameters.max_angle: "
+        r"4.0 not in \(0, pi\]",
+    ):
         nurec_jax.read_scene_metadata(_scene(tmp_path, members))
 
 
 def test_non_cubemap_sky_and_unknown_colour_models_load_with_clear_warnings(tmp_path):
     state = _good_state()
     hm.tensor(state, ".background.textures", np.full((1, 8, 16, 3), 0.5))  # equirectangular [1, H, W, 3]
-    config = {"background": {"name": "sky-env-map", "envmap_type": "equirectangular"},
-              "appearance_embedding": {"name": "per-frame-appearance"},
-              "post_processing": {"a": {"name": "tonemap-post-processing"}}}
+    config = {
+        "background": {"name": "sky-env-map", "envmap_type": "equirectangular"},
+        "appearance_embedding": {"name": "per-frame-appearance"},
+        "post_processing": {"a": {"name": "tonemap-post-processing"}},
+    }
     path = _scene(tmp_path, [("volume.nurec", hm.payload(state, config))])
     host = nurec_jax.load_host_scene(path)
     assert host.sky_cubemap is None

@@ -40,21 +40,36 @@ def _rig(world_to_nre):
     return {
         "T_world_base": np.eye(4).tolist(),
         "world_to_nre": {"matrix": world_to_nre.tolist()},
-        "camera_calibrations": {key: {
-            "logical_sensor_name": "camera_front_wide_120fov", "sequence_id": SEQ, "unique_sensor_idx": 0,
-            "T_sensor_rig": cam_t.tolist(),
-            "camera_model": {"type": "ftheta", "parameters": {
-                "resolution": [1920, 1080], "shutter_type": "ROLLING_TOP_TO_BOTTOM",
-                "principal_point": [960.5, 540.25], "reference_poly": "PIXELDIST_TO_ANGLE",
-                "pixeldist_to_angle_poly": [0.0, 1.1e-3, 1e-8, -2e-11, 0.0, 0.0],
-                "angle_to_pixeldist_poly": [0.0, 909.0, -5.0, 1.0, 0.0, 0.0],
-                "max_angle": 1.1, "linear_cde": [1.001, 0.002, -0.001]}},
-        }},
-        "rig_trajectories": [{
-            "sequence_id": SEQ, "T_rig_world_timestamps_us": ts, "T_rig_worlds": poses,
-            "cameras_frame_timestamps_us": {key: [[ts[0], ts[0] + 30_000], [ts[1], ts[1] + 30_000]]},
-            "rig_bbox": {"centroid": [1.3, 0, 0.8], "dim": [4.8, 1.9, 1.6], "rot": [0, 0, 0]},
-        }],
+        "camera_calibrations": {
+            key: {
+                "logical_sensor_name": "camera_front_wide_120fov",
+                "sequence_id": SEQ,
+                "unique_sensor_idx": 0,
+                "T_sensor_rig": cam_t.tolist(),
+                "camera_model": {
+                    "type": "ftheta",
+                    "parameters": {
+                        "resolution": [1920, 1080],
+                        "shutter_type": "ROLLING_TOP_TO_BOTTOM",
+                        "principal_point": [960.5, 540.25],
+                        "reference_poly": "PIXELDIST_TO_ANGLE",
+                        "pixeldist_to_angle_poly": [0.0, 1.1e-3, 1e-8, -2e-11, 0.0, 0.0],
+                        "angle_to_pixeldist_poly": [0.0, 909.0, -5.0, 1.0, 0.0, 0.0],
+                        "max_angle": 1.1,
+                        "linear_cde": [1.001, 0.002, -0.001],
+                    },
+                },
+            }
+        },
+        "rig_trajectories": [
+            {
+                "sequence_id": SEQ,
+                "T_rig_world_timestamps_us": ts,
+                "T_rig_worlds": poses,
+                "cameras_frame_timestamps_us": {key: [[ts[0], ts[0] + 30_000], [ts[1], ts[1] + 30_000]]},
+                "rig_bbox": {"centroid": [1.3, 0, 0.8], "dim": [4.8, 1.9, 1.6], "rot": [0, 0, 0]},
+            }
+        ],
     }
 
 
@@ -65,12 +80,18 @@ def _tracks():
 
     ids = ["3", "7", "11"]
     data = [track(5.0), track(10.0), track(20.0)]
-    return {SEQ: {
-        "tracks_data": {"tracks_id": ids, "tracks_label_class": ["automobile", "automobile", "person"],
-                        "tracks_flags": ["DYNAMIC|CONTROLLABLE", "NONE", "CONTROLLABLE"],
-                        "tracks_timestamps_us": [d[0] for d in data], "tracks_poses": [d[1] for d in data]},
-        "cuboidtracks_data": {"cuboids_dims": [[4.5, 1.9, 1.5], [4.0, 1.8, 1.4], [0.6, 0.6, 1.8]]},
-    }}
+    return {
+        SEQ: {
+            "tracks_data": {
+                "tracks_id": ids,
+                "tracks_label_class": ["automobile", "automobile", "person"],
+                "tracks_flags": ["DYNAMIC|CONTROLLABLE", "NONE", "CONTROLLABLE"],
+                "tracks_timestamps_us": [d[0] for d in data],
+                "tracks_poses": [d[1] for d in data],
+            },
+            "cuboidtracks_data": {"cuboids_dims": [[4.5, 1.9, 1.5], [4.0, 1.8, 1.4], [0.6, 0.6, 1.8]]},
+        }
+    }
 
 
 def build_driving_scene(tmp_path, *, rot_deg=0.0, with_usd=True, pad64=False, seed=0):
@@ -83,14 +104,17 @@ def build_driving_scene(tmp_path, *, rot_deg=0.0, with_usd=True, pad64=False, se
     pos[17, 0] = np.inf
     hm.tensor(state, ".gaussians_nodes.background.positions", pos)
     road = hm.gaussian_layer(state, "road", 30, rng, fourier=1)
-    rig = hm.gaussian_layer(state, "dynamic_rigids", 6, rng, fourier=3,
-                            cuboid_ids=np.array([0, 0, 1, 1, 2, 2]))
+    rig = hm.gaussian_layer(state, "dynamic_rigids", 6, rng, fourier=3, cuboid_ids=np.array([0, 0, 1, 1, 2, 2]))
     state["._extra_state"] = {"obj_track_ids": {"dynamic_rigids": [f"7@{SEQ}", f"3@{SEQ}", f"99@{SEQ}"]}}
     hm.tensor(state, ".background.textures", rng.uniform(0, 1, (1, 6, 4, 4, 3)))
-    config = {"layers": {"background": hm.layer_config(fourier_features_dim=5),
-                         "road": hm.layer_config(fourier_features_dim=1),
-                         "dynamic_rigids": hm.layer_config(fourier_features_dim=3)},
-              "background": {"name": "sky-env-map", "width": 4, "height": 4}}
+    config = {
+        "layers": {
+            "background": hm.layer_config(fourier_features_dim=5),
+            "road": hm.layer_config(fourier_features_dim=1),
+            "dynamic_rigids": hm.layer_config(fourier_features_dim=3),
+        },
+        "background": {"name": "sky-env-map", "width": 4, "height": 4},
+    }
     w2n = _world_to_nre(rot_deg)
     members = []
     if with_usd:
@@ -232,8 +256,10 @@ def test_3dgrut_flavour_with_reflection_transform(tmp_path):
     raw = hm.gaussian_layer(state, "gaussians", 25, rng, degree=1)
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     flip[3, :3] = [1.0, 2.0, 3.0]  # USD row-vector translation
-    members = [("gauss.usda", hm.volume_usda("gauss", "mystem.nurec", flip)),
-               ("mystem.nurec", hm.payload(state, {"layers": {"gaussians": hm.layer_config(o0=False, degree=1)}}))]
+    members = [
+        ("gauss.usda", hm.volume_usda("gauss", "mystem.nurec", flip)),
+        ("mystem.nurec", hm.payload(state, {"layers": {"gaussians": hm.layer_config(o0=False, degree=1)}})),
+    ]
     path = tmp_path / "mystem.usdz"
     hm.usdz(path, members, pad64=True)
     scene = nurec_jax.load_scene(path)

@@ -83,15 +83,9 @@ def test_lightning_like_matches_expected():
     group = ckpt["optimizer_states"][0]["param_groups"][0]
     assert group["betas"] == (0.9, 0.999) and group["params"] == [0, 1]
     assert sd["model.aux.param"].is_parameter and not sd[f"{BG}.positions"].is_parameter
-    assert (
-        sd["model.aux.bf16"].dtype == "bfloat16"
-        and sd["model.aux.bf16"].numpy().dtype == np.float32
-    )
+    assert sd["model.aux.bf16"].dtype == "bfloat16" and sd["model.aux.bf16"].numpy().dtype == np.float32
     assert sd["model.aux.half"].numpy().dtype == np.float16
-    assert (
-        sd["model.aux.scalar"].shape == ()
-        and sd[f"{BG}.n_active_features"].numpy().dtype == np.int64
-    )
+    assert sd["model.aux.scalar"].shape == () and sd[f"{BG}.n_active_features"].numpy().dtype == np.int64
     assert sd["model.aux.transposed"].stride == (1, 7)
     assert sd["model.aux.sliced"].storage_offset == 14
     assert sd["model.aux.expanded"].stride == (0, 1)
@@ -178,9 +172,7 @@ def test_hostile_globals_are_refused(func, args, name, protocol):
     pkl = pickle.dumps({"state_dict": {"w": _Reduces(func, args)}}, protocol=protocol)
     with pytest.raises(UnsafeCheckpointError, match=name.replace(".", r"\.")):
         _load(_archive_bytes(pkl))
-    assert not os.path.exists("/tmp/nurec_pwned_eval") and not os.path.exists(
-        "/tmp/nurec_pwned_popen"
-    )
+    assert not os.path.exists("/tmp/nurec_pwned_eval") and not os.path.exists("/tmp/nurec_pwned_popen")
 
 
 class _PersistentPickler(pickle.Pickler):
@@ -342,9 +334,7 @@ def _expected_array(v):
         v = v.data
     if isinstance(v, torch_zip.TensorView):
         item = v.storage.itemsize
-        return np.lib.stride_tricks.as_strided(
-            v.storage[v.offset :], v.shape, tuple(s * item for s in v.stride)
-        ).copy()
+        return np.lib.stride_tricks.as_strided(v.storage[v.offset :], v.shape, tuple(s * item for s in v.stride)).copy()
     return v
 
 
@@ -362,9 +352,7 @@ def test_roundtrip(byteorder):
         if k == "extra":
             continue
         a, e = sd[k].numpy(), _expected_array(v)
-        assert (
-            a.dtype == e.dtype and a.dtype.isnative and a.shape == e.shape and np.array_equal(a, e)
-        ), k
+        assert a.dtype == e.dtype and a.dtype.isnative and a.shape == e.shape and np.array_equal(a, e), k
     assert sd["param"].is_parameter
     assert sd["view_t"].storage is sd["view_off"].storage
 
@@ -383,11 +371,7 @@ def test_writer_is_deterministic_and_aligned():
     assert raw == _ckpt_bytes(obj)
     with zipfile.ZipFile(io.BytesIO(raw)) as zf:
         names = zf.namelist()
-        assert (
-            names[0] == "archive/data.pkl"
-            and "archive/version" in names
-            and "archive/byteorder" in names
-        )
+        assert names[0] == "archive/data.pkl" and "archive/version" in names and "archive/byteorder" in names
         for info in zf.infolist():
             assert info.compress_type == zipfile.ZIP_STORED
             if info.filename.startswith("archive/data/"):
@@ -437,9 +421,7 @@ class _CountingFile(io.RawIOBase):
 def test_nested_in_an_outer_zip_reads_lazily(tmp_path):
     big = np.arange(1 << 20, dtype=np.float32)  # a 4 MiB storage that stays unread
     small = np.array([[1, 2], [3, 4]], np.int16)
-    inner = _ckpt_bytes(
-        {"state_dict": OrderedDict(big=big, small=small)}, archive_name="checkpoint"
-    )
+    inner = _ckpt_bytes({"state_dict": OrderedDict(big=big, small=small)}, archive_name="checkpoint")
     outer = tmp_path / "scene.usdz"
     with zipfile.ZipFile(outer, "w") as zf:
         zf.writestr("volume.nurec", b"x" * 1000, compress_type=zipfile.ZIP_DEFLATED)
@@ -447,9 +429,7 @@ def test_nested_in_an_outer_zip_reads_lazily(tmp_path):
     with open(outer, "rb") as raw:
         counting = _CountingFile(raw)
         with zipfile.ZipFile(counting) as zf, zf.open("checkpoint.ckpt") as member:
-            sd = state_dict_arrays(
-                load_checkpoint(member, where="scene.usdz:checkpoint.ckpt", max_member_bytes=LIMIT)
-            )
+            sd = state_dict_arrays(load_checkpoint(member, where="scene.usdz:checkpoint.ckpt", max_member_bytes=LIMIT))
             assert np.array_equal(sd["small"].numpy(), small)
             assert sd["big"].shape == (1 << 20,)
             assert counting.bytes_read < len(inner) // 20, counting.bytes_read

@@ -49,8 +49,18 @@ def test_every_camera_reports_its_own_frames(meta):
     assert [t.sequence_id for t in meta.trajectories] == [SA, SB]
     assert [t.trajectory_idx for t in meta.trajectories] == [0, 1]
     assert meta.trajectory is meta.trajectories[0]
-    got = [(c.key, c.logical_id, c.trajectory_idx, c.sequence_id, len(c.frame_timestamps_us),
-            c.linear_start_frame_index, c.frame_T_rig_world is not None) for c in meta.camera_list]
+    got = [
+        (
+            c.key,
+            c.logical_id,
+            c.trajectory_idx,
+            c.sequence_id,
+            len(c.frame_timestamps_us),
+            c.linear_start_frame_index,
+            c.frame_T_rig_world is not None,
+        )
+        for c in meta.camera_list
+    ]
     assert got == [
         (f"{FRONT}@{SA}", FRONT, 0, SA, 2, 0, False),
         (f"{FRONT}@{SB}", FRONT, 1, SB, 3, 3, True),
@@ -101,8 +111,11 @@ def test_single_trajectory_view_and_format_errors():
     # Recorded frame poses must match the frame windows.
     bad = hm.two_sequence_rig()
     bad["rig_trajectories"][1]["cameras_frame_T_rig_worlds"][f"{FRONT}@{SB}"].pop()
-    with pytest.raises(SceneFormatError, match=r"rig_trajectories\[1\].cameras_frame_T_rig_worlds.*expected shape "
-                                               r"\[3, 2, 4, 4\]"):
+    with pytest.raises(
+        SceneFormatError,
+        match=r"rig_trajectories\[1\].cameras_frame_T_rig_worlds.*expected shape "
+        r"\[3, 2, 4, 4\]",
+    ):
         parse_rig_document(bad)
     bad = hm.two_sequence_rig()
     bad["rig_trajectories"][0]["cameras_linear_start_frame_indices"][f"{FRONT}@{SA}"] = "x"
@@ -131,42 +144,41 @@ def test_rig_camera_poses_recorded_and_interpolated(meta):
     b = meta.camera(FRONT, 1)
     s, e = (int(t) for t in b.frame_timestamps_us[1])
     pair = renderer.rig_camera_poses(meta, FRONT, s, e, np.float64, trajectory_idx=1)
-    np.testing.assert_allclose(_m(pair.start), b.frame_T_rig_world[1, 0] @ b.T_sensor_rig,
-                               atol=2e-5)
-    np.testing.assert_allclose(_m(pair.end), b.frame_T_rig_world[1, 1] @ b.T_sensor_rig,
-                               atol=2e-5)
+    np.testing.assert_allclose(_m(pair.start), b.frame_T_rig_world[1, 0] @ b.T_sensor_rig, atol=2e-5)
+    np.testing.assert_allclose(_m(pair.end), b.frame_T_rig_world[1, 1] @ b.T_sensor_rig, atol=2e-5)
     # The fixture's recorded poses are the interpolated ones moved 0.5 m up: they really differ.
     interp = meta.trajectories[1].pose_at(s)
     np.testing.assert_allclose(b.frame_T_rig_world[1, 0][:3, :3], interp[:3, :3], atol=1e-9)
     np.testing.assert_allclose(b.frame_T_rig_world[1, 0][:3, 3] - interp[:3, 3], [0, 0, 0.5], atol=1e-9)
     # Not a recorded window: trajectory B is interpolated.
     other = renderer.rig_camera_poses(meta, FRONT, s + 1, e, np.float64, trajectory_idx=1)
-    np.testing.assert_allclose(_m(other.start),
-                               meta.trajectories[1].pose_at(s + 1) @ b.T_sensor_rig, atol=2e-5)
-    np.testing.assert_allclose(_m(other.end), meta.trajectories[1].pose_at(e) @ b.T_sensor_rig,
-                               atol=2e-5)
+    np.testing.assert_allclose(_m(other.start), meta.trajectories[1].pose_at(s + 1) @ b.T_sensor_rig, atol=2e-5)
+    np.testing.assert_allclose(_m(other.end), meta.trajectories[1].pose_at(e) @ b.T_sensor_rig, atol=2e-5)
     # No trajectory_idx: the first calibration (trajectory A, no recorded poses).
     a = meta.camera(FRONT)
     sa, ea = (int(t) for t in a.frame_timestamps_us[1])
     first = renderer.rig_camera_poses(meta, FRONT, sa, ea, np.float64)
-    np.testing.assert_allclose(_m(first.start), meta.trajectories[0].pose_at(sa) @ a.T_sensor_rig,
-                               atol=2e-5)
+    np.testing.assert_allclose(_m(first.start), meta.trajectories[0].pose_at(sa) @ a.T_sensor_rig, atol=2e-5)
     # The camera only in B interpolates B's trajectory.
     rear = meta.camera("camera_rear_b")
     p = renderer.rig_camera_poses(meta, "camera_rear_b", TB, TB + 20_000, np.float64)
-    np.testing.assert_allclose(_m(p.start), meta.trajectories[1].pose_at(TB) @ rear.T_sensor_rig,
-                               atol=2e-5)
+    np.testing.assert_allclose(_m(p.start), meta.trajectories[1].pose_at(TB) @ rear.T_sensor_rig, atol=2e-5)
 
 
 def test_warmup_plans_every_calibration(meta):
     jobs = list(warmup.camera_jobs(meta, height=24))
     assert [(cam_id, cam.width, cam.height) for cam_id, cam, _, _ in jobs] == [
-        (FRONT, 42, 24), (FRONT, 32, 24), ("camera_rear_b", 32, 24), ("camera_side_a", 32, 24)]
+        (FRONT, 42, 24),
+        (FRONT, 32, 24),
+        ("camera_rear_b", 32, 24),
+        ("camera_side_a", 32, 24),
+    ]
     _, _, pose, (s, e) = jobs[1]  # B's middle frame: its recorded pose
     b = meta.camera(FRONT, 1)
     assert (s, e) == tuple(int(t) for t in b.frame_timestamps_us[1])
-    np.testing.assert_allclose(np.asarray(pose.start.as_matrix()), b.frame_T_rig_world[1, 0] @ b.T_sensor_rig,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(pose.start.as_matrix()), b.frame_T_rig_world[1, 0] @ b.T_sensor_rig, atol=1e-4
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,10 +193,17 @@ def _rgb_request(meta, cal, trajectory_idx=None, height=36):
     idx = cal.trajectory_idx if trajectory_idx is None else trajectory_idx
     spec = sensorsim_pb2.CameraSpec(logical_id=cal.logical_id, trajectory_idx=idx)
     return sensorsim_pb2.RGBRenderRequest(
-        scene_id=meta.scene_id, resolution_h=height, resolution_w=0, camera_intrinsics=spec,
-        frame_start_us=s, frame_end_us=e, image_format=sensorsim_pb2.PNG,
-        sensor_pose=sensorsim_pb2.PosePair(start_pose=convert.se3_to_grpc_pose(_m(pair.start)),
-                                           end_pose=convert.se3_to_grpc_pose(_m(pair.end))))
+        scene_id=meta.scene_id,
+        resolution_h=height,
+        resolution_w=0,
+        camera_intrinsics=spec,
+        frame_start_us=s,
+        frame_end_us=e,
+        image_format=sensorsim_pb2.PNG,
+        sensor_pose=sensorsim_pb2.PosePair(
+            start_pose=convert.se3_to_grpc_pose(_m(pair.start)), end_pose=convert.se3_to_grpc_pose(_m(pair.end))
+        ),
+    )
 
 
 def test_requests_pick_the_calibration_of_their_trajectory(meta):
@@ -199,16 +218,23 @@ def test_requests_pick_the_calibration_of_their_trajectory(meta):
     with pytest.raises(InvalidArgument, match=r"camera_intrinsics.trajectory_idx: 2 names no rig trajectory"):
         requests.prepare_rgb(meta, _rgb_request(meta, meta.camera(FRONT), 2), editing_enabled=False)
     req = _rgb_request(meta, meta.camera("camera_side_a"), 1)
-    with pytest.raises(InvalidArgument, match=r"camera_intrinsics.trajectory_idx: camera 'camera_side_a' is not in "
-                                              r"trajectory 1.*trajectories \[0\]"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"camera_intrinsics.trajectory_idx: camera 'camera_side_a' is not in "
+        r"trajectory 1.*trajectories \[0\]",
+    ):
         requests.prepare_rgb(meta, req, editing_enabled=False)
 
 
 def test_time_ranges_are_the_union_of_the_trajectories(meta):
     for window in ((TA, TA + 1), (TA + 200_000, TA + 200_001), (TB + 250_000, TB + 300_001)):
         requests.check_interval(meta, *window)
-    for window in ((TA + 200_000, TA + 200_002), (TA + 1_000_000, TA + 1_000_001), (TB - 1, TB + 1),
-                   (TB + 300_000, TB + 300_002)):
+    for window in (
+        (TA + 200_000, TA + 200_002),
+        (TA + 1_000_000, TA + 1_000_001),
+        (TB - 1, TB + 1),
+        (TB + 300_000, TB + 300_002),
+    ):
         with pytest.raises(OutOfRange, match=rf"\[{TA}, {TA + 200_001}\), \[{TB}, {TB + 300_001}\)"):
             requests.check_interval(meta, *window)
 
@@ -233,14 +259,15 @@ def test_sequence_tracks_of_several_sequences_are_merged(meta):
 
 def test_scene_id_from_data_info(tmp_path):
     def sid(data_info, name):
-        return nurec_jax.read_scene_metadata(hm.two_sequence_scene(tmp_path / f"{name}.usdz",
-                                                                   data_info=data_info)).scene_id
+        return nurec_jax.read_scene_metadata(
+            hm.two_sequence_scene(tmp_path / f"{name}.usdz", data_info=data_info)
+        ).scene_id
 
     assert sid(b'{"sequence_id": "clip-x"}', "a") == "clip-x"
     assert sid(None, "missing") == "missing"
     assert sid(b'{"sequence_id": 5}', "number") == "number"
     assert sid(b'{"sequence_id": ""}', "empty") == "empty"
-    assert sid(b'[1, 2]', "list") == "list"
+    assert sid(b"[1, 2]", "list") == "list"
     with pytest.raises(SceneFormatError, match=r"data_info.json: invalid JSON"):
         sid(b"{nope", "broken")
     # metadata.yaml's scene_id still comes first (the sample scene has both).
@@ -251,9 +278,13 @@ def test_describe_and_scene_info_list_trajectories(scene_path):
     text = scene_lib.describe(scene_lib.load_host_scene(scene_path))
     assert "ego trajectory 1: 4 poses over 0.30 s" in text and f"sequence '{SB}'" in text
     assert "trajectory 1: 3 frames, recorded frame poses" in text and "(no lidar model)" in text
-    out = subprocess.run([sys.executable, "-m", "nurec_jax.cli.scene_info", f"--scene={scene_path}",
-                          "--metadata_only"], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        [sys.executable, "-m", "nurec_jax.cli.scene_info", f"--scene={scene_path}", "--metadata_only"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 0, out.stderr
     assert "4 cameras, 1 lidars, 3 tracks, trajectories: 2" in out.stdout
     assert "trajectory 1: 3 frames, recorded frame poses" in out.stdout
@@ -270,8 +301,9 @@ def server(scene_path, tmp_path_factory):
     from nurec_jax.server.app import create_server
     from nurec_jax.server.options import ServerOptions
 
-    opts = ServerOptions(artifact_glob=scene_path, port=0, max_workers=1,
-                         download_cache_dir=str(tmp_path_factory.mktemp("dl")))
+    opts = ServerOptions(
+        artifact_glob=scene_path, port=0, max_workers=1, download_cache_dir=str(tmp_path_factory.mktemp("dl"))
+    )
     srv, port = create_server("127.0.0.1:0", opts, renderer=Renderer(RenderOptions(pair_capacity=1 << 14)))
     assert srv.serving.wait(30)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -283,16 +315,21 @@ def server(scene_path, tmp_path_factory):
 @pytest.mark.xdist_group("grpc")
 def test_servicer_lists_every_trajectory_and_camera(server, meta):
     trajs = server.get_available_trajectories(
-        sensorsim_pb2.AvailableTrajectoriesRequest(scene_id=SID)).available_trajectories
+        sensorsim_pb2.AvailableTrajectoriesRequest(scene_id=SID)
+    ).available_trajectories
     assert [t.trajectory_idx for t in trajs] == [0, 1]
     assert [len(t.trajectory.poses) for t in trajs] == [3, 4]
     assert trajs[1].trajectory.poses[0].timestamp_us == TB
     cams = server.get_available_cameras(sensorsim_pb2.AvailableCamerasRequest(scene_id=SID)).available_cameras
-    assert [(c.logical_id, c.trajectory_idx, c.intrinsics.trajectory_idx, c.intrinsics.resolution_w)
-            for c in cams] == [(FRONT, 0, 0, 1920), (FRONT, 1, 1, 1600), ("camera_rear_b", 1, 1, 640),
-                               ("camera_side_a", 0, 0, 640)]
-    np.testing.assert_allclose(np.asarray(convert.grpc_pose_to_se3(cams[1].rig_to_camera)),
-                               meta.camera(FRONT, 1).T_sensor_rig, atol=1e-6)
+    assert [(c.logical_id, c.trajectory_idx, c.intrinsics.trajectory_idx, c.intrinsics.resolution_w) for c in cams] == [
+        (FRONT, 0, 0, 1920),
+        (FRONT, 1, 1, 1600),
+        ("camera_rear_b", 1, 1, 640),
+        ("camera_side_a", 0, 0, 640),
+    ]
+    np.testing.assert_allclose(
+        np.asarray(convert.grpc_pose_to_se3(cams[1].rig_to_camera)), meta.camera(FRONT, 1).T_sensor_rig, atol=1e-6
+    )
 
 
 @pytest.mark.xdist_group("grpc")
@@ -312,22 +349,51 @@ def test_render_with_trajectory_idx_uses_that_calibration(server, meta):
         server.render_rgb(req, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "camera_intrinsics.trajectory_idx: camera 'camera_side_a' is not in trajectory 1" in info.value.details()
-    lidar = sensorsim_pb2.LidarRenderRequest(scene_id=SID, frame_start_us=TA, frame_end_us=TA + 100_000,
-                                             sensor_pose=_rgb_request(meta, meta.camera(FRONT)).sensor_pose)
+    lidar = sensorsim_pb2.LidarRenderRequest(
+        scene_id=SID,
+        frame_start_us=TA,
+        frame_end_us=TA + 100_000,
+        sensor_pose=_rgb_request(meta, meta.camera(FRONT)).sensor_pose,
+    )
     with pytest.raises(grpc.RpcError) as info:
         server.render_lidar(lidar, timeout=60)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "lidar_model is null" in info.value.details()
 
 
 def test_render_frame_cli_trajectory_idx(scene_path, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "nurec_jax.cli.render_frame", f"--scene={scene_path}",
-                          f"--output_dir={tmp_path}", f"--cameras={FRONT}", "--frames=2", "--width=32",
-                          "--trajectory_idx=1"], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.render_frame",
+            f"--scene={scene_path}",
+            f"--output_dir={tmp_path}",
+            f"--cameras={FRONT}",
+            "--frames=2",
+            "--width=32",
+            "--trajectory_idx=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 0, out.stderr
     img = Image.open(tmp_path / f"{SID}_{FRONT}_t1_0002.png")
     assert img.size == (32, 24)  # B's 4:3 camera
-    bad = subprocess.run([sys.executable, "-m", "nurec_jax.cli.render_frame", f"--scene={scene_path}",
-                          f"--output_dir={tmp_path}", "--cameras=camera_side_a", "--trajectory_idx=1"],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.render_frame",
+            f"--scene={scene_path}",
+            f"--output_dir={tmp_path}",
+            "--cameras=camera_side_a",
+            "--trajectory_idx=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert bad.returncode != 0 and "in trajectory 1" in bad.stderr

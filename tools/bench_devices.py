@@ -36,9 +36,13 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 def _args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", default="0,1", help="--devices of the server under test (two or more ids, or all)")
-    p.add_argument("--cpu-devices", type=int, default=0,
-                   help="split the CPU into this many JAX devices (XLA_FLAGS=--xla_force_host_platform_"
-                        "device_count); 0: use the machine's accelerators as they are")
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=0,
+        help="split the CPU into this many JAX devices (XLA_FLAGS=--xla_force_host_platform_"
+        "device_count); 0: use the machine's accelerators as they are",
+    )
     p.add_argument("--height", type=int, default=180, help="output height of each request (width keeps the aspect)")
     p.add_argument("--keep-every", type=int, default=10, help="thin the sample scene to every k-th Gaussian (1: all)")
     p.add_argument("--repeats", type=int, default=10)
@@ -63,8 +67,9 @@ def main() -> None:
     args = _args()
     if args.cpu_devices:  # before JAX initialises
         os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
+        ).strip()
     sys.path.insert(0, _TOOLS)
     import grpc
     import jax
@@ -77,30 +82,47 @@ def main() -> None:
     from nurec_jax.server.options import ServerOptions
 
     devices = jax.devices()
-    print(f"machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, {len(devices)} device(s): "
-          f"{', '.join(str(d) for d in devices)} ({devices[0].device_kind})", flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, {len(devices)} device(s): "
+        f"{', '.join(str(d) for d in devices)} ({devices[0].device_kind})",
+        flush=True,
+    )
     if len(devices) < 2:
         sys.exit("bench_devices: needs two devices (on CPU: --cpu-devices 2)")
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {sid: write_thin_scene(os.path.join(tmp, f"{sid}.usdz"), keep_every=args.keep_every, scene_id=sid)
-                 for sid in ("bench-a", "bench-b")}
+        paths = {
+            sid: write_thin_scene(os.path.join(tmp, f"{sid}.usdz"), keep_every=args.keep_every, scene_id=sid)
+            for sid in ("bench-a", "bench-b")
+        }
         reqs = []
         for sid, path in paths.items():
             meta = read_scene_metadata(path)
             cal = meta.cameras[args.camera]
             s, e = (int(t) for t in cal.frame_timestamps_us[len(cal.frame_timestamps_us) // 2])
             poses = [convert.se3_to_grpc_pose(meta.trajectory.pose_at(t) @ cal.T_sensor_rig) for t in (s, e)]
-            reqs.append(sensorsim_pb2.RGBRenderRequest(
-                scene_id=sid, resolution_h=args.height, resolution_w=1,
-                camera_intrinsics=convert.camera_spec_from_intrinsics(args.camera, cal.intrinsics),
-                frame_start_us=s, frame_end_us=e,
-                sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]),
-                image_format=sensorsim_pb2.JPEG, image_quality=95.0))
+            reqs.append(
+                sensorsim_pb2.RGBRenderRequest(
+                    scene_id=sid,
+                    resolution_h=args.height,
+                    resolution_w=1,
+                    camera_intrinsics=convert.camera_spec_from_intrinsics(args.camera, cal.intrinsics),
+                    frame_start_us=s,
+                    frame_end_us=e,
+                    sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]),
+                    image_format=sensorsim_pb2.JPEG,
+                    image_quality=95.0,
+                )
+            )
 
         def serve(name: str, **kw):
-            opts = ServerOptions(artifact_glob=os.path.join(tmp, "*.usdz"), port=0, compilation_cache_dir=None,
-                                 download_cache_dir=os.path.join(tmp, f"downloads-{name}"), **kw)
+            opts = ServerOptions(
+                artifact_glob=os.path.join(tmp, "*.usdz"),
+                port=0,
+                compilation_cache_dir=None,
+                download_cache_dir=os.path.join(tmp, f"downloads-{name}"),
+                **kw,
+            )
             srv = Server(opts, "127.0.0.1:0")
             channel = grpc.insecure_channel(f"127.0.0.1:{srv.start()}")
             return srv, channel, sensorsim_pb2_grpc.SensorsimServiceStub(channel)
@@ -113,10 +135,16 @@ def main() -> None:
             t = time.perf_counter()
             for r in reqs:  # load each scene on its device and compile there
                 multi[2].render_rgb(r, timeout=3600)
-            where = {k: v for k, v in multi[2].get_server_config(common_pb2.Empty()).server_config.items()
-                     if k.startswith("placement.scene.")}
-            print(f"warm-up (load + compile per device): {time.perf_counter() - t:.1f} s; placement: "
-                  + ", ".join(f"{k.split('.', 2)[2]} on {v}" for k, v in sorted(where.items())), flush=True)
+            where = {
+                k: v
+                for k, v in multi[2].get_server_config(common_pb2.Empty()).server_config.items()
+                if k.startswith("placement.scene.")
+            }
+            print(
+                f"warm-up (load + compile per device): {time.perf_counter() - t:.1f} s; placement: "
+                + ", ".join(f"{k.split('.', 2)[2]} on {v}" for k, v in sorted(where.items())),
+                flush=True,
+            )
             for r in reqs:
                 single[2].render_rgb(r, timeout=3600)
             one, two, single_pair, one_dev, two_dev = [], [], [], [], []
@@ -136,13 +164,19 @@ def main() -> None:
                 srv.stop(1)
 
     t1, t2, t1d, d1, d2 = (statistics.median(x) for x in (one, two, single_pair, one_dev, two_dev))
-    print(f"one request:                          {t1 * 1e3:8.1f} ms  (median of {args.repeats}, "
-          f"{args.height} px high, keep every {args.keep_every})")
-    print(f"two concurrent requests, two devices: {t2 * 1e3:8.1f} ms  ratio {t2 / t1:.2f}  "
-          f"(1.0: full overlap, 2.0: serialised)")
+    print(
+        f"one request:                          {t1 * 1e3:8.1f} ms  (median of {args.repeats}, "
+        f"{args.height} px high, keep every {args.keep_every})"
+    )
+    print(
+        f"two concurrent requests, two devices: {t2 * 1e3:8.1f} ms  ratio {t2 / t1:.2f}  "
+        f"(1.0: full overlap, 2.0: serialised)"
+    )
     print(f"two concurrent requests, one device:  {t1d * 1e3:8.1f} ms  ratio {t1d / t1:.2f}")
-    print(f"device sections only (render under the device lock, no decode / encode / gRPC): one {d1 * 1e3:.1f} ms, "
-          f"two on two devices {d2 * 1e3:.1f} ms from first start to last end, ratio {d2 / d1:.2f}")
+    print(
+        f"device sections only (render under the device lock, no decode / encode / gRPC): one {d1 * 1e3:.1f} ms, "
+        f"two on two devices {d2 * 1e3:.1f} ms from first start to last end, ratio {d2 / d1:.2f}"
+    )
 
 
 if __name__ == "__main__":

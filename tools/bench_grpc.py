@@ -37,10 +37,16 @@ def _request(meta, scene_id, camera, frame, height, fmt):
     s, e = (int(t) for t in cal.frame_timestamps_us[frame % len(cal.frame_timestamps_us)])
     poses = [convert.se3_to_grpc_pose(meta.trajectory.pose_at(t) @ cal.T_sensor_rig) for t in (s, e)]
     return sensorsim_pb2.RGBRenderRequest(
-        scene_id=scene_id, resolution_h=height, resolution_w=1,
-        camera_intrinsics=convert.camera_spec_from_intrinsics(camera, cal.intrinsics), frame_start_us=s,
-        frame_end_us=e, sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]),
-        image_format=fmt, image_quality=95.0)
+        scene_id=scene_id,
+        resolution_h=height,
+        resolution_w=1,
+        camera_intrinsics=convert.camera_spec_from_intrinsics(camera, cal.intrinsics),
+        frame_start_us=s,
+        frame_end_us=e,
+        sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]),
+        image_format=fmt,
+        image_quality=95.0,
+    )
 
 
 def _free_port() -> int:
@@ -53,9 +59,20 @@ def _start_server(python: str, scene: str, max_workers: int):
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     # cwd: a scratch folder, so the interpreter imports its own checkout's nurec_jax (editable install).
-    proc = subprocess.Popen([os.path.abspath(python), "-m", "nurec_jax.cli.serve_grpc", f"--artifact_glob={scene}",
-                             "--host=127.0.0.1", f"--port={port}", f"--max_workers={max_workers}"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
+    proc = subprocess.Popen(
+        [
+            os.path.abspath(python),
+            "-m",
+            "nurec_jax.cli.serve_grpc",
+            f"--artifact_glob={scene}",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            f"--max_workers={max_workers}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tempfile.gettempdir(),
+    )
     return proc, f"127.0.0.1:{port}", log.name
 
 
@@ -71,9 +88,17 @@ def _measure(address: str, args, fmt) -> dict:
     frames = [(i * 7) % n_frames for i in range(args.requests)]
     single = [_request(meta, scene_id, args.camera, f, args.height, fmt) for f in frames]
     cams = sorted(meta.cameras)
-    steps = [sensorsim_pb2.BatchRGBRenderRequest(items=[
-        sensorsim_pb2.BatchRGBRenderRequestItem(camera_name=c, request=_request(meta, scene_id, c, f, args.height, fmt))
-        for c in cams]) for f in frames[: args.steps]]
+    steps = [
+        sensorsim_pb2.BatchRGBRenderRequest(
+            items=[
+                sensorsim_pb2.BatchRGBRenderRequestItem(
+                    camera_name=c, request=_request(meta, scene_id, c, f, args.height, fmt)
+                )
+                for c in cams
+            ]
+        )
+        for f in frames[: args.steps]
+    ]
     out: dict = {}
     t = time.perf_counter()
     stub.render_rgb(single[0], timeout=3600)
@@ -88,6 +113,7 @@ def _measure(address: str, args, fmt) -> dict:
         raise SystemExit(f"batch items failed: {failed}")
     stub.batch_render_rgb(steps[1 % len(steps)], timeout=3600)
     for clients in (int(c) for c in args.clients.split(",")):
+
         def one(r):
             t0 = time.perf_counter()
             stub.render_rgb(r, timeout=3600)
@@ -149,8 +175,10 @@ def main() -> None:
         base = _run(args.baseline_python, args, fmt)
     print(f"server ({args.address or args.server_python or sys.executable}):", flush=True)
     ours = _run(args.server_python, args, fmt)
-    print(f"{args.camera} at height {args.height}, {args.format} 95; machine: {os.cpu_count()} CPUs "
-          f"(server JAX backend as the server reports it in its log)")
+    print(
+        f"{args.camera} at height {args.height}, {args.format} 95; machine: {os.cpu_count()} CPUs "
+        f"(server JAX backend as the server reports it in its log)"
+    )
 
     def fig(key, scale=1e3, unit="ms", higher_better=False):
         v = ours[key] * scale
@@ -163,8 +191,10 @@ def main() -> None:
     print(f"first render_rgb (load + compile): {fig('first_render_s', 1, 's')}")
     print(f"first batch_render_rgb ({ours['batch_cameras']} cameras, their compiles): {fig('first_batch_s', 1, 's')}")
     for clients in (int(c) for c in args.clients.split(",")):
-        print(f"render_rgb, {clients} client(s): p50 {fig(f'render_p50_{clients}')}, "
-              f"p95 {fig(f'render_p95_{clients}')}, throughput {ours[f'fps_{clients}']:.2f} frames/s")
+        print(
+            f"render_rgb, {clients} client(s): p50 {fig(f'render_p50_{clients}')}, "
+            f"p95 {fig(f'render_p95_{clients}')}, throughput {ours[f'fps_{clients}']:.2f} frames/s"
+        )
     print(f"batch_render_rgb step of {ours['batch_cameras']} cameras: p50 {fig('batch_step_p50')}")
 
 

@@ -60,35 +60,47 @@ from nurec_jax.poses import Pose, PosePair
 from nurec_jax.server.app import enable_compilation_cache
 from nurec_jax.types import Gaussians, SceneGaussians, Sky
 
-_SCENES = flags.DEFINE_list("scenes", ["sample", "1000000", "3000000"],
-                            '"sample" (the bundled scene) or a Gaussian count (synthetic street).')
+_SCENES = flags.DEFINE_list(
+    "scenes", ["sample", "1000000", "3000000"], '"sample" (the bundled scene) or a Gaussian count (synthetic street).'
+)
 _WIDTH = flags.DEFINE_integer("width", 1920, "Requested width (the camera's aspect is kept).")
 _HEIGHT = flags.DEFINE_integer("height", 1080, "Requested height.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions after warm-up.", lower_bound=1)
 _WARMUP = flags.DEFINE_integer(
-    "warmup", 2, "Untimed calls first: the first compiles; a second absorbs one-time retraces "
-    "(Pallas registers a JAX config option while tracing its first kernel).", lower_bound=1)
+    "warmup",
+    2,
+    "Untimed calls first: the first compiles; a second absorbs one-time retraces "
+    "(Pallas registers a JAX config option while tracing its first kernel).",
+    lower_bound=1,
+)
 _FRAME = flags.DEFINE_integer("frame", 30, "Recorded frame of the sample scene's front camera.")
-_IMPLEMENTATION = flags.DEFINE_enum("implementation", "auto", ["auto", "reference", "pallas"],
-                                    "Compositor of the camera renderer and the lidar caster.")
+_IMPLEMENTATION = flags.DEFINE_enum(
+    "implementation", "auto", ["auto", "reference", "pallas"], "Compositor of the camera renderer and the lidar caster."
+)
 _LIDAR = flags.DEFINE_enum("lidar", "PANDAR128", sorted(lidar_models.DEVICES), "Lidar model.")
 _LIDAR_COLUMN_STRIDE = flags.DEFINE_integer(
-    "lidar_column_stride", 1, "Cast every n-th lidar column only (less work on CPU; a divisor of "
-    "the column count keeps a full spin).", lower_bound=1)
+    "lidar_column_stride",
+    1,
+    "Cast every n-th lidar column only (less work on CPU; a divisor of the column count keeps a full spin).",
+    lower_bound=1,
+)
 _LIDAR_RAY_CHUNK = flags.DEFINE_integer(
-    "lidar_ray_chunk", 1 << 62, "Most rays per lidar pass (the server's --ray-chunk-size; the "
-    "default casts a spin in one pass).", lower_bound=1)
-_MAX_PAIRS = flags.DEFINE_integer("max_pair_capacity", 1 << 28, "Largest (tile, Gaussian) pair "
-                                  "buffer a frame or lidar pass may use.")
+    "lidar_ray_chunk",
+    1 << 62,
+    "Most rays per lidar pass (the server's --ray-chunk-size; the default casts a spin in one pass).",
+    lower_bound=1,
+)
+_MAX_PAIRS = flags.DEFINE_integer(
+    "max_pair_capacity", 1 << 28, "Largest (tile, Gaussian) pair buffer a frame or lidar pass may use."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic scenes.")
 _SKIP_GRAD = flags.DEFINE_bool("skip_grad", False, "Do not time forward+backward.")
 _SKIP_LIDAR = flags.DEFINE_bool("skip_lidar", False, "Do not time lidar spins.")
-_SKIP_COMPILE_PROBE = flags.DEFINE_bool("skip_compile_probe", False,
-                                        "Do not time compilation (two child processes).")
-_COMPILE_PROBE = flags.DEFINE_string("compile_probe", "", "Internal: run as a compile-time probe "
-                                     "with this persistent compilation cache directory.")
-_PROBE_CAPACITY = flags.DEFINE_integer("probe_capacity", 1 << 16,
-                                       "Internal: pair capacity of the compile-time probe.")
+_SKIP_COMPILE_PROBE = flags.DEFINE_bool("skip_compile_probe", False, "Do not time compilation (two child processes).")
+_COMPILE_PROBE = flags.DEFINE_string(
+    "compile_probe", "", "Internal: run as a compile-time probe with this persistent compilation cache directory."
+)
+_PROBE_CAPACITY = flags.DEFINE_integer("probe_capacity", 1 << 16, "Internal: pair capacity of the compile-time probe.")
 
 _CAMERA = "camera_front_wide_120fov"
 _STREET_LO = np.array([-10.0, -10.0, 0.0])  # rig frame at the frame's start: x fwd, y left, z up
@@ -131,8 +143,15 @@ def _view(meta: nurec_jax.SceneMetadata) -> _View:
     s_us, e_us = (int(t) for t in cal.frame_timestamps_us[_FRAME.value])
     native = cameras.camera_from_intrinsics(cal.intrinsics)
     camera = cameras.camera_at_resolution(native, _WIDTH.value, _HEIGHT.value)
-    return _View(meta, camera, RR.rig_camera_poses(meta, _CAMERA, s_us, e_us), s_us, e_us,
-                 meta.trajectory.pose_at(s_us), np.asarray(cal.T_sensor_rig))
+    return _View(
+        meta,
+        camera,
+        RR.rig_camera_poses(meta, _CAMERA, s_us, e_us),
+        s_us,
+        e_us,
+        meta.trajectory.pose_at(s_us),
+        np.asarray(cal.T_sensor_rig),
+    )
 
 
 def _street_points(rng: np.random.Generator, n: int, camera_rig: np.ndarray) -> np.ndarray:
@@ -157,10 +176,22 @@ def _synthetic_scene(n: int, view: _View, seed: int) -> SceneGaussians:
     dc = (rng.uniform(0.0, 1.0, (n, 1, 3)) - 0.5) / sh.C0
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     static = Gaussians(f32(means), f32(quats), f32(scales), f32(opacities), f32(dc), 0)
-    empty = Gaussians(f32(np.zeros((0, 3))), f32(np.zeros((0, 4))), f32(np.zeros((0, 3))),
-                      f32(np.zeros(0)), f32(np.zeros((0, 1, 3))), 0)
-    return SceneGaussians(static, jnp.zeros(n, jnp.int32), empty, jnp.zeros(0, jnp.int32),
-                          Sky(None, f32(np.zeros(3)), f32(np.eye(3))), ("synthetic",))
+    empty = Gaussians(
+        f32(np.zeros((0, 3))),
+        f32(np.zeros((0, 4))),
+        f32(np.zeros((0, 3))),
+        f32(np.zeros(0)),
+        f32(np.zeros((0, 1, 3))),
+        0,
+    )
+    return SceneGaussians(
+        static,
+        jnp.zeros(n, jnp.int32),
+        empty,
+        jnp.zeros(0, jnp.int32),
+        Sky(None, f32(np.zeros(3)), f32(np.eye(3))),
+        ("synthetic",),
+    )
 
 
 def _scene(name: str, view: _View) -> SceneGaussians:
@@ -189,10 +220,12 @@ def _peak_memory() -> tuple[str, float]:
     """(what, MiB): the process's peak memory so far, the device's where the device reports it."""
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
-        return "peak device memory", stats["peak_bytes_in_use"] / 2 ** 20
+        return "peak device memory", stats["peak_bytes_in_use"] / 2**20
     # ru_maxrss is in KiB on Linux.
-    return ("peak RSS of the host process (no device memory stats)",
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return (
+        "peak RSS of the host process (no device memory stats)",
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
 
 
 def _render_options(gaussians: SceneGaussians, view: _View, actors) -> R.RenderOptions:
@@ -208,13 +241,17 @@ def _bench_forward(gaussians, view, actors) -> tuple[float, int, R.RenderOptions
     opts = _render_options(gaussians, view, actors)
     fn = jax.jit(R.render, static_argnames=("options",))
     ms, out = _timed(lambda: fn(gaussians, view.camera, view.pose, actors, options=opts))
-    print(f"  forward: {ms:.1f} ms/frame, {int(out.num_pairs):,} pairs (longest tile "
-          f"{int(out.max_tile_pairs):,}; pair capacity {opts.pair_capacity:,})", flush=True)
+    print(
+        f"  forward: {ms:.1f} ms/frame, {int(out.num_pairs):,} pairs (longest tile "
+        f"{int(out.max_tile_pairs):,}; pair capacity {opts.pair_capacity:,})",
+        flush=True,
+    )
     return ms, int(out.num_pairs), opts
 
 
 def _image_loss(trans_delta, means, gaussians, camera, pose, actors, options):
     """mean(rgb) with the camera moved by `trans_delta` (world), static Gaussians at `means`."""
+
     def shift(p):
         return Pose(p.quat, p.trans + trans_delta)
 
@@ -228,17 +265,19 @@ def _bench_grad(gaussians, view, actors, opts) -> float:
     fn = jax.jit(jax.grad(_image_loss, argnums=(0, 1)), static_argnames=("options",))
     delta = jnp.zeros(3, gaussians.static.means.dtype)
     means = gaussians.static.means
-    ms, (d_trans, d_means) = _timed(
-        lambda: fn(delta, means, gaussians, view.camera, view.pose, actors, options=opts))
+    ms, (d_trans, d_means) = _timed(lambda: fn(delta, means, gaussians, view.camera, view.pose, actors, options=opts))
     moved = int(jnp.sum(jnp.any(d_means != 0, axis=1)))
-    print(f"  forward+backward: {ms:.1f} ms/frame (|d loss/d translation| "
-          f"{float(jnp.linalg.norm(d_trans)):.2e}, {moved:,} means with a gradient)", flush=True)
+    print(
+        f"  forward+backward: {ms:.1f} ms/frame (|d loss/d translation| "
+        f"{float(jnp.linalg.norm(d_trans)):.2e}, {moved:,} means with a gradient)",
+        flush=True,
+    )
     return ms
 
 
 def _lidar_model() -> lidar_models.LidarModel:
     model = lidar_models.DEVICES[_LIDAR.value]()
-    columns = model.column_azimuths_rad[::_LIDAR_COLUMN_STRIDE.value]
+    columns = model.column_azimuths_rad[:: _LIDAR_COLUMN_STRIDE.value]
     return dataclasses.replace(model, column_azimuths_rad=columns)
 
 
@@ -247,15 +286,17 @@ def _bench_lidar(gaussians, view) -> float:
     at_camera = np.eye(4)
     at_camera[:3, 3] = view.mount[:3, 3]
     t1 = view.start_us + int(1e6 / model.spin_frequency_hz)
-    pose = PosePair.from_matrices(*(np.asarray(view.meta.trajectory.pose_at(t) @ at_camera,
-                                               np.float32) for t in (view.start_us, t1)))
+    pose = PosePair.from_matrices(
+        *(np.asarray(view.meta.trajectory.pose_at(t) @ at_camera, np.float32) for t in (view.start_us, t1))
+    )
     actors = RR.track_actor_poses(view.meta, gaussians.track_ids, view.start_us, t1)
-    caster = RR.LidarCaster(lidar.LidarOptions(implementation=_IMPLEMENTATION.value),
-                               _MAX_PAIRS.value)
-    ms, alpha = _timed(lambda: caster.cast(gaussians, model, pose, actors,
-                                           ray_chunk_size=_LIDAR_RAY_CHUNK.value).alpha)
-    print(f"  lidar {model.name} ({model.rows}x{model.columns} = {model.rays_per_spin:,} rays): "
-          f"{ms:.1f} ms/spin, {int(np.sum(alpha > 0.8)):,} returns", flush=True)
+    caster = RR.LidarCaster(lidar.LidarOptions(implementation=_IMPLEMENTATION.value), _MAX_PAIRS.value)
+    ms, alpha = _timed(lambda: caster.cast(gaussians, model, pose, actors, ray_chunk_size=_LIDAR_RAY_CHUNK.value).alpha)
+    print(
+        f"  lidar {model.name} ({model.rows}x{model.columns} = {model.rays_per_spin:,} rays): "
+        f"{ms:.1f} ms/spin, {int(np.sum(alpha > 0.8)):,} returns",
+        flush=True,
+    )
     return ms
 
 
@@ -291,8 +332,7 @@ def _bench_scene(name: str, view: _View) -> tuple[_Row, R.RenderOptions | None]:
     if forward is not None:
         row.fwd_ms, row.pairs, opts = forward
     if opts is not None and not _SKIP_GRAD.value:
-        row.grad_ms = _measure(row, "forward+backward",
-                               lambda: _bench_grad(gaussians, view, actors, opts))
+        row.grad_ms = _measure(row, "forward+backward", lambda: _bench_grad(gaussians, view, actors, opts))
     if not _SKIP_LIDAR.value:
         row.lidar_ms = _measure(row, "lidar", lambda: _bench_lidar(gaussians, view))
     return row, opts
@@ -303,11 +343,18 @@ def _bench_scene(name: str, view: _View) -> tuple[_Row, R.RenderOptions | None]:
 
 
 def _probe_child(scene: str, opts: R.RenderOptions, cache_dir: str) -> float:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--scenes={scene}",
-           f"--width={_WIDTH.value}", f"--height={_HEIGHT.value}", f"--frame={_FRAME.value}",
-           f"--seed={_SEED.value}", f"--implementation={opts.implementation}",
-           f"--compile_probe={cache_dir}",
-           f"--probe_capacity={opts.pair_capacity}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--scenes={scene}",
+        f"--width={_WIDTH.value}",
+        f"--height={_HEIGHT.value}",
+        f"--frame={_FRAME.value}",
+        f"--seed={_SEED.value}",
+        f"--implementation={opts.implementation}",
+        f"--compile_probe={cache_dir}",
+        f"--probe_capacity={opts.pair_capacity}",
+    ]
     # This process already holds most of the GPU in its preallocated pool.
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
@@ -343,15 +390,21 @@ def _fmt(x, spec: str) -> str:
 
 
 def _print_table(rows: list[_Row], compile_line: str | None) -> None:
-    print(f"\nsummary: {jax.default_backend()} {jax.devices()[0].device_kind}, implementation "
-          f"{_IMPLEMENTATION.value}, median of {_REPEATS.value}, lidar {_LIDAR.value}; "
-          f"peak MiB = {_peak_memory()[0]} so far")
-    print(f"{'scene':<10} {'Gaussians':>10} {'size':>9} {'pairs':>11} {'fwd ms':>9} "
-          f"{'fwd+bwd ms':>10} {'lidar ms':>9} {'peak MiB':>9}")
+    print(
+        f"\nsummary: {jax.default_backend()} {jax.devices()[0].device_kind}, implementation "
+        f"{_IMPLEMENTATION.value}, median of {_REPEATS.value}, lidar {_LIDAR.value}; "
+        f"peak MiB = {_peak_memory()[0]} so far"
+    )
+    print(
+        f"{'scene':<10} {'Gaussians':>10} {'size':>9} {'pairs':>11} {'fwd ms':>9} "
+        f"{'fwd+bwd ms':>10} {'lidar ms':>9} {'peak MiB':>9}"
+    )
     for r in rows:
-        print(f"{r.scene:<10} {r.gaussians:>10,} {r.size:>9} {_fmt(r.pairs, ',d'):>11} "
-              f"{_fmt(r.fwd_ms, '.1f'):>9} {_fmt(r.grad_ms, '.1f'):>10} "
-              f"{_fmt(r.lidar_ms, '.1f'):>9} {_fmt(r.peak_mib, ',.0f'):>9}")
+        print(
+            f"{r.scene:<10} {r.gaussians:>10,} {r.size:>9} {_fmt(r.pairs, ',d'):>11} "
+            f"{_fmt(r.fwd_ms, '.1f'):>9} {_fmt(r.grad_ms, '.1f'):>10} "
+            f"{_fmt(r.lidar_ms, '.1f'):>9} {_fmt(r.peak_mib, ',.0f'):>9}"
+        )
     if compile_line:
         print(compile_line)
 
@@ -361,8 +414,7 @@ def _compile_line(scene: str, size: str, opts: R.RenderOptions) -> str | None:
     times = _guarded("compile probe", lambda: _compile_times(scene, opts))
     if times is None:
         return None
-    line = (f"compile forward {scene} {size}: cold {times[0]:.1f} s, "
-            f"with the persistent cache {times[1]:.1f} s")
+    line = f"compile forward {scene} {size}: cold {times[0]:.1f} s, with the persistent cache {times[1]:.1f} s"
     print(f"  {line}", flush=True)
     return line
 
@@ -373,8 +425,11 @@ def _main(argv) -> None:
         _probe_main()
         return
     dev = jax.devices()[0]
-    print(f"JAX {jax.__version__}, backend {jax.default_backend()}, device {dev.device_kind}, "
-          f"implementation {_IMPLEMENTATION.value}", flush=True)
+    print(
+        f"JAX {jax.__version__}, backend {jax.default_backend()}, device {dev.device_kind}, "
+        f"implementation {_IMPLEMENTATION.value}",
+        flush=True,
+    )
     view = _view(nurec_jax.read_scene_metadata(nurec_jax.sample_scene_path()))
     results = [_bench_scene(name, view) for name in _SCENES.value]
     rows = [row for row, _ in results]

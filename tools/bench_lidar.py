@@ -46,8 +46,12 @@ def main() -> None:
             if args.baseline_python in argv:
                 argv.remove(args.baseline_python)
             print(f"timing the baseline with {args.baseline_python} ...", flush=True)
-            subprocess.run([os.path.abspath(args.baseline_python), os.path.abspath(__file__), *argv, f"--json-out={out}"],
-                           check=True, stdout=subprocess.DEVNULL, cwd=tmp)
+            subprocess.run(
+                [os.path.abspath(args.baseline_python), os.path.abspath(__file__), *argv, f"--json-out={out}"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                cwd=tmp,
+            )
             with open(out) as f:
                 base = json.load(f)
     rows = {}
@@ -66,8 +70,9 @@ def main() -> None:
         for i in range(args.spins + 1):
             t0 = int(ts[10 + 20 * i])
             t1 = t0 + int(1e6 / model.spin_frequency_hz)
-            pose = PosePair.from_matrices(*(np.asarray(meta.trajectory.pose_at(t) @ mount, np.float32)
-                                            for t in (t0, t1)))
+            pose = PosePair.from_matrices(
+                *(np.asarray(meta.trajectory.pose_at(t) @ mount, np.float32) for t in (t0, t1))
+            )
             actors = track_actor_poses(meta, scene.gaussians.track_ids, t0, t1)
             start = time.perf_counter()
             spin = caster.cast(scene.gaussians, model, pose, actors, ray_chunk_size=args.ray_chunk_size)
@@ -76,10 +81,18 @@ def main() -> None:
         steady = float(np.median(times[1:]))
         rows[name] = dict(first_s=times[0], spin_ms=steady * 1e3)
         b = base.get(name)
-        vs = "" if b is None else (f" (base {b['spin_ms']:.0f} ms/spin, {b['spin_ms'] / (steady * 1e3):.1f}x; "
-                                   f"first spin {b['first_s']:.1f} s)")
-        print(f"{name:<10} {model.rays_per_spin:>7} rays/spin: first spin (compile) {times[0]:.1f} s, "
-              f"{steady * 1e3:.0f} ms/spin, {model.rays_per_spin / steady:,.0f} rays/s, {returns} returns{vs}")
+        vs = (
+            ""
+            if b is None
+            else (
+                f" (base {b['spin_ms']:.0f} ms/spin, {b['spin_ms'] / (steady * 1e3):.1f}x; "
+                f"first spin {b['first_s']:.1f} s)"
+            )
+        )
+        print(
+            f"{name:<10} {model.rays_per_spin:>7} rays/spin: first spin (compile) {times[0]:.1f} s, "
+            f"{steady * 1e3:.0f} ms/spin, {model.rays_per_spin / steady:,.0f} rays/s, {returns} returns{vs}"
+        )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f)

@@ -44,7 +44,7 @@ _TRIM = flags.DEFINE_boolean("malloc_trim", True, "Call glibc's malloc_trim(0) a
 def rss_mb() -> float:
     """Resident set size of this process in MiB (Linux /proc)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _trimmer():
@@ -61,8 +61,10 @@ def _main(argv):
     del argv
     heights = [int(h) for h in _HEIGHTS.value]
     trim = _trimmer()
-    print(f"JAX {jax.__version__}, backend {jax.default_backend()}, mode {_MODE.value}"
-          + (f", max_variants {_MAX.value}" if _MODE.value == "cache" else ""))
+    print(
+        f"JAX {jax.__version__}, backend {jax.default_backend()}, mode {_MODE.value}"
+        + (f", max_variants {_MAX.value}" if _MODE.value == "cache" else "")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         scene = load_scene(write_thin_scene(os.path.join(tmp, "thin.usdz"), keep_every=25))
     meta = scene.metadata
@@ -76,6 +78,7 @@ def _main(argv):
     plain = {}
     if _MODE.value == "jit":
         from nurec_jax.render import render
+
         plain["fn"] = RR.counted_jit(render, [0], static_argnames=("options",))
     gc.collect()
     trim()
@@ -94,8 +97,11 @@ def _main(argv):
             gc.collect()
             trim()
             st = RR.COMPILED.stats()
-            print(f"cycle {cycle} {cam.width}x{cam.height}: {time.perf_counter() - t0:6.1f} s, "
-                  f"RSS {rss_mb():7.0f} MiB, cached {st['entries']}, evictions {st['evictions']}", flush=True)
+            print(
+                f"cycle {cycle} {cam.width}x{cam.height}: {time.perf_counter() - t0:6.1f} s, "
+                f"RSS {rss_mb():7.0f} MiB, cached {st['entries']}, evictions {st['evictions']}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,17 @@ from nurec_jax import renderer as RR
 
 _WIDTHS = flags.DEFINE_list("widths", ["160", "320", "480"], "Output widths (height keeps the aspect).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions after warm-up.")
-_CAMERAS = flags.DEFINE_list("cameras", ["camera_front_wide_120fov", "camera_rear_pinhole_70fov",
-                                         "camera_left_fisheye_200fov"], "Cameras of the sample scene.")
+_CAMERAS = flags.DEFINE_list(
+    "cameras",
+    ["camera_front_wide_120fov", "camera_rear_pinhole_70fov", "camera_left_fisheye_200fov"],
+    "Cameras of the sample scene.",
+)
 _GRAD = flags.DEFINE_bool("grad", False, "Also time forward+backward (gradient w.r.t. the pose).")
 _FRAME = flags.DEFINE_integer("frame", 30, "Recorded frame index.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
-_BASELINE = flags.DEFINE_string("baseline_python", None,
-                                "Interpreter of a baseline checkout's venv: measure there too and print ratios.")
+_BASELINE = flags.DEFINE_string(
+    "baseline_python", None, "Interpreter of a baseline checkout's venv: measure there too and print ratios."
+)
 
 
 def _baseline_rows(argv):
@@ -46,8 +50,12 @@ def _baseline_rows(argv):
         out = os.path.join(tmp, "base.json")
         args = [a for a in argv[1:] if not a.startswith(("--baseline_python", "--json_out"))]
         print(f"measuring the baseline with {_BASELINE.value} ...", flush=True)
-        subprocess.run([os.path.abspath(_BASELINE.value), os.path.abspath(__file__), *args, f"--json_out={out}"], check=True,
-                       stdout=subprocess.DEVNULL, cwd=tmp)  # cwd: import the baseline's nurec_jax, not ours
+        subprocess.run(
+            [os.path.abspath(_BASELINE.value), os.path.abspath(__file__), *args, f"--json_out={out}"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            cwd=tmp,
+        )  # cwd: import the baseline's nurec_jax, not ours
         with open(out) as f:
             return {(r["camera"], r["size"]): r for r in json.load(f)}
 
@@ -82,8 +90,10 @@ def _main(argv):
             except TypeError:
                 opts = sizer.options_for(cam, ("b",))
             if int(first.num_pairs) > opts.pair_capacity:
-                raise SystemExit(f"{cam_id}: {int(first.num_pairs)} pairs overflow the timed bucket "
-                                 f"{opts.pair_capacity}: the figures would be of a clipped frame")
+                raise SystemExit(
+                    f"{cam_id}: {int(first.num_pairs)} pairs overflow the timed bucket "
+                    f"{opts.pair_capacity}: the figures would be of a clipped frame"
+                )
             fn = jax.jit(R.render, static_argnames=("options",))
             t0 = time.perf_counter()
             compiled = fn.lower(scene.gaussians, cam, pose, actors, options=opts).compile()
@@ -94,12 +104,20 @@ def _main(argv):
                 t0 = time.perf_counter()
                 compiled(scene.gaussians, cam, pose, actors).rgb.block_until_ready()
                 times.append(time.perf_counter() - t0)
-            row = dict(camera=cam_id, model=cam.model, size=f"{cam.width}x{cam.height}", pairs=int(first.num_pairs),
-                       compile_s=compile_s, ms=1e3 * float(np.median(times)))
+            row = dict(
+                camera=cam_id,
+                model=cam.model,
+                size=f"{cam.width}x{cam.height}",
+                pairs=int(first.num_pairs),
+                compile_s=compile_s,
+                ms=1e3 * float(np.median(times)),
+            )
             if _GRAD.value:
+
                 def loss(d, cam=cam, pose=pose, actors=actors, opts=opts):
                     p = R.PosePair(pose.start.perturb(d), pose.end.perturb(d))
                     return jnp.mean(R.render(scene.gaussians, cam, p, actors, opts).rgb)
+
                 g = jax.jit(jax.grad(loss))
                 g(jnp.zeros(6)).block_until_ready()
                 t0 = time.perf_counter()
@@ -107,8 +125,10 @@ def _main(argv):
                     g(jnp.zeros(6)).block_until_ready()
                 row["grad_ms"] = 1e3 * (time.perf_counter() - t0) / _REPEATS.value
             rows.append(row)
-            line = (f"{cam_id:<28} {cam.model:<15} {row['size']:>9} pairs {row['pairs']:>7}  compile "
-                    f"{fig(row, 'compile_s', '.1f')} s  forward {fig(row, 'ms', '.0f')} ms")
+            line = (
+                f"{cam_id:<28} {cam.model:<15} {row['size']:>9} pairs {row['pairs']:>7}  compile "
+                f"{fig(row, 'compile_s', '.1f')} s  forward {fig(row, 'ms', '.0f')} ms"
+            )
             if _GRAD.value:
                 line += f"  fwd+bwd {fig(row, 'grad_ms', '.0f')} ms"
             print(line, flush=True)

@@ -58,9 +58,14 @@ def densified(g: Gaussians, n: int, seed: int = 0) -> Gaussians:
     z = rng.standard_normal((g.count, k, 3)).astype(np.float32) * 0.5
     new_means = means[:, None] + np.einsum("nij,nkj->nki", rot, z * scales[:, None])
     rep = lambda x: np.repeat(np.asarray(x), k, axis=0)  # noqa: E731
-    return Gaussians(jnp.asarray(new_means.reshape(-1, 3)), jnp.asarray(rep(quats)),
-                     jnp.asarray(rep(scales) / np.float32(k ** (1 / 3))), jnp.asarray(rep(g.opacities)),
-                     jnp.asarray(rep(g.sh)), g.sh_degree)
+    return Gaussians(
+        jnp.asarray(new_means.reshape(-1, 3)),
+        jnp.asarray(rep(quats)),
+        jnp.asarray(rep(scales) / np.float32(k ** (1 / 3))),
+        jnp.asarray(rep(g.opacities)),
+        jnp.asarray(rep(g.sh)),
+        g.sh_degree,
+    )
 
 
 def _frame(scene, width):
@@ -89,8 +94,9 @@ def _peak_bytes():
 
 
 def _camera_figures(scene, n):
-    g = dataclasses.replace(scene.gaussians,
-                            static=densified(scene.gaussians.static, n - scene.gaussians.dynamic.count))
+    g = dataclasses.replace(
+        scene.gaussians, static=densified(scene.gaussians.static, n - scene.gaussians.dynamic.count)
+    )
     count = g.static.count + g.dynamic.count
     cam, pose, actors = _frame(scene, _WIDTH.value)
     r = RR.Renderer()
@@ -111,9 +117,16 @@ def _camera_figures(scene, n):
     jax.block_until_ready(grad(zero))
     grad_compile_s = time.perf_counter() - t
     fwd_bwd = _timed(lambda: grad(zero), _REPEATS.value)
-    return dict(gaussians=count, size=f"{cam.width}x{cam.height}", pairs=int(out.num_pairs),
-                first_frame_s=first_s, forward_ms=fwd, forward_backward_ms=fwd_bwd, grad_compile_s=grad_compile_s,
-                peak_device_bytes=_peak_bytes())
+    return dict(
+        gaussians=count,
+        size=f"{cam.width}x{cam.height}",
+        pairs=int(out.num_pairs),
+        first_frame_s=first_s,
+        forward_ms=fwd,
+        forward_backward_ms=fwd_bwd,
+        grad_compile_s=grad_compile_s,
+        peak_device_bytes=_peak_bytes(),
+    )
 
 
 def _compile_once(cache_dir):
@@ -131,8 +144,12 @@ def _compile_figures():
     with tempfile.TemporaryDirectory() as cache:
         runs = []
         for _ in range(2):
-            res = subprocess.run([sys.executable, os.path.abspath(__file__), f"--compile_child={cache}",
-                                  f"--width={_WIDTH.value}"], capture_output=True, text=True, check=True)
+            res = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), f"--compile_child={cache}", f"--width={_WIDTH.value}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs.append(json.loads(res.stdout.strip().splitlines()[-1])["first_frame_s"])
     return dict(first_frame_cold_s=runs[0], first_frame_with_persistent_cache_s=runs[1])
 
@@ -159,11 +176,24 @@ def _lidar_figures(scene):
 
 def _grpc_figures():
     height = round(_WIDTH.value * 9 / 16)
-    res = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "bench_grpc.py"),
-                          f"--height={height}", "--requests=8", "--steps=4", "--clients=1"],
-                         capture_output=True, text=True)
-    return dict(height=height, output=res.stdout.strip().splitlines()[-6:], rc=res.returncode,
-                stderr_tail=res.stderr[-1500:] if res.returncode else "")
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "bench_grpc.py"),
+            f"--height={height}",
+            "--requests=8",
+            "--steps=4",
+            "--clients=1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return dict(
+        height=height,
+        output=res.stdout.strip().splitlines()[-6:],
+        rc=res.returncode,
+        stderr_tail=res.stderr[-1500:] if res.returncode else "",
+    )
 
 
 def _main(argv):

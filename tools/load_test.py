@@ -42,10 +42,23 @@ def start_server(scene: str, cache_dir: str, *extra: str, timeout_s: float = 180
     """serve-grpc in its own process; returns (process, port) once it listens."""
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--host=127.0.0.1", "--port=0",
-         f"--artifact-glob={scene}", f"--download-cache-dir={cache_dir}", "--compilation-cache-dir=",
-         "--max-workers=2", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.serve_grpc",
+            "--host=127.0.0.1",
+            "--port=0",
+            f"--artifact-glob={scene}",
+            f"--download-cache-dir={cache_dir}",
+            "--compilation-cache-dir=",
+            "--max-workers=2",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     found: dict[str, int] = {}
 
     def read():
@@ -92,9 +105,15 @@ def render_request(meta, frame: int, height: int, scene_id: str = SCENE_ID):
     s, e = (int(t) for t in cal.frame_timestamps_us[frame % len(cal.frame_timestamps_us)])
     poses = [convert.se3_to_grpc_pose(meta.trajectory.pose_at(t) @ cal.T_sensor_rig) for t in (s, e)]
     return sensorsim_pb2.RGBRenderRequest(
-        scene_id=scene_id, resolution_h=height, camera_intrinsics=convert.camera_spec_from_intrinsics(CAM, cal.intrinsics),
-        frame_start_us=s, frame_end_us=e, sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]),
-        image_format=sensorsim_pb2.JPEG, image_quality=95.0)
+        scene_id=scene_id,
+        resolution_h=height,
+        camera_intrinsics=convert.camera_spec_from_intrinsics(CAM, cal.intrinsics),
+        frame_start_us=s,
+        frame_end_us=e,
+        sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]),
+        image_format=sensorsim_pb2.JPEG,
+        image_quality=95.0,
+    )
 
 
 def p(values, q):
@@ -128,8 +147,10 @@ def first_compile(port: int, meta) -> None:
     stop.set()
     prober.join()
     c.close()
-    print(f"first render (compile) {compile_s:.1f} s; during it: health p99 {p(out['health'], 99):.1f} ms, "
-          f"get_available_cameras p99 {p(out['meta'], 99):.1f} ms ({len(out['health'])} probes)")
+    print(
+        f"first render (compile) {compile_s:.1f} s; during it: health p99 {p(out['health'], 99):.1f} ms, "
+        f"get_available_cameras p99 {p(out['meta'], 99):.1f} ms ({len(out['health'])} probes)"
+    )
 
 
 def load_round(port: int, meta, clients: int, renders: int, heights: list[int]) -> dict:
@@ -166,8 +187,15 @@ def load_round(port: int, meta, clients: int, renders: int, heights: list[int]) 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return dict(failures=failures, wall=wall, renders=len(render_s), render_p50=p(render_s, 50),
-                render_p99=p(render_s, 99), health_p99=p(health_s, 99), meta_p99=p(meta_s, 99))
+    return dict(
+        failures=failures,
+        wall=wall,
+        renders=len(render_s),
+        render_p50=p(render_s, 50),
+        render_p99=p(render_s, 99),
+        health_p99=p(health_s, 99),
+        meta_p99=p(meta_s, 99),
+    )
 
 
 def kill_during_render(scene: str, cache_dir: str, meta) -> None:
@@ -187,8 +215,10 @@ def kill_during_render(scene: str, cache_dir: str, meta) -> None:
     c = Client(port)
     t = time.perf_counter()
     c.stub.render_rgb(render_request(meta, 5, 36), timeout=600)
-    print(f"kill -9 during a render: client saw {outcome}; restarted, first render served in "
-          f"{time.perf_counter() - t:.1f} s")
+    print(
+        f"kill -9 during a render: client saw {outcome}; restarted, first render served in "
+        f"{time.perf_counter() - t:.1f} s"
+    )
     c.close()
     proc.terminate()
     proc.wait(60)
@@ -233,8 +263,10 @@ def kill_during_download(scene: str, cache_dir: str, meta, extra: tuple[str, ...
     left_after = sorted(os.listdir(cache_dir))
     c = Client(port)
     c.stub.render_rgb(render_request(meta, 5, 36), timeout=600)
-    print(f"kill -9 during a download: cache dir after the kill {left_before}, after restart {left_after}; "
-          "first render served")
+    print(
+        f"kill -9 during a download: cache dir after the kill {left_before}, after restart {left_after}; "
+        "first render served"
+    )
     c.close()
     proc.terminate()
     proc.wait(60)
@@ -248,8 +280,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--heights", default="64,96,120")
     ap.add_argument("--skip-faults", action="store_true")
-    ap.add_argument("--download-flags", default="--download-allow-private",
-                    help="extra serve-grpc flags for the download fault (tests run on loopback)")
+    ap.add_argument(
+        "--download-flags",
+        default="--download-allow-private",
+        help="extra serve-grpc flags for the download fault (tests run on loopback)",
+    )
     args = ap.parse_args(argv)
     heights = [int(h) for h in args.heights.split(",")]
     with tempfile.TemporaryDirectory(prefix="nurec_load_") as tmp:
@@ -265,10 +300,12 @@ def main(argv=None):
             c.close()
             for r in range(args.rounds):
                 res = load_round(port, meta, args.clients, args.renders, heights)
-                print(f"round {r + 1}: {res['renders']} renders by {args.clients} clients in {res['wall']:.1f} s, "
-                      f"{len(res['failures'])} failures {res['failures'][:3]}; render p50 {res['render_p50']:.0f} ms "
-                      f"p99 {res['render_p99']:.0f} ms; health p99 {res['health_p99']:.1f} ms; "
-                      f"get_available_scenes p99 {res['meta_p99']:.1f} ms; server RSS {rss_mb(proc.pid):.0f} MiB")
+                print(
+                    f"round {r + 1}: {res['renders']} renders by {args.clients} clients in {res['wall']:.1f} s, "
+                    f"{len(res['failures'])} failures {res['failures'][:3]}; render p50 {res['render_p50']:.0f} ms "
+                    f"p99 {res['render_p99']:.0f} ms; health p99 {res['health_p99']:.1f} ms; "
+                    f"get_available_scenes p99 {res['meta_p99']:.1f} ms; server RSS {rss_mb(proc.pid):.0f} MiB"
+                )
         finally:
             proc.terminate()
             proc.wait(60)

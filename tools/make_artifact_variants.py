@@ -134,8 +134,10 @@ def Xform "World"
 
 
 def _ground_mesh_ply() -> bytes:
-    header = (b"ply\nformat ascii 1.0\nelement vertex 4\nproperty float x\nproperty float y\nproperty float z\n"
-              b"element face 1\nproperty list uchar int vertex_indices\nend_header\n")
+    header = (
+        b"ply\nformat ascii 1.0\nelement vertex 4\nproperty float x\nproperty float y\nproperty float z\n"
+        b"element face 1\nproperty list uchar int vertex_indices\nend_header\n"
+    )
     return header + b"-40 -4.25 0\n185 -4.25 0\n185 7.75 0\n-40 7.75 0\n4 0 1 2 3\n"
 
 
@@ -149,8 +151,7 @@ def ppisp_tensors(n_frames: int) -> dict[str, np.ndarray]:
     crf[:, 0, 6] = 0.9  # a slightly different gamma for red
     color = np.zeros((n_frames, 8))
     color[:, [0, 4]] = 1.0  # identity homography (H[2,2] = 1 is implied)
-    return {"exposure_params": np.zeros(n_frames), "vignetting_params": vig, "color_params": color,
-            "crf_params": crf}
+    return {"exposure_params": np.zeros(n_frames), "vignetting_params": vig, "color_params": color, "crf_params": crf}
 
 
 def nurec_26_04(base: Base) -> dict[str, bytes]:
@@ -166,8 +167,9 @@ def nurec_26_04(base: Base) -> dict[str, bytes]:
     is_def = np.isin(cub, deform_local)
     keep_ids = [t for t in ids if t.split("@")[0] not in DEFORMABLE_TRACKS]
     def_ids = [ids[i] for i in deform_local]
-    keys = [k[len(pre):] for k in state if k.startswith(pre) and not k.endswith(".shape")
-            and isinstance(state[k], bytes)]
+    keys = [
+        k[len(pre) :] for k in state if k.startswith(pre) and not k.endswith(".shape") and isinstance(state[k], bytes)
+    ]
     dpre = ".gaussians_nodes.dynamic_deformables."
     n = cub.shape[0]
     for k in keys:
@@ -195,8 +197,9 @@ def nurec_26_04(base: Base) -> dict[str, bytes]:
     n_frames = sum(len(w) for w in rig["rig_trajectories"][0]["cameras_frame_timestamps_us"].values())
     for k, v in ppisp_tensors(n_frames).items():
         _put(state, f".post_processings.0.ppisp.{k}", v, np.float32 if k == "crf_params" else np.float16)
-    config["post_processing"] = {"b": {"name": "ppisp-post-processing", "use_slang": True,
-                                       "per_frame_ppisp_enabled": False}}
+    config["post_processing"] = {
+        "b": {"name": "ppisp-post-processing", "use_slang": True, "per_frame_ppisp_enabled": False}
+    }
     # 26.04 calibration fields.
     start = 0
     traj = rig["rig_trajectories"][0]
@@ -208,14 +211,19 @@ def nurec_26_04(base: Base) -> dict[str, bytes]:
         traj["cameras_linear_start_frame_indices"][key] = start
         start += len(traj["cameras_frame_timestamps_us"][key])
     rig["lidar_calibrations"][f"lidar_front_90fov@{sample.SEQ}"] = {
-        "logical_sensor_name": "lidar_front_90fov", "sequence_id": sample.SEQ, "unique_sensor_idx": 9,
-        "T_sensor_rig": np.eye(4).tolist(), "lidar_model": None}
+        "logical_sensor_name": "lidar_front_90fov",
+        "sequence_id": sample.SEQ,
+        "unique_sensor_idx": 9,
+        "T_sensor_rig": np.eye(4).tolist(),
+        "lidar_model": None,
+    }
     members["rig_trajectories.json"] = _json(rig)
     members["volume.nurec"] = _payload(nre)
     members["mesh_ground.usd"] = _ground_mesh_usda()
     members["mesh_ground.ply"] = _ground_mesh_ply()
-    members["pose_record.json"] = _json({"alignment_origin": {"latitude": 37.3706, "longitude": -121.9672,
-                                                              "altitude": 20.0}})
+    members["pose_record.json"] = _json(
+        {"alignment_origin": {"latitude": 37.3706, "longitude": -121.9672, "altitude": 20.0}}
+    )
     return members
 
 
@@ -247,7 +255,9 @@ def two_trajectories(base: Base) -> dict[str, bytes]:
         "sequence_id": SEQ2,
         "T_rig_world_timestamps_us": [t + SEQ2_OFFSET_US for t in t1["T_rig_world_timestamps_us"]],
         "T_rig_worlds": [_shifted(m, 20.0) for m in t1["T_rig_worlds"]],
-        "cameras_frame_timestamps_us": {}, "cameras_frame_T_rig_worlds": {}, "lidars_frame_timestamps_us": {},
+        "cameras_frame_timestamps_us": {},
+        "cameras_frame_T_rig_worlds": {},
+        "lidars_frame_timestamps_us": {},
         "rig_bbox": t1.get("rig_bbox"),
     }
     cams2 = {}
@@ -279,14 +289,19 @@ def two_trajectories(base: Base) -> dict[str, bytes]:
     rig["rig_trajectories"].append(t2)
     members["rig_trajectories.json"] = _json(rig)
     tracks = json.loads(members["sequence_tracks.json"])
-    (seq1, doc1), = tracks.items()
+    ((seq1, doc1),) = tracks.items()
     td = doc1["tracks_data"]
     i = td["tracks_id"].index("3")  # a parked car, seen again in the second drive as track 103
-    seq2 = {"tracks_data": {"tracks_id": ["103"], "tracks_label_class": [td["tracks_label_class"][i]],
-                            "tracks_flags": [td["tracks_flags"][i]],
-                            "tracks_timestamps_us": [[t + SEQ2_OFFSET_US for t in td["tracks_timestamps_us"][i]]],
-                            "tracks_poses": [td["tracks_poses"][i]]},
-            "cuboidtracks_data": {"cuboids_dims": [doc1["cuboidtracks_data"]["cuboids_dims"][i]]}}
+    seq2 = {
+        "tracks_data": {
+            "tracks_id": ["103"],
+            "tracks_label_class": [td["tracks_label_class"][i]],
+            "tracks_flags": [td["tracks_flags"][i]],
+            "tracks_timestamps_us": [[t + SEQ2_OFFSET_US for t in td["tracks_timestamps_us"][i]]],
+            "tracks_poses": [td["tracks_poses"][i]],
+        },
+        "cuboidtracks_data": {"cuboids_dims": [doc1["cuboidtracks_data"]["cuboids_dims"][i]]},
+    }
     members["sequence_tracks.json"] = _json({seq1: doc1, SEQ2: seq2})
     return members
 
@@ -309,13 +324,22 @@ def checkpoint_state(nre) -> collections.OrderedDict:
 def checkpoint_only(base: Base) -> dict[str, bytes]:
     members, nre = base.copy()
     ckpt = io.BytesIO()
-    torch_zip.write_checkpoint(ckpt, {
-        "epoch": 29, "global_step": 30000, "pytorch-lightning_version": "2.5.1",
-        "state_dict": checkpoint_state(nre), "load_in_place": False,
-    })
-    parsed = {"version": nre["version"], "model": nre["config"],
-              "dataset": {"path": "/data/ncore/clipgt-sample-street-0001.json"},
-              "checkpoint": {"artifact": {"nrend": {"enabled": False}, "checkpoint": {"fp16": False}}}}
+    torch_zip.write_checkpoint(
+        ckpt,
+        {
+            "epoch": 29,
+            "global_step": 30000,
+            "pytorch-lightning_version": "2.5.1",
+            "state_dict": checkpoint_state(nre),
+            "load_in_place": False,
+        },
+    )
+    parsed = {
+        "version": nre["version"],
+        "model": nre["config"],
+        "dataset": {"path": "/data/ncore/clipgt-sample-street-0001.json"},
+        "checkpoint": {"artifact": {"nrend": {"enabled": False}, "checkpoint": {"fp16": False}}},
+    }
     rig = json.loads(members["rig_trajectories.json"])
     keep = ("rig_trajectories.json", "sequence_tracks.json", "data_info.json")
     out = {k: members[k] for k in keep}

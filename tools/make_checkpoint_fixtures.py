@@ -94,8 +94,7 @@ def _lightning_like() -> dict:
     sd["model.aux.tagged_param"] = tagged_param
     optimizer_state = {
         "state": {
-            i: {"step": torch.tensor(1200.0), "exp_avg": rand(N, 3), "exp_avg_sq": rand(N, 3).abs()}
-            for i in range(2)
+            i: {"step": torch.tensor(1200.0), "exp_avg": rand(N, 3), "exp_avg_sq": rand(N, 3).abs()} for i in range(2)
         },
         "param_groups": [
             {
@@ -224,8 +223,13 @@ def _gaussian_scene() -> dict:
             sd[pre + "gaussian_cuboid_ids"] = torch.zeros(n, dtype=torch.int32)
     sd["model.background.textures"] = f16(1, 6, 4, 4, 3, lo=0.2, hi=0.8)
     sd["model._extra_state"] = {"obj_track_ids": {"dynamic_rigids": ["5@clipgt-fixture"]}}
-    return {"epoch": 1, "global_step": 10, "pytorch-lightning_version": "2.5.1", "state_dict": sd,
-            "load_in_place": False}
+    return {
+        "epoch": 1,
+        "global_step": 10,
+        "pytorch-lightning_version": "2.5.1",
+        "state_dict": sd,
+        "load_in_place": False,
+    }
 
 
 def main() -> None:
@@ -261,9 +265,7 @@ def main() -> None:
     except ImportError:
         print("omegaconf not installed: omegaconf_hparams.ckpt not written")
     else:
-        cfg = OmegaConf.create(
-            {"model": {"n_features": 3, "lr": 1e-3, "nodes": ["background", "road"]}}
-        )
+        cfg = OmegaConf.create({"model": {"n_features": 3, "lr": 1e-3, "nodes": ["background", "road"]}})
         torch.save(
             {
                 "state_dict": OrderedDict(w=torch.ones(2)),

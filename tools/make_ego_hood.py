@@ -38,8 +38,9 @@ PAINT = np.array([0.16, 0.18, 0.22])
 SKY = np.array([0.55, 0.65, 0.80])
 
 
-def hood_rgba(camera, t_cam_rig: np.ndarray, height: float, front: float, half_width: float,
-              supersample: int = 2) -> np.ndarray:
+def hood_rgba(
+    camera, t_cam_rig: np.ndarray, height: float, front: float, half_width: float, supersample: int = 2
+) -> np.ndarray:
     """(H, W, 4) float RGBA of the hood seen by `camera` mounted at `t_cam_rig` (camera -> rig)."""
     h, w = camera.height, camera.width
     s = supersample
@@ -63,7 +64,7 @@ def hood_rgba(camera, t_cam_rig: np.ndarray, height: float, front: float, half_w
     inside = down & np.isfinite(t) & (np.abs(p[..., 1]) < half_width) & (p[..., 0] < edge) & (p[..., 0] > x0 - 1.0)
     # Paint: sky reflection strongest near the windscreen, fading to the front; a soft crease highlight.
     u = np.clip((p[..., 0] - x0) / max(front - x0, 1e-3), 0.0, 1.0)[..., None]
-    crease = np.exp(-((np.abs(p[..., 1]) - 0.45 * half_width) / 0.05) ** 2)[..., None]
+    crease = np.exp(-(((np.abs(p[..., 1]) - 0.45 * half_width) / 0.05) ** 2))[..., None]
     rgb = PAINT + (SKY - PAINT) * (0.35 * (1 - u) ** 2) + 0.12 * crease
     rgba = np.concatenate([np.clip(rgb, 0, 1), inside[..., None].astype(np.float64)], -1)
     rgba[..., :3] *= rgba[..., 3:]  # premultiply for the box filter, then undo
@@ -73,8 +74,15 @@ def hood_rgba(camera, t_cam_rig: np.ndarray, height: float, front: float, half_w
     return rgba
 
 
-def write_hood(output_dir: str, scene_path: str, camera_id: str, rig_id: str, height: float = 1.05,
-               front: float = 3.1, half_width: float = 0.85) -> str:
+def write_hood(
+    output_dir: str,
+    scene_path: str,
+    camera_id: str,
+    rig_id: str,
+    height: float = 1.05,
+    front: float = 3.1,
+    half_width: float = 0.85,
+) -> str:
     meta = nurec_jax.read_scene_metadata(scene_path)
     if camera_id not in meta.cameras:
         raise ValueError(f"the scene has no camera {camera_id!r} ({sorted(meta.cameras)})")
@@ -92,8 +100,15 @@ def _main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _OUT.value:
         raise app.UsageError("--output-dir is required")
-    path = write_hood(_OUT.value, _SCENE.value or nurec_jax.sample_scene_path(), _CAMERA.value, _RIG.value,
-                      _HEIGHT.value, _FRONT.value, _HALF_WIDTH.value)
+    path = write_hood(
+        _OUT.value,
+        _SCENE.value or nurec_jax.sample_scene_path(),
+        _CAMERA.value,
+        _RIG.value,
+        _HEIGHT.value,
+        _FRONT.value,
+        _HALF_WIDTH.value,
+    )
     cover = np.asarray(Image.open(path))[..., 3].astype(float).mean() / 255
     print(f"wrote {path} ({cover:.1%} of the image is hood)")
 

@@ -35,9 +35,7 @@ _AMOUNT = flags.DEFINE_float("amount", 0.5, "Sharpen strength (--kind=sharpen)."
 
 _BLUR_3X3 = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0
 # Warm grade: out = _WARM_MATRIX @ rgb + _WARM_BIAS (rows: output R, G, B).
-_WARM_MATRIX = np.array([[1.06, 0.02, 0.00],
-                         [0.01, 1.01, 0.00],
-                         [0.00, 0.00, 0.90]])
+_WARM_MATRIX = np.array([[1.06, 0.02, 0.00], [0.01, 1.01, 0.00], [0.00, 0.00, 0.90]])
 _WARM_BIAS = np.array([0.01, 0.005, -0.01])
 
 
@@ -75,8 +73,10 @@ def _main(argv):
     model.save(output, description=f"tools/make_postprocess_model.py --kind={_KIND.value}")
     PostProcessor.load(output)  # what the server will do
     print(f"wrote {output} ({os.path.getsize(output)} bytes): kind={_KIND.value}, {model.describe()}")
-    print(f"use it with: serve-grpc --enable-difix --difix-cache {os.path.dirname(os.path.abspath(output))} "
-          f"--difix-model-filename {os.path.basename(output)}")
+    print(
+        f"use it with: serve-grpc --enable-difix --difix-cache {os.path.dirname(os.path.abspath(output))} "
+        f"--difix-model-filename {os.path.basename(output)}"
+    )
 
 
 def main():

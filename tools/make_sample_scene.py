@@ -62,8 +62,20 @@ class _Builder:
         self.rng = rng
         self.parts = []
 
-    def plane(self, origin, u, v, nu, nv, spacing, color_fn, normal_sigma=0.015, opacity_logit=3.0,
-              intensity=0.3, normal_axis=2):
+    def plane(
+        self,
+        origin,
+        u,
+        v,
+        nu,
+        nv,
+        spacing,
+        color_fn,
+        normal_sigma=0.015,
+        opacity_logit=3.0,
+        intensity=0.3,
+        normal_axis=2,
+    ):
         """Gaussians on the parallelogram origin + a*u + b*v, a,b in [0,1], on a jittered grid."""
         rng = self.rng
         a, b = np.meshgrid((np.arange(nu) + 0.5) / nu, (np.arange(nv) + 0.5) / nv, indexing="ij")
@@ -97,8 +109,19 @@ class _Builder:
             v[others[1]] = d[others[1]]
             nu = max(2, int(round(d[others[0]] / spacing)))
             nv = max(2, int(round(d[others[1]] / spacing)))
-            self.plane(o, u, v, nu, nv, spacing, color_fn, normal_sigma=0.012, opacity_logit=3.5,
-                       intensity=intensity, normal_axis=axis)
+            self.plane(
+                o,
+                u,
+                v,
+                nu,
+                nv,
+                spacing,
+                color_fn,
+                normal_sigma=0.012,
+                opacity_logit=3.5,
+                intensity=intensity,
+                normal_axis=axis,
+            )
 
     def arrays(self):
         cols = list(zip(*self.parts))
@@ -127,8 +150,9 @@ def build_static(rng):
         return base
 
     w = ROAD_Y[1] - ROAD_Y[0]
-    road.plane([x0, ROAD_Y[0], 0.0], [length, 0, 0], [0, w, 0], int(length / 0.3), int(w / 0.16), 0.22, asphalt,
-               intensity=0.12)
+    road.plane(
+        [x0, ROAD_Y[0], 0.0], [length, 0, 0], [0, w, 0], int(length / 0.3), int(w / 0.16), 0.22, asphalt, intensity=0.12
+    )
 
     bg = _Builder(rng)
 
@@ -138,16 +162,40 @@ def build_static(rng):
 
     for y_in, y_out in ((ROAD_Y[0], ROAD_Y[0] - SIDEWALK_W), (ROAD_Y[1], ROAD_Y[1] + SIDEWALK_W)):
         lo, hi = min(y_in, y_out), max(y_in, y_out)
-        bg.plane([x0, lo, SIDEWALK_H], [length, 0, 0], [0, hi - lo, 0], int(length / 0.4), int((hi - lo) / 0.4),
-                 0.4, concrete, intensity=0.25)
+        bg.plane(
+            [x0, lo, SIDEWALK_H],
+            [length, 0, 0],
+            [0, hi - lo, 0],
+            int(length / 0.4),
+            int((hi - lo) / 0.4),
+            0.4,
+            concrete,
+            intensity=0.25,
+        )
         # Kerb face toward the road.
-        bg.plane([x0, y_in, 0.0], [length, 0, 0], [0, 0, SIDEWALK_H], int(length / 0.3), 2, 0.15,
-                 lambda p, a, b: np.full((len(p), 3), 0.7), intensity=0.3, normal_axis=1)
+        bg.plane(
+            [x0, y_in, 0.0],
+            [length, 0, 0],
+            [0, 0, SIDEWALK_H],
+            int(length / 0.3),
+            2,
+            0.15,
+            lambda p, a, b: np.full((len(p), 3), 0.7),
+            intensity=0.3,
+            normal_axis=1,
+        )
 
-    palette = np.array([
-        [0.80, 0.72, 0.58], [0.62, 0.30, 0.24], [0.60, 0.62, 0.64], [0.55, 0.66, 0.78],
-        [0.88, 0.84, 0.72], [0.70, 0.52, 0.40], [0.42, 0.46, 0.40],
-    ])
+    palette = np.array(
+        [
+            [0.80, 0.72, 0.58],
+            [0.62, 0.30, 0.24],
+            [0.60, 0.62, 0.64],
+            [0.55, 0.66, 0.78],
+            [0.88, 0.84, 0.72],
+            [0.70, 0.52, 0.40],
+            [0.42, 0.46, 0.40],
+        ]
+    )
 
     def facade_fn(block_start, block_len, color, height):
         def fn(p, a, b):
@@ -160,6 +208,7 @@ def build_static(rng):
             out = np.where(window[:, None], np.array([0.16, 0.22, 0.30]) + _noise(rng, len(p), 0.02), out)
             out = np.where(door_band[:, None], color * 0.55, out)
             return out
+
         return fn
 
     for side, y in ((0, ROAD_Y[0] - SIDEWALK_W), (1, ROAD_Y[1] + SIDEWALK_W)):
@@ -170,18 +219,40 @@ def build_static(rng):
             height = float(rng.uniform(8.0, 16.0))
             color = palette[k % len(palette)]
             k += 1
-            bg.plane([x, y, 0.0], [block, 0, 0], [0, 0, height], int(block / 0.42), int(height / 0.42), 0.42,
-                     facade_fn(x, block, color, height), intensity=0.35, normal_axis=1)
+            bg.plane(
+                [x, y, 0.0],
+                [block, 0, 0],
+                [0, 0, height],
+                int(block / 0.42),
+                int(height / 0.42),
+                0.42,
+                facade_fn(x, block, color, height),
+                intensity=0.35,
+                normal_axis=1,
+            )
             x += block
     # A building closing the street's far end.
-    bg.plane([x1, ROAD_Y[0] - SIDEWALK_W, 0.0], [0, ROAD_Y[1] - ROAD_Y[0] + 2 * SIDEWALK_W, 0], [0, 0, 14.0],
-             int(18.0 / 0.42), int(14.0 / 0.42), 0.42, facade_fn(0.0, 18.0, palette[4], 14.0), intensity=0.35,
-             normal_axis=0)
+    bg.plane(
+        [x1, ROAD_Y[0] - SIDEWALK_W, 0.0],
+        [0, ROAD_Y[1] - ROAD_Y[0] + 2 * SIDEWALK_W, 0],
+        [0, 0, 14.0],
+        int(18.0 / 0.42),
+        int(14.0 / 0.42),
+        0.42,
+        facade_fn(0.0, 18.0, palette[4], 14.0),
+        intensity=0.35,
+        normal_axis=0,
+    )
     # Lamp posts on both sidewalks.
     for x in np.arange(x0 + 10.0, x1, 25.0):
         for y in (ROAD_Y[0] - 0.6, ROAD_Y[1] + 0.6):
-            bg.box([x - 0.08, y - 0.08, SIDEWALK_H], [x + 0.08, y + 0.08, 5.5], 0.08,
-                   lambda p, a, b: np.full((len(p), 3), 0.18), intensity=0.6)
+            bg.box(
+                [x - 0.08, y - 0.08, SIDEWALK_H],
+                [x + 0.08, y + 0.08, 5.5],
+                0.08,
+                lambda p, a, b: np.full((len(p), 3), 0.18),
+                intensity=0.6,
+            )
     return bg.arrays(), road.arrays()
 
 
@@ -207,8 +278,17 @@ def build_car(rng, color):
     # Wheels: dark discs on the sides, facing y.
     for x in (-1.4, 1.4):
         for y in (-half[1] - 0.01, half[1] + 0.01):
-            b.plane([x - 0.33, y, -half[2]], [0.66, 0, 0], [0, 0, 0.62], 5, 5, 0.13,
-                    lambda p, a, c: np.full((len(p), 3), 0.05), intensity=0.2, normal_axis=1)
+            b.plane(
+                [x - 0.33, y, -half[2]],
+                [0.66, 0, 0],
+                [0, 0, 0.62],
+                5,
+                5,
+                0.13,
+                lambda p, a, c: np.full((len(p), 3), 0.05),
+                intensity=0.2,
+                normal_axis=1,
+            )
     return b.arrays()
 
 
@@ -239,8 +319,17 @@ def build_truck(rng):
     b.box([box_front, -half[1] + 0.05, floor], [half[0], half[1] - 0.05, floor + 2.0], 0.15, cab, intensity=0.55)
     for x in (-half[0] + 1.2, -half[0] + 2.4, half[0] - 1.0):
         for y in (-half[1] - 0.01, half[1] + 0.01):
-            b.plane([x - 0.5, y, -half[2]], [1.0, 0, 0], [0, 0, 0.95], 6, 6, 0.15,
-                    lambda p, a, c: np.full((len(p), 3), 0.05), intensity=0.2, normal_axis=1)
+            b.plane(
+                [x - 0.5, y, -half[2]],
+                [1.0, 0, 0],
+                [0, 0, 0.95],
+                6,
+                6,
+                0.15,
+                lambda p, a, c: np.full((len(p), 3), 0.05),
+                intensity=0.2,
+                normal_axis=1,
+            )
     return b.arrays()
 
 
@@ -323,30 +412,62 @@ def camera_calibrations():
     cams = {
         "camera_front_wide_120fov": (
             _cam_T(0.0, math.radians(2.0), [1.70, 0.0, 1.45]),
-            {"type": "ftheta", "parameters": _ftheta(
-                1920, 1080, 959.4, 539.2, [0.0, 1.0e-3, 1.1e-7, -3.0e-11, 1.5e-14, -3.0e-18],
-                (1.0002, 0.0003, -0.0004), "ROLLING_TOP_TO_BOTTOM")},
+            {
+                "type": "ftheta",
+                "parameters": _ftheta(
+                    1920,
+                    1080,
+                    959.4,
+                    539.2,
+                    [0.0, 1.0e-3, 1.1e-7, -3.0e-11, 1.5e-14, -3.0e-18],
+                    (1.0002, 0.0003, -0.0004),
+                    "ROLLING_TOP_TO_BOTTOM",
+                ),
+            },
         ),
         "camera_front_tele_30fov": (
             _cam_T(0.0, math.radians(1.0), [1.75, 0.12, 1.50]),
-            {"type": "ftheta", "parameters": _ftheta(
-                1920, 1080, 961.1, 540.6, [0.0, 2.72e-4, 4.0e-9, -1.2e-12, 0.0, 0.0],
-                (0.9998, -0.0002, 0.0001), "ROLLING_TOP_TO_BOTTOM")},
+            {
+                "type": "ftheta",
+                "parameters": _ftheta(
+                    1920,
+                    1080,
+                    961.1,
+                    540.6,
+                    [0.0, 2.72e-4, 4.0e-9, -1.2e-12, 0.0, 0.0],
+                    (0.9998, -0.0002, 0.0001),
+                    "ROLLING_TOP_TO_BOTTOM",
+                ),
+            },
         ),
         "camera_rear_pinhole_70fov": (
             _cam_T(math.pi, math.radians(4.0), [-0.95, 0.0, 1.55]),
-            {"type": "opencv-pinhole", "parameters": {
-                "resolution": [1280, 720], "shutter_type": "ROLLING_TOP_TO_BOTTOM",
-                "principal_point": [641.2, 358.7], "focal_length": [914.0, 913.2],
-                "radial_coeffs": [-0.08, 0.012, 0.0, 0.0005, 0.0, 0.0],
-                "tangential_coeffs": [1.0e-4, -2.0e-4], "thin_prism_coeffs": [0.0, 0.0, 0.0, 0.0]}},
+            {
+                "type": "opencv-pinhole",
+                "parameters": {
+                    "resolution": [1280, 720],
+                    "shutter_type": "ROLLING_TOP_TO_BOTTOM",
+                    "principal_point": [641.2, 358.7],
+                    "focal_length": [914.0, 913.2],
+                    "radial_coeffs": [-0.08, 0.012, 0.0, 0.0005, 0.0, 0.0],
+                    "tangential_coeffs": [1.0e-4, -2.0e-4],
+                    "thin_prism_coeffs": [0.0, 0.0, 0.0, 0.0],
+                },
+            },
         ),
         "camera_left_fisheye_200fov": (
             _cam_T(math.pi / 2, math.radians(10.0), [2.05, 0.95, 1.05]),
-            {"type": "opencv-fisheye", "parameters": {
-                "resolution": [1280, 1024], "shutter_type": "GLOBAL",
-                "principal_point": [640.5, 511.8], "focal_length": [360.0, 360.0],
-                "radial_coeffs": [0.02, -0.004, 0.0008, 0.0], "max_angle": math.radians(100.0)}},
+            {
+                "type": "opencv-fisheye",
+                "parameters": {
+                    "resolution": [1280, 1024],
+                    "shutter_type": "GLOBAL",
+                    "principal_point": [640.5, 511.8],
+                    "focal_length": [360.0, 360.0],
+                    "radial_coeffs": [0.02, -0.004, 0.0008, 0.0],
+                    "max_angle": math.radians(100.0),
+                },
+            },
         ),
     }
     out = {}
@@ -388,7 +509,9 @@ def lidar_calibrations():
                     "n_rows": 128,
                     "n_columns": 3600,
                     "row_elevations_rad": [round(float(v), 7) for v in elev],
-                    "column_azimuths_rad": [round(float(v), 7) for v in np.linspace(np.pi, -np.pi, 3600, endpoint=False)],
+                    "column_azimuths_rad": [
+                        round(float(v), 7) for v in np.linspace(np.pi, -np.pi, 3600, endpoint=False)
+                    ],
                     "row_azimuth_offsets_rad": [round(float(v), 7) for v in offsets],
                     "spinning_frequency_hz": 10.0,
                     "spinning_direction": "cw",
@@ -415,21 +538,38 @@ def tracks():
     """JSON track order; the rigid layer's own order (obj_track_ids) differs on purpose."""
     spec = [
         # id, label, flags, (timestamps, poses), colour (None: no Gaussians)
-        ("3", "automobile", "DYNAMIC|CONTROLLABLE", _moving_track(30.0, 0.0, 11.0, 0.0, DURATION_S),
-         [0.70, 0.08, 0.06]),
-        ("7", "automobile", "DYNAMIC|CONTROLLABLE", _moving_track(150.0, LANE_W, -9.0, 0.0, DURATION_S),
-         [0.10, 0.22, 0.62]),
+        (
+            "3",
+            "automobile",
+            "DYNAMIC|CONTROLLABLE",
+            _moving_track(30.0, 0.0, 11.0, 0.0, DURATION_S),
+            [0.70, 0.08, 0.06],
+        ),
+        (
+            "7",
+            "automobile",
+            "DYNAMIC|CONTROLLABLE",
+            _moving_track(150.0, LANE_W, -9.0, 0.0, DURATION_S),
+            [0.10, 0.22, 0.62],
+        ),
         ("11", "person", "NONE", _moving_track(12.0, ROAD_Y[0] - 1.5, 1.3, 0.0, DURATION_S), None),
-        ("21", "automobile", "DYNAMIC|CONTROLLABLE", _moving_track(175.0, LANE_W, -12.0, 4.0, DURATION_S),
-         [0.92, 0.92, 0.90]),
-        ("12", "automobile", "NONE", _moving_track(18.0, ROAD_Y[0] + 1.2, 0.0, 0.0, DURATION_S),
-         [0.65, 0.67, 0.70]),
-        ("15", "automobile", "CONTROLLABLE", _moving_track(52.0, ROAD_Y[1] - 1.2, -0.0, 0.0, DURATION_S),
-         [0.12, 0.35, 0.18]),
-        ("30", "automobile", "NONE", _moving_track(88.0, ROAD_Y[0] + 1.2, 0.0, 0.0, DURATION_S),
-         [0.95, 0.78, 0.10]),
-        ("42", "automobile", "NONE", _moving_track(124.0, ROAD_Y[1] - 1.2, -0.0, 0.0, DURATION_S),
-         [0.10, 0.10, 0.12]),
+        (
+            "21",
+            "automobile",
+            "DYNAMIC|CONTROLLABLE",
+            _moving_track(175.0, LANE_W, -12.0, 4.0, DURATION_S),
+            [0.92, 0.92, 0.90],
+        ),
+        ("12", "automobile", "NONE", _moving_track(18.0, ROAD_Y[0] + 1.2, 0.0, 0.0, DURATION_S), [0.65, 0.67, 0.70]),
+        (
+            "15",
+            "automobile",
+            "CONTROLLABLE",
+            _moving_track(52.0, ROAD_Y[1] - 1.2, -0.0, 0.0, DURATION_S),
+            [0.12, 0.35, 0.18],
+        ),
+        ("30", "automobile", "NONE", _moving_track(88.0, ROAD_Y[0] + 1.2, 0.0, 0.0, DURATION_S), [0.95, 0.78, 0.10]),
+        ("42", "automobile", "NONE", _moving_track(124.0, ROAD_Y[1] - 1.2, -0.0, 0.0, DURATION_S), [0.10, 0.10, 0.12]),
     ]
     # Parked cars on the left side face -x.
     fixed = []
@@ -480,7 +620,9 @@ def _layer_state(state, name, arrays, fourier, camera_class, rng, rigid=None):
     _put(state, pre + "lidar_extra_signal", inten.reshape(n, 1))
     if rigid is None:
         state[pre + "time_embed._extra_state"] = {
-            "timestamps_us_min": T0_US, "timestamps_us_max": T0_US + int(DURATION_S * 1e6)}
+            "timestamps_us_min": T0_US,
+            "timestamps_us_max": T0_US + int(DURATION_S * 1e6),
+        }
     else:
         cuboid_ids, ranges, n_poses = rigid
         _put(state, pre + "gaussian_cuboid_ids", cuboid_ids, np.int32)
@@ -557,8 +699,9 @@ def build_payload(rng):
     state = {}
     _layer_state(state, "background", bg, 5, 2, rng)
     _layer_state(state, "road", road, 1, 0, rng)
-    _layer_state(state, "dynamic_rigids", rigid, 4, 13, rng,
-                 rigid=(np.concatenate(ids), np.asarray(ranges, np.int64), n_poses))
+    _layer_state(
+        state, "dynamic_rigids", rigid, 4, 13, rng, rigid=(np.concatenate(ids), np.asarray(ranges, np.int64), n_poses)
+    )
     state["._extra_state"] = {"obj_track_ids": {"dynamic_rigids": [f"{t}@{SEQ}" for t in layer_order]}}
     _put(state, ".background.textures", sky_cubemap())
     _put(state, ".gaussians_strategy.invisible_steps.background", np.zeros(len(bg[0])), np.int32)
@@ -568,8 +711,13 @@ def build_payload(rng):
             "road": _layer_config(1, "holistic-remap-time-input-embedding"),
             "dynamic_rigids": _layer_config(4, "individual-remap-time-input-embedding"),
         },
-        "background": {"name": "sky-env-map", "envmap_type": "cubemap", "width": SKY_SIZE,
-                       "height": SKY_SIZE, "composite_in_linear_space": False},
+        "background": {
+            "name": "sky-env-map",
+            "envmap_type": "cubemap",
+            "width": SKY_SIZE,
+            "height": SKY_SIZE,
+            "composite_in_linear_space": False,
+        },
         "renderer": {"name": "3dgut-nrend"},
         "appearance_embedding": {"name": "skip-appearance"},
     }
@@ -592,11 +740,13 @@ def rig_trajectories(track_list):
             end = T0_US + 50_000 + k * FRAME_PERIOD_US
             windows.append([end - exposure, end])
         cam_frames[key] = windows
-        cam_frame_poses[key] = [[ego_pose((s - T0_US) / 1e6).tolist(), ego_pose((e - T0_US) / 1e6).tolist()]
-                                for s, e in windows[::10]]
+        cam_frame_poses[key] = [
+            [ego_pose((s - T0_US) / 1e6).tolist(), ego_pose((e - T0_US) / 1e6).tolist()] for s, e in windows[::10]
+        ]
     lidars = lidar_calibrations()
-    lidar_frames = {key: [[T0_US + k * FRAME_PERIOD_US, T0_US + (k + 1) * FRAME_PERIOD_US] for k in range(n - 1)]
-                    for key in lidars}
+    lidar_frames = {
+        key: [[T0_US + k * FRAME_PERIOD_US, T0_US + (k + 1) * FRAME_PERIOD_US] for k in range(n - 1)] for key in lidars
+    }
     w2n = np.eye(4)
     w2n[:3, 3] = WORLD_TO_NRE_T
     return {
@@ -604,15 +754,17 @@ def rig_trajectories(track_list):
         "world_to_nre": {"matrix": w2n.tolist()},
         "camera_calibrations": cams,
         "lidar_calibrations": lidars,
-        "rig_trajectories": [{
-            "sequence_id": SEQ,
-            "T_rig_world_timestamps_us": ts,
-            "T_rig_worlds": poses,
-            "cameras_frame_timestamps_us": cam_frames,
-            "cameras_frame_T_rig_worlds": {},
-            "lidars_frame_timestamps_us": lidar_frames,
-            "rig_bbox": {"centroid": [1.35, 0.0, 0.78], "dim": [4.85, 1.92, 1.56], "rot": [0.0, 0.0, 0.0]},
-        }],
+        "rig_trajectories": [
+            {
+                "sequence_id": SEQ,
+                "T_rig_world_timestamps_us": ts,
+                "T_rig_worlds": poses,
+                "cameras_frame_timestamps_us": cam_frames,
+                "cameras_frame_T_rig_worlds": {},
+                "lidars_frame_timestamps_us": lidar_frames,
+                "rig_bbox": {"centroid": [1.35, 0.0, 0.78], "dim": [4.85, 1.92, 1.56], "rot": [0.0, 0.0, 0.0]},
+            }
+        ],
     }
 
 
@@ -621,8 +773,11 @@ def t_world_base():
     lat, lon, h = math.radians(37.3706), math.radians(-121.9672), 20.0
     a, e2 = 6378137.0, 6.69437999014e-3
     nrad = a / math.sqrt(1 - e2 * math.sin(lat) ** 2)
-    p = [(nrad + h) * math.cos(lat) * math.cos(lon), (nrad + h) * math.cos(lat) * math.sin(lon),
-         (nrad * (1 - e2) + h) * math.sin(lat)]
+    p = [
+        (nrad + h) * math.cos(lat) * math.cos(lon),
+        (nrad + h) * math.cos(lat) * math.sin(lon),
+        (nrad * (1 - e2) + h) * math.sin(lat),
+    ]
     east = [-math.sin(lon), math.cos(lon), 0.0]
     north = [-math.sin(lat) * math.cos(lon), -math.sin(lat) * math.sin(lon), math.cos(lat)]
     up = [math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon), math.sin(lat)]
@@ -633,18 +788,20 @@ def t_world_base():
 
 
 def sequence_tracks(track_list):
-    return {SEQ: {
-        "tracks_data": {
-            "tracks_id": [t[0] for t in track_list],
-            "tracks_label_class": [t[1] for t in track_list],
-            "tracks_flags": [t[2] for t in track_list],
-            "tracks_timestamps_us": [t[3] for t in track_list],
-            "tracks_poses": [[[round(v, 6) for v in p] for p in t[4]] for t in track_list],
-        },
-        "cuboidtracks_data": {
-            "cuboids_dims": [[0.6, 0.6, 1.8] if t[1] == "person" else CAR_DIMS.tolist() for t in track_list],
-        },
-    }}
+    return {
+        SEQ: {
+            "tracks_data": {
+                "tracks_id": [t[0] for t in track_list],
+                "tracks_label_class": [t[1] for t in track_list],
+                "tracks_flags": [t[2] for t in track_list],
+                "tracks_timestamps_us": [t[3] for t in track_list],
+                "tracks_poses": [[[round(v, 6) for v in p] for p in t[4]] for t in track_list],
+            },
+            "cuboidtracks_data": {
+                "cuboids_dims": [[0.6, 0.6, 1.8] if t[1] == "person" else CAR_DIMS.tolist() for t in track_list],
+            },
+        }
+    }
 
 
 def metadata_yaml():
@@ -655,8 +812,7 @@ def metadata_yaml():
         "dataset_hash": "sample-street-synthetic",
         "uuid": "5a3f2c1e-9d4b-4e8a-b7c6-1f2e3d4c5b6a",
         "is_resumable": False,
-        "sensors": {"camera_ids": [k.split("@")[0] for k in camera_calibrations()],
-                    "lidar_ids": ["lidar_top_360fov"]},
+        "sensors": {"camera_ids": [k.split("@")[0] for k in camera_calibrations()], "lidar_ids": ["lidar_top_360fov"]},
         "logger": {},
         "time_range": {"start": T0_US, "end": T0_US + int(DURATION_S * 1e6)},
         "training_step_outputs": {"psnr": 99.0},
@@ -688,8 +844,10 @@ def volume_usda():
     inf = float("inf")
     p.CreateAttribute("omni:nurec:crop:minBounds", Sdf.ValueTypeNames.Float3).Set(Gf.Vec3f(-inf, -inf, -inf))
     p.CreateAttribute("omni:nurec:crop:maxBounds", Sdf.ValueTypeNames.Float3).Set(Gf.Vec3f(inf, inf, inf))
-    for rel, name, role, dtype in (("density", "density_field", "density", "float"),
-                                   ("emissiveColor", "emissive_color_field", "emissiveColor", "float3")):
+    for rel, name, role, dtype in (
+        ("density", "density_field", "density", "float"),
+        ("emissiveColor", "emissive_color_field", "emissiveColor", "float3"),
+    ):
         f = stage.DefinePrim(f"/World/volume/{name}", "OmniNuRecFieldAsset")
         f.CreateAttribute("filePath", Sdf.ValueTypeNames.Asset).Set(Sdf.AssetPath("./volume.nurec"))
         f.CreateAttribute("fieldName", Sdf.ValueTypeNames.Token).Set(role)
@@ -788,11 +946,19 @@ def build_members(seed: int = 20261126):
         ("rig_trajectories.json", json.dumps(rig).encode()),
         ("sequence_tracks.json", json.dumps(sequence_tracks(track_list)).encode()),
         ("rig_trajectories.usda", rig_trajectories_usda(rig)),
-        ("data_info.json", json.dumps({
-            "sequence_id": SEQ,
-            "pose-range": {"start-timestamp_us": T0_US, "end-timestamp_us": T0_US + int(DURATION_S * 1e6),
-                           "num-poses": int(DURATION_S * 10) + 1},
-        }).encode()),
+        (
+            "data_info.json",
+            json.dumps(
+                {
+                    "sequence_id": SEQ,
+                    "pose-range": {
+                        "start-timestamp_us": T0_US,
+                        "end-timestamp_us": T0_US + int(DURATION_S * 1e6),
+                        "num-poses": int(DURATION_S * 10) + 1,
+                    },
+                }
+            ).encode(),
+        ),
     ]
     members += asset_members(seed)
     return members, counts

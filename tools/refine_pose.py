@@ -51,8 +51,9 @@ def pose_error(a: Pose, b: Pose) -> tuple[float, float]:
     return dt, float(np.degrees(2 * np.arctan2(np.linalg.norm(rel[1:]), abs(rel[0]))))
 
 
-def refine(gaussians, camera, target_rgb, init: PosePair, steps: int, lr: float, options: R.RenderOptions,
-           log_every: int = 0):
+def refine(
+    gaussians, camera, target_rgb, init: PosePair, steps: int, lr: float, options: R.RenderOptions, log_every: int = 0
+):
     """Finds the 6-vector correction d (translation, rotation vector; applied on the right of both
     exposure poses) minimising the mean squared error to `target_rgb`. Returns (pose, losses)."""
 
@@ -104,9 +105,11 @@ def _main(argv):
     start = time.perf_counter()
     pose, losses = refine(g, cam, target.rgb, init, _STEPS.value, _LR.value, options, log_every=25)
     t1, r1 = pose_error(pose.start, truth.start)
-    print(f"after {_STEPS.value} steps ({time.perf_counter() - start:.1f} s): error {t1:.4f} m, {r1:.3f} deg "
-          f"(translation {t0 / max(t1, 1e-9):.1f}x smaller, rotation {r0 / max(r1, 1e-9):.1f}x smaller); "
-          f"loss {losses[0]:.5f} -> {losses[-1]:.5f}")
+    print(
+        f"after {_STEPS.value} steps ({time.perf_counter() - start:.1f} s): error {t1:.4f} m, {r1:.3f} deg "
+        f"(translation {t0 / max(t1, 1e-9):.1f}x smaller, rotation {r0 / max(r1, 1e-9):.1f}x smaller); "
+        f"loss {losses[0]:.5f} -> {losses[-1]:.5f}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,22 @@ def main() -> int:
 
     print(f"demo: ego hood {make_ego_hood.write_hood(hoods, scene, 'camera_front_wide_120fov', RIG)}")
     server = subprocess.Popen(
-        [sys.executable, "-m", "nurec_jax.cli.serve_grpc", f"--artifact-glob={scene}", "--host=127.0.0.1",
-         # No compile warm-up: on a 2-core CPU it would compete with the demo's own renders.
-         "--port=0", "--test-scenes-are-valid", "--no-warmup-compiles", "--enable-editing-actors",
-         f"--egocar-hood-dir={hoods}"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.serve_grpc",
+            f"--artifact-glob={scene}",
+            "--host=127.0.0.1",
+            # No compile warm-up: on a 2-core CPU it would compete with the demo's own renders.
+            "--port=0",
+            "--test-scenes-are-valid",
+            "--no-warmup-compiles",
+            "--enable-editing-actors",
+            f"--egocar-hood-dir={hoods}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     port = {}
 
     def watch():
@@ -61,21 +72,37 @@ def main() -> int:
         print("demo: serve-grpc did not start", file=sys.stderr)
         return 1
     try:
-        rc = subprocess.call([
-            sys.executable, "-m", "nurec_jax.cli.render_grpc", f"--artifact-path={scene}",
-            f"--output-dir={args.output_dir}", "--host=127.0.0.1", f"--port={port['port']}",
-            f"--height={args.height}", f"--camera-id={CAMERAS}", f"--frame-step={args.frame_step}",
-            "--image-format=png", "--lidar", f"--lidar-frame-step={args.lidar_frame_step}",
-            f"--rig-name={RIG}", f"--edit-assets={EDIT}", "--shutdown-server-on-completion"])
+        rc = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "nurec_jax.cli.render_grpc",
+                f"--artifact-path={scene}",
+                f"--output-dir={args.output_dir}",
+                "--host=127.0.0.1",
+                f"--port={port['port']}",
+                f"--height={args.height}",
+                f"--camera-id={CAMERAS}",
+                f"--frame-step={args.frame_step}",
+                "--image-format=png",
+                "--lidar",
+                f"--lidar-frame-step={args.lidar_frame_step}",
+                f"--rig-name={RIG}",
+                f"--edit-assets={EDIT}",
+                "--shutdown-server-on-completion",
+            ]
+        )
         server.wait(timeout=120)
     finally:
         if server.poll() is None:
             server.terminate()
             server.wait(timeout=60)
     if rc == 0:
-        print(f"demo: images and animations in {os.path.abspath(args.output_dir)}/ "
-              f"(one folder per camera and per lidar: images, <camera>.mp4 and .gif, spins as .ply + _bev.png); the car "
-              f"ahead is replaced by the scene's box truck and the front camera shows the ego hood")
+        print(
+            f"demo: images and animations in {os.path.abspath(args.output_dir)}/ "
+            f"(one folder per camera and per lidar: images, <camera>.mp4 and .gif, spins as .ply + _bev.png); the car "
+            f"ahead is replaced by the scene's box truck and the front camera shows the ego hood"
+        )
     return rc
 
 

@@ -225,9 +225,7 @@ class _Emitter:
         storage_class, torch_dtype = _DTYPES[dtype_name]
         key = self._storage_key(view.storage)
         numel = int(view.storage.size)
-        self.global_(
-            "torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3"
-        )
+        self.global_("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
         self.out += b"(("
         self.str_("storage")
         if storage_class:
@@ -282,9 +280,7 @@ def write_archive(
     """Writes the zip container around an already-made `data.pkl` and its storages."""
     pkl_digest = int.from_bytes(hashlib.sha256(data_pkl).digest()[:16], "big")
     serialization_id = str(pkl_digest % 10**40).zfill(40)
-    target = (
-        os.fspath(path_or_file) if isinstance(path_or_file, (str, os.PathLike)) else path_or_file
-    )
+    target = os.fspath(path_or_file) if isinstance(path_or_file, (str, os.PathLike)) else path_or_file
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as zf:
         members: list[tuple[str, bytes]] = [
             ("data.pkl", data_pkl),

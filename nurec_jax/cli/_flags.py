@@ -44,7 +44,7 @@ def normalize_argv(argv: list[str], flag_values=flags.FLAGS, multi: dict[str, in
                 under = "no" + under[3:]
             if under in multi and not eq:
                 n = multi[under]
-                values = argv[i + 1:i + 1 + n]
+                values = argv[i + 1 : i + 1 + n]
                 arg = f"--{under}={','.join(values)}"
                 i += n
             else:
@@ -91,8 +91,7 @@ def flag_error_line(prog: str, error: Exception, flag_values=flags.FLAGS) -> str
     return f"{prog}: {dash_spelling('; '.join(parts), flag_values)} (see {prog} --help)"
 
 
-def parser(multi: dict[str, int] | None = None, *, prog: str | None = None,
-           help_text: Callable[[], str] | None = None):
+def parser(multi: dict[str, int] | None = None, *, prog: str | None = None, help_text: Callable[[], str] | None = None):
     """An `app.run(flags_parser=...)` that accepts NuRec's spelling.
 
     With `help_text`, `--help`, `-h`, `-?` and `--helpshort` print it and exit 0 (absl's own help
@@ -102,7 +101,7 @@ def parser(multi: dict[str, int] | None = None, *, prog: str | None = None,
     def parse(argv):
         name = prog or os.path.basename(argv[0])
         args = normalize_argv(argv, flags.FLAGS, multi)
-        head = args[1:args.index("--")] if "--" in args else args[1:]
+        head = args[1 : args.index("--")] if "--" in args else args[1:]
         if help_text is not None and any(a in _HELP_ARGS for a in head):
             print(help_text())
             sys.exit(0)
@@ -163,14 +162,16 @@ PORT = Range(0, 65535)
 def check_range(name: str, allowed: Range, flag_values=flags.FLAGS) -> None:
     """Refuses values of flag `name` outside `allowed` when the flags are parsed."""
     flag_values[name]  # a KeyError here names a table entry without a flag
-    flags.register_validator(name, allowed.ok, flag_values=flag_values,
-                             message=f"{_dash(name)} must be {allowed.words()}")
+    flags.register_validator(
+        name, allowed.ok, flag_values=flag_values, message=f"{_dash(name)} must be {allowed.words()}"
+    )
 
 
 def check_required(name: str, why: str, flag_values=flags.FLAGS) -> None:
     """Refuses a command line without flag `name` (or with it empty); `why` says what it is."""
-    flags.register_validator(name, lambda v: bool(v), flag_values=flag_values,
-                             message=f"{_dash(name)} is required ({why})")
+    flags.register_validator(
+        name, lambda v: bool(v), flag_values=flag_values, message=f"{_dash(name)} is required ({why})"
+    )
 
 
 def height_width(values: list[str], flag: str) -> tuple[int, int]:
@@ -200,10 +201,16 @@ def quiet_jax_platform_probe() -> None:
 
 
 # Every command's log flags (defined here once; each CLI module imports them, so its --help lists them).
-LOG_FORMAT = flags.DEFINE_enum("log_format", "text", list(logs.FORMATS),
-                               "Log lines on stderr: text ('time level module: message') or json (one object "
-                               "per line: time, level, module, message, exception) for log collectors.")
-LOG_LEVEL = flags.DEFINE_enum("log_level", "INFO", ["DEBUG", "INFO", "WARNING", "ERROR"], "Least severe log level shown.")
+LOG_FORMAT = flags.DEFINE_enum(
+    "log_format",
+    "text",
+    list(logs.FORMATS),
+    "Log lines on stderr: text ('time level module: message') or json (one object "
+    "per line: time, level, module, message, exception) for log collectors.",
+)
+LOG_LEVEL = flags.DEFINE_enum(
+    "log_level", "INFO", ["DEBUG", "INFO", "WARNING", "ERROR"], "Least severe log level shown."
+)
 
 
 def own_flags(module_globals: Mapping[str, object]) -> list[str]:
@@ -213,9 +220,16 @@ def own_flags(module_globals: Mapping[str, object]) -> list[str]:
     return names + [h.name for h in (LOG_FORMAT, LOG_LEVEL) if h.name not in names]
 
 
-def run(main: Callable[[list[str]], int | None], *, prog: str, module_globals: Mapping[str, object],
-        groups: Sequence[tuple[str, Sequence[str]]], multi: dict[str, int] | None = None,
-        ranges: Mapping[str, Range] | None = None, required: Mapping[str, str] | None = None) -> None:
+def run(
+    main: Callable[[list[str]], int | None],
+    *,
+    prog: str,
+    module_globals: Mapping[str, object],
+    groups: Sequence[tuple[str, Sequence[str]]],
+    multi: dict[str, int] | None = None,
+    ranges: Mapping[str, Range] | None = None,
+    required: Mapping[str, str] | None = None,
+) -> None:
     """Runs a command's `main(argv)` the NuRec way (the console-script entry of each CLI).
 
     Args:
@@ -247,5 +261,7 @@ def run(main: Callable[[list[str]], int | None], *, prog: str, module_globals: M
             print(f"{prog}: {dash_spelling(str(e))}", file=sys.stderr)
             return USAGE_EXIT
 
-    app.run(usage_errors_in_one_line, flags_parser=parser(
-        multi, prog=prog, help_text=lambda: _help.format_help(prog, doc, groups, names, multi)))
+    app.run(
+        usage_errors_in_one_line,
+        flags_parser=parser(multi, prog=prog, help_text=lambda: _help.format_help(prog, doc, groups, names, multi)),
+    )

@@ -17,39 +17,110 @@ from absl import flags
 _NAME_COLUMN = 34
 _METAVAR = {"int": "INT", "float": "FLOAT", "comma separated list of strings": "A,B"}
 # A string flag's value by the end of its name: `--output-dir=DIR`, `--artifact-glob=GLOB`.
-_STRING_METAVAR = (("_dir", "DIR"), ("_cache", "DIR"), ("_file", "FILE"), ("_path", "FILE"), ("_logfile", "FILE"),
-                   ("_glob", "GLOB"), ("_url", "URL"), ("host", "HOST"), ("scene", "FILE"))
+_STRING_METAVAR = (
+    ("_dir", "DIR"),
+    ("_cache", "DIR"),
+    ("_file", "FILE"),
+    ("_path", "FILE"),
+    ("_logfile", "FILE"),
+    ("_glob", "GLOB"),
+    ("_url", "URL"),
+    ("host", "HOST"),
+    ("scene", "FILE"),
+)
 
 SERVE_GRPC = (
     ("Server", ("host", "port", "health_port", "max_workers", "max_message_mb", "shutdown_grace_s")),
-    ("Scenes", ("artifact_glob", "test_scenes_are_valid", "cache_size", "egocar_hood_dir", "enable_editing_actors",
-                "asset_dir")),
-    ("Rendering", ("devices", "max_backends_per_scene", "warmup_compiles", "warmup_height", "ray_chunk_size", "lidar_repeated_fields",
-                   "initial_pair_capacity", "max_pair_capacity", "max_output_pixels", "max_compiled_variants",
-                   "compilation_cache_dir")),
-    ("DiFix / post-processing", ("enable_difix", "difix_url", "difix_cache", "difix_model_filename",
-                                 "difix_resolution")),
-    ("Profiling and operations", ("enable_timing", "timing_verbosity", "timing_logfile", "timing_synchronize",
-                                  "profiling_backend", "profiling_trace_dir", "metrics_output_dir", "metrics_port",
-                                  "log_format", "log_level")),
-    ("Security (who may call)", ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file",
-                                 "allow_remote_shutdown")),
-    ("Downloads (x-nre-scene-url)", ("download_cache_dir", "download_cache_size", "download_max_bytes",
-                                     "download_timeout_s", "download_stall_timeout_s", "download_workers",
-                                     "download_allow_private", "download_allow_hosts")),
+    (
+        "Scenes",
+        (
+            "artifact_glob",
+            "test_scenes_are_valid",
+            "cache_size",
+            "egocar_hood_dir",
+            "enable_editing_actors",
+            "asset_dir",
+        ),
+    ),
+    (
+        "Rendering",
+        (
+            "devices",
+            "max_backends_per_scene",
+            "warmup_compiles",
+            "warmup_height",
+            "ray_chunk_size",
+            "lidar_repeated_fields",
+            "initial_pair_capacity",
+            "max_pair_capacity",
+            "max_output_pixels",
+            "max_compiled_variants",
+            "compilation_cache_dir",
+        ),
+    ),
+    (
+        "DiFix / post-processing",
+        ("enable_difix", "difix_url", "difix_cache", "difix_model_filename", "difix_resolution"),
+    ),
+    (
+        "Profiling and operations",
+        (
+            "enable_timing",
+            "timing_verbosity",
+            "timing_logfile",
+            "timing_synchronize",
+            "profiling_backend",
+            "profiling_trace_dir",
+            "metrics_output_dir",
+            "metrics_port",
+            "log_format",
+            "log_level",
+        ),
+    ),
+    (
+        "Security (who may call)",
+        ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file", "allow_remote_shutdown"),
+    ),
+    (
+        "Downloads (x-nre-scene-url)",
+        (
+            "download_cache_dir",
+            "download_cache_size",
+            "download_max_bytes",
+            "download_timeout_s",
+            "download_stall_timeout_s",
+            "download_workers",
+            "download_allow_private",
+            "download_allow_hosts",
+        ),
+    ),
     ("Accepted for NuRec compatibility", ("enable_nrend", "renderer", "enable_harmonizer")),
 )
 
 RENDER_GRPC = (
-    ("Scene and output", ("artifact_path", "output_dir", "scene_url", "image_format", "frame_naming", "video_format",
-                          "video_fps")),
+    (
+        "Scene and output",
+        ("artifact_path", "output_dir", "scene_url", "image_format", "frame_naming", "video_format", "video_fps"),
+    ),
     ("Server connection", ("host", "port", "connect_timeout_s", "timeout_s", "shutdown_server_on_completion")),
     ("Security", ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name", "auth_token_file")),
     ("Cameras", ("camera_id", "height", "frame_step", "max_frames", "disable_rolling_shutter", "rig_name")),
     ("Actors", ("edit_assets", "demo_actor_transform")),
-    ("Lidar", ("lidar", "lidar_id", "lidar_type", "lidar_format", "lidar_frame_step", "lidar_raydrop_threshold",
-               "lidar_opacity_threshold", "lidar_distance_filter", "lidar_distance_filter_threshold",
-               "lidar_bev_color")),
+    (
+        "Lidar",
+        (
+            "lidar",
+            "lidar_id",
+            "lidar_type",
+            "lidar_format",
+            "lidar_frame_step",
+            "lidar_raydrop_threshold",
+            "lidar_opacity_threshold",
+            "lidar_distance_filter",
+            "lidar_distance_filter_threshold",
+            "lidar_bev_color",
+        ),
+    ),
     ("Requests and progress", ("sequential", "concurrency", "progress")),
     ("Logging", ("log_format", "log_level")),
 )
@@ -118,8 +189,14 @@ def _flag_lines(flag, multi: dict[str, int], width: int) -> list[str]:
     return lines + [" " * _NAME_COLUMN + line for line in body[1:]]
 
 
-def format_help(prog: str, doc: str, groups: Sequence[tuple[str, Sequence[str]]], names: Sequence[str],
-                multi: dict[str, int] | None = None, flag_values=flags.FLAGS) -> str:
+def format_help(
+    prog: str,
+    doc: str,
+    groups: Sequence[tuple[str, Sequence[str]]],
+    names: Sequence[str],
+    multi: dict[str, int] | None = None,
+    flag_values=flags.FLAGS,
+) -> str:
     """The text of `prog --help`.
 
     Args:
@@ -145,6 +222,11 @@ def format_help(prog: str, doc: str, groups: Sequence[tuple[str, Sequence[str]]]
                 placed.add(name)
                 out.extend(_flag_lines(flag_values[name], multi, width))
         out.append("")
-    out.extend(_wrap("Flags take dashes or underscores (--output-dir, --output_dir), and booleans --x / --no-x. "
-                     "--helpfull also lists absl's own flags (logging, debugging).", width))
+    out.extend(
+        _wrap(
+            "Flags take dashes or underscores (--output-dir, --output_dir), and booleans --x / --no-x. "
+            "--helpfull also lists absl's own flags (logging, debugging).",
+            width,
+        )
+    )
     return "\n".join(out)

@@ -19,10 +19,10 @@ class Progress:
 
     def __init__(self, total: int, *, bar: bool | None = True, file: TextIO | None = None, desc: str = "render-grpc"):
         """Args:
-            total: frames to render.
-            bar: True: a tqdm bar when `file` is a terminal; False: plain lines.
-            file: where it all goes (stderr by default).
-            desc: the bar's label.
+        total: frames to render.
+        bar: True: a tqdm bar when `file` is a terminal; False: plain lines.
+        file: where it all goes (stderr by default).
+        desc: the bar's label.
         """
         self._file = file if file is not None else sys.stderr
         self._total = total
@@ -61,8 +61,9 @@ class Progress:
     def _show_in_flight(self) -> None:
         if self._bar is not None:
             more = len(self._in_flight) - 1
-            self._bar.set_postfix_str((self._in_flight[0] + (f" (+{more} more)" if more > 0 else ""))
-                                      if self._in_flight else "", refresh=True)
+            self._bar.set_postfix_str(
+                (self._in_flight[0] + (f" (+{more} more)" if more > 0 else "")) if self._in_flight else "", refresh=True
+            )
 
     def started(self, label: str) -> None:
         """`label` (camera and frame) is being rendered now; the bar shows the oldest in flight."""

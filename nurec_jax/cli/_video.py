@@ -50,8 +50,17 @@ def write_mp4(frames: Sequence[np.ndarray], path: str, fps: float) -> None:
 
     stack = np.stack([_even(f) for f in frames])
     # macro_block_size=2: imageio-ffmpeg would otherwise rescale to multiples of 16 (and warn).
-    iio.imwrite(path, stack, plugin="FFMPEG", extension=".mp4", fps=fps, codec="libx264",
-                pixelformat="yuv420p", macro_block_size=2, quality=8)
+    iio.imwrite(
+        path,
+        stack,
+        plugin="FFMPEG",
+        extension=".mp4",
+        fps=fps,
+        codec="libx264",
+        pixelformat="yuv420p",
+        macro_block_size=2,
+        quality=8,
+    )
 
 
 def gif_frame_ms(fps: float) -> int:

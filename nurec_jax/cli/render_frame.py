@@ -25,16 +25,20 @@ _WIDTH = flags.DEFINE_integer("width", 480, "Output width; the height keeps the 
 _DISABLE_RS = flags.DEFINE_bool("disable_rolling_shutter", False, "Render every pixel at the start pose.")
 _DEPTH = flags.DEFINE_bool("depth", False, "Also write a depth image (metres / 80 as grey levels).")
 _TRAJECTORY = flags.DEFINE_integer(
-    "trajectory_idx", None, "Rig trajectory (index in rig_trajectories.json) whose cameras to render; default: "
-    "the first calibration of each camera.")
+    "trajectory_idx",
+    None,
+    "Rig trajectory (index in rig_trajectories.json) whose cameras to render; default: "
+    "the first calibration of each camera.",
+)
 
 
 def _frame_indices(values: list[str]) -> bool:
     return bool(values) and all(v.strip().isdigit() for v in values)
 
 
-flags.register_validator("frames", _frame_indices,
-                         message="--frames takes recorded frame indices, integers >= 0 separated by commas")
+flags.register_validator(
+    "frames", _frame_indices, message="--frames takes recorded frame indices, integers >= 0 separated by commas"
+)
 
 
 def _main(argv):
@@ -57,8 +61,9 @@ def _main(argv):
     cam_ids = _CAMERAS.value or known
     unknown = [c for c in cam_ids if c not in known]
     if unknown:
-        raise app.UsageError(f"unknown camera(s) {unknown}; the scene has {known}"
-                             + ("" if traj is None else f" in trajectory {traj}"))
+        raise app.UsageError(
+            f"unknown camera(s) {unknown}; the scene has {known}" + ("" if traj is None else f" in trajectory {traj}")
+        )
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     r = renderer.Renderer()
     for cam_id in cam_ids:
@@ -71,10 +76,16 @@ def _main(argv):
             pose = renderer.rig_camera_poses(meta, cam_id, s_us, e_us, trajectory_idx=traj)
             actors = renderer.track_actor_poses(meta, scene.gaussians.track_ids, s_us, e_us)
             start = time.perf_counter()
-            isp = renderer.isp_index(meta, cam_id, e_us, per_frame=scene.report.ppisp_per_frame,
-                                     trajectory_idx=traj)
-            out = r.render(scene.gaussians, cam, pose, actors, disable_rolling_shutter=_DISABLE_RS.value,
-                           cache_key=(meta.scene_id,), isp=isp)
+            isp = renderer.isp_index(meta, cam_id, e_us, per_frame=scene.report.ppisp_per_frame, trajectory_idx=traj)
+            out = r.render(
+                scene.gaussians,
+                cam,
+                pose,
+                actors,
+                disable_rolling_shutter=_DISABLE_RS.value,
+                cache_key=(meta.scene_id,),
+                isp=isp,
+            )
             rgb = np.asarray(out.rgb)
             tag = "" if traj is None else f"_t{traj}"
             name = os.path.join(_OUTPUT_DIR.value, f"{meta.scene_id}_{cam_id}{tag}_{frame:04d}.png")
@@ -86,8 +97,13 @@ def _main(argv):
 
 
 def main():
-    _flags.run(one_line_scene_errors(_main, "nurec-render"), prog="nurec-render", module_globals=globals(),
-               groups=_help.RENDER_FRAME, ranges={"width": _flags.AT_LEAST_1, "trajectory_idx": _flags.NON_NEGATIVE})
+    _flags.run(
+        one_line_scene_errors(_main, "nurec-render"),
+        prog="nurec-render",
+        module_globals=globals(),
+        groups=_help.RENDER_FRAME,
+        ranges={"width": _flags.AT_LEAST_1, "trajectory_idx": _flags.NON_NEGATIVE},
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`nurec-scene-info`: load a NuRec scene and print its summary.
 
-    nurec-scene-info                       # the bundled sample scene
-    nurec-scene-info --scene=/path/scene.usdz [--metadata-only]
+nurec-scene-info                       # the bundled sample scene
+nurec-scene-info --scene=/path/scene.usdz [--metadata-only]
 """
 
 from __future__ import annotations
@@ -25,13 +25,16 @@ def _main(argv):
     from nurec_jax.metadata import metadata_lines
 
     path = _SCENE.value or data.sample_scene_path()
-    options = scene.LoadOptions(max_payload_bytes=_MAX_PAYLOAD_MB.value << 20,
-                                max_member_bytes=_MAX_PAYLOAD_MB.value << 20)
+    options = scene.LoadOptions(
+        max_payload_bytes=_MAX_PAYLOAD_MB.value << 20, max_member_bytes=_MAX_PAYLOAD_MB.value << 20
+    )
     start = time.perf_counter()
     if _METADATA_ONLY.value:
         meta = scene.read_scene_metadata(path, options)
-        print(f"scene {meta.scene_id!r}: {len(meta.camera_list)} cameras, {len(meta.lidar_list)} lidars, "
-              f"{len(meta.tracks)} tracks, trajectories: {len(meta.trajectories)}")
+        print(
+            f"scene {meta.scene_id!r}: {len(meta.camera_list)} cameras, {len(meta.lidar_list)} lidars, "
+            f"{len(meta.tracks)} tracks, trajectories: {len(meta.trajectories)}"
+        )
         for line in metadata_lines(meta):
             print(line)
     else:
@@ -41,8 +44,13 @@ def _main(argv):
 
 
 def main():
-    _flags.run(one_line_scene_errors(_main, "nurec-scene-info"), prog="nurec-scene-info",
-               module_globals=globals(), groups=_help.SCENE_INFO, ranges={"max_payload_mb": _flags.AT_LEAST_1})
+    _flags.run(
+        one_line_scene_errors(_main, "nurec-scene-info"),
+        prog="nurec-scene-info",
+        module_globals=globals(),
+        groups=_help.SCENE_INFO,
+        ranges={"max_payload_mb": _flags.AT_LEAST_1},
+    )
 
 
 if __name__ == "__main__":

@@ -61,9 +61,15 @@ def enable_compilation_cache(directory: str, min_compile_time_s: float = 1.0) ->
 class Server:
     """A running (or about to run) nurec-jax gRPC server."""
 
-    def __init__(self, options: ServerOptions, address: str | None = None, loader=None,
-                 load_options: LoadOptions = LoadOptions(), renderer: Renderer | None = None,
-                 lidar_caster: LidarCaster | None = None):
+    def __init__(
+        self,
+        options: ServerOptions,
+        address: str | None = None,
+        loader=None,
+        load_options: LoadOptions = LoadOptions(),
+        renderer: Renderer | None = None,
+        lidar_caster: LidarCaster | None = None,
+    ):
         options.validate()
         self.options = options
         # Several accelerators (nurec-jax): the local devices --devices names (a bad id stops the server here,
@@ -73,11 +79,15 @@ class Server:
             enable_compilation_cache(options.compilation_cache_dir)
         self.address = address or f"{options.host}:{options.port}"
         # Read once at start so a bad file stops the server here, naming its flag.
-        self._credentials = None if options.tls_cert_file is None else auth.server_credentials(
-            options.tls_cert_file, options.tls_key_file, options.tls_client_ca_file)
+        self._credentials = (
+            None
+            if options.tls_cert_file is None
+            else auth.server_credentials(options.tls_cert_file, options.tls_key_file, options.tls_client_ca_file)
+        )
         self._token = None if options.auth_token_file is None else auth.read_token(options.auth_token_file)
-        artifacts, broken = ({}, {}) if options.artifact_glob is None else discover_artifacts(
-            options.artifact_glob, load_options)
+        artifacts, broken = (
+            ({}, {}) if options.artifact_glob is None else discover_artifacts(options.artifact_glob, load_options)
+        )
         if options.test_scenes_are_valid and broken:
             raise ValueError("unreadable scene artifacts: " + "; ".join(f"{p}: {e}" for p, e in broken.items()))
         download_cache = DownloadCache.from_options(options)
@@ -88,15 +98,19 @@ class Server:
 
         load = loader or default_loader
         # --cache-size and --max-workers count per device; a scene's instances live on one device each.
-        self.scene_cache = SceneCache(load if self.devices is None else functools.partial(load_on_device, load),
-                                 options.cache_size, devices=self.devices,
-                                 max_instances=options.max_backends_per_scene or 1)
+        self.scene_cache = SceneCache(
+            load if self.devices is None else functools.partial(load_on_device, load),
+            options.cache_size,
+            devices=self.devices,
+            max_instances=options.max_backends_per_scene or 1,
+        )
         if self.devices is not None:
-            _LOGGER.info("devices: %s (--cache-size %d scenes each)", ", ".join(map(str, self.devices)),
-                         options.cache_size)
+            _LOGGER.info(
+                "devices: %s (--cache-size %d scenes each)", ", ".join(map(str, self.devices)), options.cache_size
+            )
         self.renderer = renderer or Renderer(
-            RenderOptions(pair_capacity=options.initial_pair_capacity),
-            max_pair_capacity=options.max_pair_capacity)
+            RenderOptions(pair_capacity=options.initial_pair_capacity), max_pair_capacity=options.max_pair_capacity
+        )
         self.lidar_caster = lidar_caster or LidarCaster(max_pair_capacity=options.max_pair_capacity)
         # Bounded work (nurec-jax): process-wide limits (the compiled-variant LRU is shared by every Renderer
         # and LidarCaster of the process; the output-size limit is read by request validation).
@@ -105,23 +119,39 @@ class Server:
         # Operations: timing log / metrics.yaml, profiler, post-processing model. Each raises ValueError naming
         # its flag (a missing nvtx package, Tracy, an unusable path, no post-processing model), so a
         # misconfigured server refuses to start instead of failing requests.
-        self.timing_log = TimingLog(options.timing_verbosity if options.enable_timing else "NONE",
-                                           options.timing_logfile if options.enable_timing else None,
-                                           options.metrics_output_dir)
+        self.timing_log = TimingLog(
+            options.timing_verbosity if options.enable_timing else "NONE",
+            options.timing_logfile if options.enable_timing else None,
+            options.metrics_output_dir,
+        )
         self.profiler = Profiler(options.profiling_backend, os.path.expanduser(options.profiling_trace_dir))
         postprocessor = None
         if options.enable_difix:
-            postprocessor = postprocess.load_postprocessor(options.difix_cache, options.difix_model_filename,
-                                                           options.difix_url, options.difix_resolution,
-                                                           downloads.policy_from_options(options),
-                                                           downloads.Limits.from_options(options))
+            postprocessor = postprocess.load_postprocessor(
+                options.difix_cache,
+                options.difix_model_filename,
+                options.difix_url,
+                options.difix_resolution,
+                downloads.policy_from_options(options),
+                downloads.Limits.from_options(options),
+            )
             _LOGGER.info("post-processing (--enable-difix): %s", postprocessor.describe())
-        self.servicer = SensorsimServicer(options, self.registry, self.scene_cache, self.renderer,
-                                          EgoMasks(options.egocar_hood_dir), self.lidar_caster,
-                                          timing_log=self.timing_log, profiler=self.profiler,
-                                          postprocessor=postprocessor)
-        self.metrics_server = None if options.metrics_port is None else metrics.MetricsServer(
-            options.host, options.metrics_port, self.servicer.snapshot)
+        self.servicer = SensorsimServicer(
+            options,
+            self.registry,
+            self.scene_cache,
+            self.renderer,
+            EgoMasks(options.egocar_hood_dir),
+            self.lidar_caster,
+            timing_log=self.timing_log,
+            profiler=self.profiler,
+            postprocessor=postprocessor,
+        )
+        self.metrics_server = (
+            None
+            if options.metrics_port is None
+            else metrics.MetricsServer(options.host, options.metrics_port, self.servicer.snapshot)
+        )
         self.metrics_port: int | None = None
         self.servicer.on_shut_down = lambda: self.request_shutdown(delay_s=0.1)
         self.scene_cache.on_drop = self.servicer.editor.forget_view
@@ -148,8 +178,10 @@ class Server:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def _start(self) -> int:
-        msg = [("grpc.max_send_message_length", self.options.max_message_bytes),
-               ("grpc.max_receive_message_length", self.options.max_message_bytes)]
+        msg = [
+            ("grpc.max_send_message_length", self.options.max_message_bytes),
+            ("grpc.max_receive_message_length", self.options.max_message_bytes),
+        ]
         interceptors = [auth.BearerTokenInterceptor(self._token)] if self._token is not None else None
         self._server = grpc.aio.server(options=msg, interceptors=interceptors)
         add_to_server(self.servicer, self._server)  # undecodable requests answer INVALID_ARGUMENT
@@ -159,10 +191,14 @@ class Server:
             await self.health.set(name, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
         try:
-            port = (self._server.add_insecure_port(self.address) if self._credentials is None
-                    else self._server.add_secure_port(self.address, self._credentials))
+            port = (
+                self._server.add_insecure_port(self.address)
+                if self._credentials is None
+                else self._server.add_secure_port(self.address, self._credentials)
+            )
         except RuntimeError as e:  # grpc.aio raises instead of returning 0 on some failures
             raise OSError(f"could not bind {self.address}: {e}") from None
         if port == 0:
@@ -195,12 +231,20 @@ class Server:
             _LOGGER.info("metrics: http://%s:%d/metrics", self.options.host, self.metrics_port)
         self._warm_thread = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
         self._warm_thread.start()
-        _LOGGER.info("serving SensorsimService on %s (port %d, %s%s), %d scene(s)", self.address, self.port,
-                     "plaintext" if self._credentials is None else
-                     ("mTLS" if self.options.tls_client_ca_file else "TLS"),
-                     ", bearer token" if self._token is not None else "", len(self.registry.ids()))
-        warning = auth.exposure_warning(self.address, self._credentials is not None, self._token is not None,
-                                        self.options.tls_client_ca_file is not None)
+        _LOGGER.info(
+            "serving SensorsimService on %s (port %d, %s%s), %d scene(s)",
+            self.address,
+            self.port,
+            "plaintext" if self._credentials is None else ("mTLS" if self.options.tls_client_ca_file else "TLS"),
+            ", bearer token" if self._token is not None else "",
+            len(self.registry.ids()),
+        )
+        warning = auth.exposure_warning(
+            self.address,
+            self._credentials is not None,
+            self._token is not None,
+            self.options.tls_client_ca_file is not None,
+        )
         if warning is not None:
             _LOGGER.warning(warning)
         return self.port
@@ -226,9 +270,16 @@ class Server:
             self.serving.set()
             _LOGGER.info("health: SERVING")
             if self.options.test_scenes_are_valid and self.options.warmup_compiles:
-                warmup.warm_up(self.registry.ids(), self.registry, self.scene_cache, self.renderer,
-                               self.servicer.device_locks, self._stopping, self.servicer.warmup,
-                               self.options.warmup_height)
+                warmup.warm_up(
+                    self.registry.ids(),
+                    self.registry,
+                    self.scene_cache,
+                    self.renderer,
+                    self.servicer.device_locks,
+                    self._stopping,
+                    self.servicer.warmup,
+                    self.options.warmup_height,
+                )
 
     # ----------------------------------------------------------------------------------------
 
@@ -263,8 +314,11 @@ class Server:
         self._loop.call_soon_threadsafe(run)
 
     def _close_operations(self) -> None:
-        for close in (self.timing_log.close, self.profiler.stop,
-                      self.metrics_server.stop if self.metrics_server is not None else None):
+        for close in (
+            self.timing_log.close,
+            self.profiler.stop,
+            self.metrics_server.stop if self.metrics_server is not None else None,
+        ):
             if close is None:
                 continue
             try:

@@ -54,8 +54,9 @@ def _no_password():
     raise ValueError("encrypted private keys are not supported")
 
 
-def check_key_pair(cert_file: str, key_file: str, cert_flag: str = "--tls-cert-file",
-                   key_flag: str = "--tls-key-file") -> tuple[bytes, bytes]:
+def check_key_pair(
+    cert_file: str, key_file: str, cert_flag: str = "--tls-cert-file", key_flag: str = "--tls-key-file"
+) -> tuple[bytes, bytes]:
     """(certificate chain PEM, private key PEM), after checking both parse and belong together."""
     cert, key = read_file(cert_file, cert_flag), read_file(key_file, key_flag)
     if b"-----BEGIN CERTIFICATE-----" not in cert:
@@ -67,8 +68,9 @@ def check_key_pair(cert_file: str, key_file: str, cert_flag: str = "--tls-cert-f
     except ValueError as e:
         raise ValueError(f"{key_flag}: {key_file!r}: {e}") from None
     except ssl.SSLError as e:
-        raise ValueError(f"{key_flag}: {key_file!r} is not the private key of {cert_flag} {cert_file!r} "
-                         f"({e.reason or e})") from None
+        raise ValueError(
+            f"{key_flag}: {key_file!r} is not the private key of {cert_flag} {cert_file!r} ({e.reason or e})"
+        ) from None
     return cert, key
 
 
@@ -86,8 +88,9 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None
     """TLS credentials; with a client CA, clients must present a certificate it signed (mTLS)."""
     cert, key = check_key_pair(cert_file, key_file)
     client_ca = None if client_ca_file is None else check_ca(client_ca_file, "--tls-client-ca-file")
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,8 +139,10 @@ def exposure_warning(address: str, tls: bool, token: bool, client_ca: bool) -> s
     if not tls:
         missing.append("no TLS (--tls-cert-file/--tls-key-file): traffic is plaintext")
     if not (token or client_ca):
-        missing.append("no authentication (--auth-token-file or --tls-client-ca-file): anyone who can reach "
-                       "the port may render, edit scenes and register files")
+        missing.append(
+            "no authentication (--auth-token-file or --tls-client-ca-file): anyone who can reach "
+            "the port may render, edit scenes and register files"
+        )
     if not missing:
         return None
     return f"serving on {address}, reachable from other machines, with " + "; and ".join(missing)
@@ -206,8 +211,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if token_matches(sent, self._token):
             return handler
-        message = (f"{AUTH_KEY} metadata is missing: send '{AUTH_KEY}: Bearer <token>'" if sent is None
-                   else f"{AUTH_KEY} metadata: the bearer token is not accepted")
+        message = (
+            f"{AUTH_KEY} metadata is missing: send '{AUTH_KEY}: Bearer <token>'"
+            if sent is None
+            else f"{AUTH_KEY} metadata: the bearer token is not accepted"
+        )
         # Unknown methods get UNAUTHENTICATED too, so a caller without the token learns nothing.
         if handler is None:
             return _deny(message, False, False)
@@ -218,15 +226,20 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 # Client side (render-grpc)
 
 _CallDetails = collections.namedtuple(
-    "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"))
+    "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+)
 
 
 class _ClientCallDetails(_CallDetails, grpc.ClientCallDetails):
     pass
 
 
-class BearerTokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class BearerTokenClientInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds `authorization: Bearer <token>` to every call on a channel (`grpc.intercept_channel`)."""
 
     def __init__(self, token: str):
@@ -249,9 +262,15 @@ class BearerTokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryS
         return continuation(self._details(client_call_details), request_iterator)
 
 
-def client_channel(target: str, options=(), ca_file: str | None = None, cert_file: str | None = None,
-                   key_file: str | None = None, server_name: str | None = None,
-                   token_file: str | None = None) -> grpc.Channel:
+def client_channel(
+    target: str,
+    options=(),
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    server_name: str | None = None,
+    token_file: str | None = None,
+) -> grpc.Channel:
     """A channel for render-grpc: TLS when a CA (or a client certificate) is given, the token on every
     call when a token file is. Raises ValueError naming the client flag on bad input."""
     if (cert_file is None) != (key_file is None):

@@ -88,7 +88,6 @@ class Pending:
         return self.future.result(timeout)
 
 
-
 class _Job(Transfer):
     """One scene download in progress: the transfer plus the clients waiting for it."""
 
@@ -112,9 +111,17 @@ class DownloadCache:
 
     `request(scene_id, url)` returns a `Pending`; `entries()` lists what is cached with its URL."""
 
-    def __init__(self, directory: str, max_files: int = 5, max_bytes: int = 8 << 30, timeout_s: float = 1800.0,
-                 stall_timeout_s: float = 60.0, workers: int = 2, policy: DestinationPolicy = DestinationPolicy(),
-                 ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        directory: str,
+        max_files: int = 5,
+        max_bytes: int = 8 << 30,
+        timeout_s: float = 1800.0,
+        stall_timeout_s: float = 60.0,
+        workers: int = 2,
+        policy: DestinationPolicy = DestinationPolicy(),
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         if max_files < 1:
             raise ValueError(f"download cache size must be >= 1, got {max_files}")
         if workers < 1:
@@ -137,8 +144,15 @@ class DownloadCache:
     def from_options(cls, options) -> "DownloadCache":
         """The cache a server with these `ServerOptions` uses."""
         limits = Limits.from_options(options)
-        return cls(options.download_cache_dir, options.download_cache_size, limits.max_bytes, limits.timeout_s,
-                   limits.stall_timeout_s, options.download_workers, policy_from_options(options))
+        return cls(
+            options.download_cache_dir,
+            options.download_cache_size,
+            limits.max_bytes,
+            limits.timeout_s,
+            limits.stall_timeout_s,
+            options.download_workers,
+            policy_from_options(options),
+        )
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -154,8 +168,11 @@ class DownloadCache:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except OSError:
-            _LOGGER.warning("download cache %s is used by another server process; its partial files are left "
-                            "alone (give each server its own --download-cache-dir)", self.directory)
+            _LOGGER.warning(
+                "download cache %s is used by another server process; its partial files are left "
+                "alone (give each server its own --download-cache-dir)",
+                self.directory,
+            )
             return False
 
     def _clean_partials(self) -> None:
@@ -208,14 +225,20 @@ class DownloadCache:
             _remove(entry.path)
         if self._entries or recorded:
             self._write_index()
-        _LOGGER.info("download cache %s: %d file(s) (%d without a recorded URL), %d evicted to fit %d",
-                     self.directory, len(self._entries), sum(e.url is None for e in self._entries.values()),
-                     len(victims), self.max_files)
+        _LOGGER.info(
+            "download cache %s: %d file(s) (%d without a recorded URL), %d evicted to fit %d",
+            self.directory,
+            len(self._entries),
+            sum(e.url is None for e in self._entries.values()),
+            len(victims),
+            self.max_files,
+        )
 
     def _write_index(self) -> None:
         with self._lock:
-            items = [{"scene_id": sid, "url": e.url, "size": e.size} for sid, e in self._entries.items()
-                     if e.url is not None]
+            items = [
+                {"scene_id": sid, "url": e.url, "size": e.size} for sid, e in self._entries.items() if e.url is not None
+            ]
         with self._index_lock:
             try:
                 with atomic_file(os.path.join(self.directory, INDEX_NAME), "w", encoding="utf-8") as f:
@@ -331,8 +354,11 @@ class DownloadCache:
                     job.validate(tmp)
                 except Exception as e:  # noqa: BLE001 - the file arrived but is no scene
                     # The client hears about its file, not about the server's directories.
-                    text = str(e).replace(tmp, f"{job.scene_id}.usdz").replace(os.path.basename(tmp),
-                                                                                f"{job.scene_id}.usdz")
+                    text = (
+                        str(e)
+                        .replace(tmp, f"{job.scene_id}.usdz")
+                        .replace(os.path.basename(tmp), f"{job.scene_id}.usdz")
+                    )
                     raise DownloadError(f"the file is not a readable scene: {text}") from None
             job.check()
             path, evicted = self._commit(job, tmp, size)
@@ -355,8 +381,12 @@ class DownloadCache:
                 del self._jobs[job.scene_id]
             waiters = list(job.waiters)
         if error is None:
-            _LOGGER.info("downloaded scene %s from %s (%d bytes)", quoted(job.scene_id), quoted(job.url, URL_CHARS),
-                         job.bytes_read)
+            _LOGGER.info(
+                "downloaded scene %s from %s (%d bytes)",
+                quoted(job.scene_id),
+                quoted(job.url, URL_CHARS),
+                job.bytes_read,
+            )
         else:
             _LOGGER.info("download of scene %s: %s", quoted(job.scene_id), error)
         for w in waiters:
@@ -389,8 +419,10 @@ class DownloadCache:
 
 
 def _conflict(scene_id: str, old_url: str, new_url: str, state: str) -> DownloadConflict:
-    return DownloadConflict(f"x-nre-scene-id: scene {quoted(scene_id)} is {state} from {quoted(old_url, URL_CHARS)}; "
-                            f"refusing {quoted(new_url, URL_CHARS)} (use another scene id for another URL)")
+    return DownloadConflict(
+        f"x-nre-scene-id: scene {quoted(scene_id)} is {state} from {quoted(old_url, URL_CHARS)}; "
+        f"refusing {quoted(new_url, URL_CHARS)} (use another scene id for another URL)"
+    )
 
 
 def _remove(path: str) -> None:

@@ -72,8 +72,9 @@ def check_url(url: str, local_hint: str = "") -> str:
         raise DownloadError(f"{quoted(url, URL_CHARS)} is not a valid URL") from None
     scheme = parsed.scheme.lower()
     if scheme in ("", "file"):
-        raise DownloadError("local paths are not accepted; give an http:// or https:// URL" +
-                            (f" ({local_hint})" if local_hint else ""))
+        raise DownloadError(
+            "local paths are not accepted; give an http:// or https:// URL" + (f" ({local_hint})" if local_hint else "")
+        )
     if scheme not in REMOTE_SCHEMES:
         raise DownloadError(f"unsupported URL scheme {quoted(scheme)} (allowed: http, https)")
     if not parsed.hostname:
@@ -97,9 +98,14 @@ def address_kind(address: str) -> str | None:
             ip = ip.sixtofour
         elif ip in _NAT64:
             ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    for kind, flag in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
-                       ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-                       ("reserved", ip.is_reserved), ("private", ip.is_private)):
+    for kind, flag in (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
+    ):
         if flag:
             return kind
     if not ip.is_global:  # e.g. 100.64.0.0/10 (carrier-grade NAT)
@@ -160,7 +166,8 @@ class DestinationPolicy:
             if kind is not None and not self._address_allowed(sockaddr[0]):
                 raise DownloadError(
                     f"host {quoted(host)} resolves to a {kind} address; downloads from such addresses are refused "
-                    "(allow them with --download-allow-private or --download-allow-hosts)")
+                    "(allow them with --download-allow-private or --download-allow-hosts)"
+                )
             if (family, sockaddr) not in out:
                 out.append((family, sockaddr))
         return out
@@ -271,8 +278,11 @@ def _shutdown(sock) -> None:
 @contextlib.contextmanager
 def time_bound(transfer: Transfer, limits: Limits):
     """Aborts `transfer` when the block takes longer than `limits.timeout_s`."""
-    timer = threading.Timer(limits.timeout_s, transfer.abort, (DownloadUnavailable(
-        f"took longer than {limits.timeout_s:g} s (--download-timeout-s)"),))
+    timer = threading.Timer(
+        limits.timeout_s,
+        transfer.abort,
+        (DownloadUnavailable(f"took longer than {limits.timeout_s:g} s (--download-timeout-s)"),),
+    )
     timer.daemon = True
     timer.start()
     try:
@@ -285,8 +295,9 @@ def time_bound(transfer: Transfer, limits: Limits):
 # The download
 
 
-def fetch(transfer: Transfer, out, policy: DestinationPolicy, limits: Limits,
-          ssl_context: ssl.SSLContext | None = None) -> int:
+def fetch(
+    transfer: Transfer, out, policy: DestinationPolicy, limits: Limits, ssl_context: ssl.SSLContext | None = None
+) -> int:
     """Streams `transfer.url` into the binary file object `out` under `policy` and `limits` (not the
     total time: see `time_bound`); returns the byte count. Raises DownloadError / DownloadUnavailable."""
     url = transfer.url
@@ -305,8 +316,9 @@ def fetch(transfer: Transfer, out, policy: DestinationPolicy, limits: Limits,
         kwargs = {}
         if scheme == "https":
             kwargs["context"] = ssl_context or ssl.create_default_context()
-        conn = cls(parts.hostname, port, addresses=addresses, transfer=transfer, timeout=limits.stall_timeout_s,
-                   **kwargs)
+        conn = cls(
+            parts.hostname, port, addresses=addresses, transfer=transfer, timeout=limits.stall_timeout_s, **kwargs
+        )
         try:
             target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
             conn.request("GET", target, headers={"User-Agent": "nurec-jax", "Accept-Encoding": "identity"})
@@ -325,8 +337,9 @@ def fetch(transfer: Transfer, out, policy: DestinationPolicy, limits: Limits,
             raise
         except (TimeoutError, socket.timeout):
             transfer.check()
-            raise DownloadUnavailable(f"no data for {limits.stall_timeout_s:g} s "
-                                      "(--download-stall-timeout-s)") from None
+            raise DownloadUnavailable(
+                f"no data for {limits.stall_timeout_s:g} s (--download-stall-timeout-s)"
+            ) from None
         except Exception as e:  # noqa: BLE001 - OSError, http.client errors, a socket shut down by abort
             transfer.check()
             raise DownloadUnavailable(f"connection failed ({type(e).__name__}: {e})") from None
@@ -363,8 +376,15 @@ def _stream(transfer: Transfer, resp, out, limits: Limits) -> int:
     return total
 
 
-def fetch_file(url: str, path: str, policy: DestinationPolicy, limits: Limits, validate=None,
-               ssl_context: ssl.SSLContext | None = None, transfer: Transfer | None = None) -> int:
+def fetch_file(
+    url: str,
+    path: str,
+    policy: DestinationPolicy,
+    limits: Limits,
+    validate=None,
+    ssl_context: ssl.SSLContext | None = None,
+    transfer: Transfer | None = None,
+) -> int:
     """Downloads `url` to `path` atomically: streamed into a hidden partial file beside `path`,
     `validate(partial_path)` (raising when the content is unusable), then renamed. Nothing is left
     behind on failure. Returns the byte count; raises DownloadError / DownloadUnavailable, or what

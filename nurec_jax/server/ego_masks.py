@@ -33,8 +33,12 @@ class EgoMasks:
         return out
 
     def rig_exists(self, rig: str) -> bool:
-        return (self.directory is not None and "/" not in rig and rig not in ("", ".", "..")
-                and os.path.isdir(os.path.join(self.directory, rig)))
+        return (
+            self.directory is not None
+            and "/" not in rig
+            and rig not in ("", ".", "..")
+            and os.path.isdir(os.path.join(self.directory, rig))
+        )
 
     @functools.lru_cache(maxsize=32)
     def _mask(self, rig: str, camera: str, width: int, height: int) -> np.ndarray | None:
@@ -49,8 +53,10 @@ class EgoMasks:
         """out = img (1 - a) + hood a, the hood resized bilinearly to the image. An unknown rig is
         NOT_FOUND; a known rig without a mask for this camera leaves the image unchanged (NRE)."""
         if not self.rig_exists(rig):
-            raise NotFound(f"ego_mask_id.rig_config_id: no ego masks for rig {rig!r} "
-                           f"(available: {sorted({r for r, _ in self.available()}) or 'none'})")
+            raise NotFound(
+                f"ego_mask_id.rig_config_id: no ego masks for rig {rig!r} "
+                f"(available: {sorted({r for r, _ in self.available()}) or 'none'})"
+            )
         if "/" in camera or camera in ("", ".", ".."):
             return rgb
         h, w = rgb.shape[:2]

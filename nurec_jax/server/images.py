@@ -30,8 +30,9 @@ def validate_format(image_format: int, image_quality: float, field: str = "") ->
     prefix = f"{field}." if field else ""
     if image_format == JPEG:
         if not (1.0 <= image_quality <= 100.0):
-            raise ValueError(f"{prefix}image_quality: JPEG quality must be in [1, 100] (NuRec's scale), "
-                             f"got {image_quality}")
+            raise ValueError(
+                f"{prefix}image_quality: JPEG quality must be in [1, 100] (NuRec's scale), got {image_quality}"
+            )
         return
     if image_format in (PNG, RGB_UINT8_PLANAR):
         return

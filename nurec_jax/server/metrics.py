@@ -57,8 +57,11 @@ class LatencyHistogram:
 
     def __init__(self):
         self._histogram = prometheus_client.Histogram(
-            self.NAME, "Latency of successful render RPCs in seconds (refused calls are not counted).",
-            buckets=LATENCY_BUCKETS, registry=None)
+            self.NAME,
+            "Latency of successful render RPCs in seconds (refused calls are not counted).",
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
 
     def observe(self, seconds: float) -> None:
         self._histogram.observe(seconds)
@@ -82,32 +85,41 @@ class ServerCollector:
         for method, n in sorted((snap.get("requests") or {}).items()):
             requests.add_metric([method], n)
         yield requests
-        responses = CounterMetricFamily("nurec_responses", "gRPC responses sent, by method and status code.",
-                                        labels=["method", "code"])
+        responses = CounterMetricFamily(
+            "nurec_responses", "gRPC responses sent, by method and status code.", labels=["method", "code"]
+        )
         for (method, code), n in sorted((snap.get("responses") or {}).items()):
             responses.add_metric([method, code], n)
         yield responses
         histogram = snap.get("latency_histogram")
         yield from histogram if histogram is not None else LatencyHistogram().collect()
-        yield CounterMetricFamily("nurec_renders", "Renders done (camera images and lidar spins).",
-                                  value=int(snap.get("renders", 0)))
+        yield CounterMetricFamily(
+            "nurec_renders", "Renders done (camera images and lidar spins).", value=int(snap.get("renders", 0))
+        )
         scenes = sorted(snap.get("scenes_loaded") or [])
         yield GaugeMetricFamily("nurec_scenes_loaded", "Scenes resident on the device.", value=len(scenes))
-        each = GaugeMetricFamily("nurec_scene_loaded", "1 for each scene resident on the device.",
-                                 labels=["scene_id"])
+        each = GaugeMetricFamily("nurec_scene_loaded", "1 for each scene resident on the device.", labels=["scene_id"])
         for sid in scenes:
             each.add_metric([sid], 1)
         yield each
-        yield CounterMetricFamily("nurec_compiles", "Render and lidar functions traced for compilation.",
-                                  value=int(snap.get("compiles", 0)))
+        yield CounterMetricFamily(
+            "nurec_compiles", "Render and lidar functions traced for compilation.", value=int(snap.get("compiles", 0))
+        )
         cache = snap.get("compile_cache") or {}
-        yield CounterMetricFamily("nurec_compile_cache_hits", "Executables loaded from the JAX persistent "
-                                  "compilation cache.", value=int(cache.get("hits", 0)))
-        yield CounterMetricFamily("nurec_compile_cache_misses", "JAX persistent compilation cache lookups that "
-                                  "found nothing.", value=int(cache.get("misses", 0)))
+        yield CounterMetricFamily(
+            "nurec_compile_cache_hits",
+            "Executables loaded from the JAX persistent compilation cache.",
+            value=int(cache.get("hits", 0)),
+        )
+        yield CounterMetricFamily(
+            "nurec_compile_cache_misses",
+            "JAX persistent compilation cache lookups that found nothing.",
+            value=int(cache.get("misses", 0)),
+        )
         state = str(snap.get("warmup_state") or "off")
-        warmup = GaugeMetricFamily("nurec_warmup_state", "Compile warm-up state (1 for the current state).",
-                                   labels=["state"])
+        warmup = GaugeMetricFamily(
+            "nurec_warmup_state", "Compile warm-up state (1 for the current state).", labels=["state"]
+        )
         for s in WARMUP_STATES if state in WARMUP_STATES else (*WARMUP_STATES, state):
             warmup.add_metric([s], int(s == state))
         yield warmup
@@ -169,12 +181,18 @@ class MetricsServer:
         """Binds and starts serving; returns the bound port. Raises OSError if the port is taken."""
         if self._httpd is not None:
             return self.port
-        httpd = wsgiref.simple_server.make_server(self.host, self.port, wsgi_app(self.registry),
-                                                  server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+        httpd = wsgiref.simple_server.make_server(
+            self.host,
+            self.port,
+            wsgi_app(self.registry),
+            server_class=_ThreadingWSGIServer,
+            handler_class=_QuietHandler,
+        )
         self._httpd = httpd
         self.port = httpd.server_address[1]
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="nurec-metrics-http", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="nurec-metrics-http", daemon=True
+        )
         self._thread.start()
         _LOGGER.info("metrics endpoint: http://%s:%d/metrics", self.host, self.port)
         return self.port
@@ -259,8 +277,10 @@ class CompileCacheCounter:
         with self._lock:
             if self._registered:
                 self._registered = False
-                for fn, unreg in ((self._on_event, jax.monitoring.unregister_event_listener),
-                                  (self._on_duration, jax.monitoring.unregister_event_duration_listener)):
+                for fn, unreg in (
+                    (self._on_event, jax.monitoring.unregister_event_listener),
+                    (self._on_duration, jax.monitoring.unregister_event_duration_listener),
+                ):
                     try:
                         unreg(fn)
                     except (AssertionError, ValueError):  # already dropped by clear_event_listeners()
@@ -270,8 +290,13 @@ class CompileCacheCounter:
         """{"hits", "misses", "lookups", "writes", "compiles"}: the `compile_cache` entry of a metrics
         snapshot takes "hits"/"misses"; "compiles" fits its `compiles` entry."""
         with self._lock:
-            return {"hits": self.hits, "misses": max(self.lookups - self.hits, 0), "lookups": self.lookups,
-                    "writes": self.writes, "compiles": max(self.backend_compiles - self.hits, 0)}
+            return {
+                "hits": self.hits,
+                "misses": max(self.lookups - self.hits, 0),
+                "lookups": self.lookups,
+                "writes": self.writes,
+                "compiles": max(self.backend_compiles - self.hits, 0),
+            }
 
 
 _COUNTER: CompileCacheCounter | None = None

@@ -43,20 +43,22 @@ def _yaml_scalar(v) -> str:
 def metrics_yaml(metrics: dict[str, dict[str, Any]], warmup_renders: int) -> str:
     """metrics.yaml text for `TimingLog.metrics()`:
 
-        # nurec-jax render metrics ...
-        warmup_renders: 3
-        render_rgb:
-          count: 2
-          warmup_skipped: 3
-          mean_ms: 11.0000
-          ...
-          samples_ms: [10.0000, 12.0000]
-          stage_mean_ms:
-            render: 11.0000
+    # nurec-jax render metrics ...
+    warmup_renders: 3
+    render_rgb:
+      count: 2
+      warmup_skipped: 3
+      mean_ms: 11.0000
+      ...
+      samples_ms: [10.0000, 12.0000]
+      stage_mean_ms:
+        render: 11.0000
     """
-    lines = ["# nurec-jax render metrics (--metrics-output-dir): render-time samples in ms, per method,",
-             f"# after the first {warmup_renders} renders of each method (warm-up).",
-             f"warmup_renders: {warmup_renders}"]
+    lines = [
+        "# nurec-jax render metrics (--metrics-output-dir): render-time samples in ms, per method,",
+        f"# after the first {warmup_renders} renders of each method (warm-up).",
+        f"warmup_renders: {warmup_renders}",
+    ]
     for method, m in metrics.items():
         lines.append(f"{_yaml_key(method)}:")
         for key, v in m.items():

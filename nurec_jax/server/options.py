@@ -27,7 +27,7 @@ class ServerOptions:
     difix_cache: str = "~/.cache/nre/difix"
     difix_model_filename: str = "cosmos_3dgut.pt"
     difix_resolution: tuple[int, int] = (576, 1024)
-    ray_chunk_size: int = 2 ** 62
+    ray_chunk_size: int = 2**62
     egocar_hood_dir: str | None = None
     download_cache_dir: str = "~/.cache/nre/downloaded_scenes"
     download_cache_size: int = 5
@@ -103,8 +103,7 @@ class ServerOptions:
         if self.timing_verbosity not in TIMING_VERBOSITIES:
             raise ValueError(f"--timing-verbosity must be one of {TIMING_VERBOSITIES}, got {self.timing_verbosity!r}")
         if self.profiling_backend not in PROFILING_BACKENDS:
-            raise ValueError(f"--profiling-backend must be one of {PROFILING_BACKENDS}, "
-                             f"got {self.profiling_backend!r}")
+            raise ValueError(f"--profiling-backend must be one of {PROFILING_BACKENDS}, got {self.profiling_backend!r}")
         if self.egocar_hood_dir is not None and not os.path.isdir(os.path.expanduser(self.egocar_hood_dir)):
             raise ValueError(f"--egocar-hood-dir {self.egocar_hood_dir!r} is not a directory")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -115,8 +114,10 @@ class ServerOptions:
         if self.tls_cert_file is not None and self.tls_key_file is None:
             raise ValueError("--tls-cert-file needs --tls-key-file (the certificate's private key)")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
-            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file (client certificates "
-                             "are checked in the TLS handshake)")
+            raise ValueError(
+                "--tls-client-ca-file needs --tls-cert-file and --tls-key-file (client certificates "
+                "are checked in the TLS handshake)"
+            )
         from nurec_jax.server import auth
 
         if self.tls_cert_file is not None:
@@ -137,6 +138,7 @@ class ServerOptions:
         if self.download_workers < 1:
             raise ValueError(f"--download-workers must be >= 1, got {self.download_workers}")
         from nurec_jax.server.downloads import parse_allow_entry
+
         for entry in self.download_allow_hosts:
             try:
                 parse_allow_entry(entry)
@@ -153,8 +155,10 @@ class ServerOptions:
         if self.max_backends_per_scene is not None and self.max_backends_per_scene < 1:
             raise ValueError(f"--max-backends-per-scene must be >= 1, got {self.max_backends_per_scene}")
         if self.enable_harmonizer:
-            raise ValueError("--enable-harmonizer: NRE's harmonizer network is not available in nurec-jax; use "
-                             "--enable-difix with a nurec-jax post-processing model instead (BUILD_NOTES.md)")
+            raise ValueError(
+                "--enable-harmonizer: NRE's harmonizer network is not available in nurec-jax; use "
+                "--enable-difix with a nurec-jax post-processing model instead (BUILD_NOTES.md)"
+            )
 
     def as_strings(self) -> dict[str, str]:
         """Every setting as NRE's get_server_config reports it: str(), None -> "null"."""

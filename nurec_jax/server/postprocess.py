@@ -131,12 +131,15 @@ class PostProcessor:
         for i, layer in enumerate(self.layers):
             if layer.kernel.shape[2] != cin:
                 what = "the RGB input (3 channels)" if i == 0 else f"layers[{i - 1}]'s {cin} output channels"
-                raise ValueError(f"layers[{i}].kernel: shape {list(layer.kernel.shape)} has cin="
-                                 f"{layer.kernel.shape[2]}, which does not chain with {what}")
+                raise ValueError(
+                    f"layers[{i}].kernel: shape {list(layer.kernel.shape)} has cin="
+                    f"{layer.kernel.shape[2]}, which does not chain with {what}"
+                )
             cin = layer.kernel.shape[3]
         if cin != 3:
-            raise ValueError(f"layers[{len(self.layers) - 1}].kernel: the last layer must output 3 channels "
-                             f"(RGB), got cout={cin}")
+            raise ValueError(
+                f"layers[{len(self.layers) - 1}].kernel: the last layer must output 3 channels (RGB), got cout={cin}"
+            )
 
     # --- serialisation ---------------------------------------------------------------------------
 
@@ -183,8 +186,9 @@ class PostProcessor:
             "version": VERSION,
             "resolution": list(self.resolution),
             "residual": self.residual,
-            "layers": [{"kernel": layer.kernel, "bias": layer.bias, "activation": layer.activation}
-                       for layer in self.layers],
+            "layers": [
+                {"kernel": layer.kernel, "bias": layer.bias, "activation": layer.activation} for layer in self.layers
+            ],
         }
         if description is not None:
             out["description"] = description
@@ -202,8 +206,10 @@ class PostProcessor:
         try:
             model = serialization.msgpack_restore(data)
         except Exception as e:  # msgpack raises several unrelated types for corrupt input
-            raise ValueError(f"{path}: not a nurec-jax post-processing model (msgpack could not read it: "
-                             f"{type(e).__name__}: {e}). {_how_to_make(path)}") from None
+            raise ValueError(
+                f"{path}: not a nurec-jax post-processing model (msgpack could not read it: "
+                f"{type(e).__name__}: {e}). {_how_to_make(path)}"
+            ) from None
         try:
             return cls.from_dict(model)
         except ValueError as e:
@@ -221,8 +227,10 @@ class PostProcessor:
 
     def describe(self) -> str:
         """One line: layers, residual, working resolution."""
-        convs = ", ".join("{}x{} {}->{}".format(*layer.kernel.shape) + (" relu" if layer.activation == "relu" else "")
-                          for layer in self.layers)
+        convs = ", ".join(
+            "{}x{} {}->{}".format(*layer.kernel.shape) + (" relu" if layer.activation == "relu" else "")
+            for layer in self.layers
+        )
         res = "native" if self.resolution == (0, 0) else f"{self.resolution[0]}x{self.resolution[1]}"
         return f"{len(self.layers)} layer(s) [{convs}], residual={self.residual}, working resolution {res}"
 
@@ -256,14 +264,17 @@ class PostProcessor:
         key = (int(height), int(width))
         with self._lock:
             if "params" not in self._cache:
-                self._cache["params"] = jax.device_put(
-                    [(layer.kernel, layer.bias) for layer in self.layers])
+                self._cache["params"] = jax.device_put([(layer.kernel, layer.bias) for layer in self.layers])
             params = self._cache["params"]
             fn = self._cache.get(key)
             if fn is None:
                 work = key if self.resolution == (0, 0) else self.resolution
-                forward = functools.partial(_forward, working_hw=work, residual=self.residual,
-                                            activations=tuple(layer.activation for layer in self.layers))
+                forward = functools.partial(
+                    _forward,
+                    working_hw=work,
+                    residual=self.residual,
+                    activations=tuple(layer.activation for layer in self.layers),
+                )
                 spec = jax.ShapeDtypeStruct((*key, 3), jnp.float32)
                 fn = jax.jit(forward).lower(params, spec).compile()
                 self._cache[key] = fn
@@ -278,8 +289,17 @@ def _forward(params, rgb, *, working_hw: tuple[int, int], residual: bool, activa
     y = x[None]
     for (kernel, bias), activation in zip(params, activations):
         # HIGHEST: no TF32 on GPUs, so results match the float32 definition of the format.
-        y = jax.lax.conv_general_dilated(y, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         precision=jax.lax.Precision.HIGHEST) + bias
+        y = (
+            jax.lax.conv_general_dilated(
+                y,
+                kernel,
+                (1, 1),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=jax.lax.Precision.HIGHEST,
+            )
+            + bias
+        )
         if activation == "relu":
             y = jax.nn.relu(y)
     y = y[0]
@@ -343,11 +363,13 @@ def _torch_checkpoint_reason(name: str, head: bytes) -> str | None:
 def _how_to_make(path: str) -> str:
     stem = os.path.splitext(os.path.basename(path))[0] or "model"
     target = os.path.join(os.path.dirname(path), stem + ".msgpack")
-    return (f"nurec-jax reads a 'nurec-jax post-processing model v1' (msgpack; see "
-            f"nurec_jax/server/postprocess.py). Create one with\n"
-            f"  {_TOOL} --kind=sharpen --output {target}\n"
-            f"and start with --enable-difix --difix-cache {os.path.dirname(path)} "
-            f"--difix-model-filename {os.path.basename(target)}")
+    return (
+        f"nurec-jax reads a 'nurec-jax post-processing model v1' (msgpack; see "
+        f"nurec_jax/server/postprocess.py). Create one with\n"
+        f"  {_TOOL} --kind=sharpen --output {target}\n"
+        f"and start with --enable-difix --difix-cache {os.path.dirname(path)} "
+        f"--difix-model-filename {os.path.basename(target)}"
+    )
 
 
 class _PyTorchCheckpointError(ValueError):
@@ -358,13 +380,16 @@ def _torch_error(shown: str, reason: str, target: str | None = None) -> _PyTorch
     """`shown`: the file or URL refused; `target`: the model path to suggest (default `shown`)."""
     return _PyTorchCheckpointError(
         f"{shown} looks like a PyTorch checkpoint ({reason}). NVIDIA's DiFix model (cosmos_3dgut.pt) is a "
-        f"PyTorch checkpoint, which nurec-jax cannot load or run. {_how_to_make(target or shown)}")
+        f"PyTorch checkpoint, which nurec-jax cannot load or run. {_how_to_make(target or shown)}"
+    )
 
 
 def _missing_message(path: str, detail: str) -> str:
-    return (f"--enable-difix: no post-processing model found: looked for {path} (--difix-cache/"
-            f"--difix-model-filename); {detail}. NVIDIA's DiFix PyTorch checkpoint cannot be downloaded "
-            f"or run by nurec-jax. {_how_to_make(path)}")
+    return (
+        f"--enable-difix: no post-processing model found: looked for {path} (--difix-cache/"
+        f"--difix-model-filename); {detail}. NVIDIA's DiFix PyTorch checkpoint cannot be downloaded "
+        f"or run by nurec-jax. {_how_to_make(path)}"
+    )
 
 
 def _read_head(path: str) -> bytes:
@@ -372,9 +397,13 @@ def _read_head(path: str) -> bytes:
         return f.read(8)
 
 
-def resolve_model_path(difix_cache: str, difix_model_filename: str, difix_url: str | None,
-                       policy: downloads.DestinationPolicy = downloads.DestinationPolicy(),
-                       limits: downloads.Limits = downloads.Limits()) -> str:
+def resolve_model_path(
+    difix_cache: str,
+    difix_model_filename: str,
+    difix_url: str | None,
+    policy: downloads.DestinationPolicy = downloads.DestinationPolicy(),
+    limits: downloads.Limits = downloads.Limits(),
+) -> str:
     """Finds the post-processing model file, downloading it into the cache when needed.
 
     `<difix_cache>/<difix_model_filename>` (`~` expanded) is used when it exists. Otherwise `difix_url`
@@ -402,8 +431,10 @@ def resolve_model_path(difix_cache: str, difix_model_filename: str, difix_url: s
     if not difix_url:
         hint = ""
         if difix_model_filename.lower().endswith(_TORCH_SUFFIXES):
-            hint = (" (a name ending in .pt/.pth, like NRE's default cosmos_3dgut.pt, is a PyTorch checkpoint; "
-                    "choose another --difix-model-filename)")
+            hint = (
+                " (a name ending in .pt/.pth, like NRE's default cosmos_3dgut.pt, is a PyTorch checkpoint; "
+                "choose another --difix-model-filename)"
+            )
         raise ValueError(_missing_message(path, f"the file does not exist and --difix-url is not set{hint}"))
     reason = _torch_checkpoint_reason(difix_model_filename, b"")
     if reason:  # refuse before fetching something that could never be loaded under this name
@@ -411,7 +442,9 @@ def resolve_model_path(difix_cache: str, difix_model_filename: str, difix_url: s
     try:
         downloads.check_url(difix_url, f"copy a local model to {path}")
     except downloads.DownloadError as e:
-        raise ValueError(_missing_message(path, f"the file does not exist and --difix-url {difix_url!r}: {e}")) from None
+        raise ValueError(
+            _missing_message(path, f"the file does not exist and --difix-url {difix_url!r}: {e}")
+        ) from None
     reason = _torch_checkpoint_reason(difix_url, b"")
     if reason:
         raise _torch_error(difix_url, reason, path)
@@ -424,16 +457,21 @@ def resolve_model_path(difix_cache: str, difix_model_filename: str, difix_url: s
     try:
         downloads.fetch_file(difix_url, path, policy, limits, validate=no_checkpoint)
     except downloads.DownloadError as e:
-        raise ValueError(_missing_message(path, f"the file does not exist and downloading --difix-url {difix_url} "
-                                                f"failed ({e})")) from None
+        raise ValueError(
+            _missing_message(path, f"the file does not exist and downloading --difix-url {difix_url} failed ({e})")
+        ) from None
     _LOGGER.info("downloaded post-processing model %s -> %s", difix_url, path)
     return path
 
 
-def load_postprocessor(difix_cache: str, difix_model_filename: str, difix_url: str | None,
-                       difix_resolution: tuple[int, int] | None,
-                       policy: downloads.DestinationPolicy = downloads.DestinationPolicy(),
-                       limits: downloads.Limits = downloads.Limits()) -> PostProcessor:
+def load_postprocessor(
+    difix_cache: str,
+    difix_model_filename: str,
+    difix_url: str | None,
+    difix_resolution: tuple[int, int] | None,
+    policy: downloads.DestinationPolicy = downloads.DestinationPolicy(),
+    limits: downloads.Limits = downloads.Limits(),
+) -> PostProcessor:
     """The server's `--enable-difix` start-up step: resolve, load, set the working resolution.
 
     Args:

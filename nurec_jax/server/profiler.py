@@ -72,8 +72,10 @@ class Profiler:
     def __init__(self, backend: str = "NONE", trace_dir: str | None = None):
         b = str(backend).upper()
         if b == "TRACY":
-            raise ValueError("--profiling-backend TRACY: Tracy is NRE's C++ profiler and is not available "
-                             "in nurec-jax; use JAX (jax.profiler trace) or NVTX (Nsight Systems ranges)")
+            raise ValueError(
+                "--profiling-backend TRACY: Tracy is NRE's C++ profiler and is not available "
+                "in nurec-jax; use JAX (jax.profiler trace) or NVTX (Nsight Systems ranges)"
+            )
         if b not in PROFILING_BACKENDS:
             raise ValueError(f"--profiling-backend {backend!r}: choose one of NONE, JAX, NVTX")
         self._nvtx = None

@@ -62,27 +62,37 @@ def discover_artifacts(pattern: str, options: LoadOptions = LoadOptions()) -> tu
             raise ValueError(f"scene id {sid!r} is used by two artifacts: {found[sid]} and {path}")
         found[sid] = path
     if not found:  # allowed: scenes may still arrive through x-nre-scene-url
-        _LOGGER.warning("--artifact-glob %r matched no readable scene (%d unreadable); the server starts with "
-                        "no --artifact-glob scene", pattern, len(broken))
+        _LOGGER.warning(
+            "--artifact-glob %r matched no readable scene (%d unreadable); the server starts with "
+            "no --artifact-glob scene",
+            pattern,
+            len(broken),
+        )
     return found, broken
 
 
 class SceneRegistry:
     """Thread-safe map scene id -> file, with a metadata cache."""
 
-    def __init__(self, artifacts: dict[str, str], downloads: DownloadCache | None = None,
-                 options: LoadOptions = LoadOptions(), broken: dict[str, str] | None = None):
+    def __init__(
+        self,
+        artifacts: dict[str, str],
+        downloads: DownloadCache | None = None,
+        options: LoadOptions = LoadOptions(),
+        broken: dict[str, str] | None = None,
+    ):
         self._options = options
         self._downloads = downloads
         self._lock = threading.Lock()
         self._entries = {sid: SceneEntry(sid, path, "artifact") for sid, path in artifacts.items()}
         # Downloads an earlier run left in the cache (re-indexed by DownloadCache) are known again.
-        for sid, url, path in (downloads.entries() if downloads is not None else ()):
+        for sid, url, path in downloads.entries() if downloads is not None else ():
             if url is None:
                 continue
             if sid in self._entries:
-                _LOGGER.warning("downloaded scene %s is shadowed by the --artifact-glob scene with the same id",
-                                quoted(sid))
+                _LOGGER.warning(
+                    "downloaded scene %s is shadowed by the --artifact-glob scene with the same id", quoted(sid)
+                )
                 continue
             self._entries[sid] = SceneEntry(sid, path, "download", url)
         self._meta: dict[str, tuple[tuple, SceneMetadata]] = {}
@@ -132,8 +142,9 @@ class SceneRegistry:
         check_id(scene_id or "", "x-nre-scene-id", MAX_SCENE_ID_CHARS)
         check_id(url or "", "x-nre-scene-url", 4096)
         if not SCENE_ID_RE.match(scene_id or ""):
-            raise InvalidArgument(f"x-nre-scene-id: Invalid scene ID: {quoted(scene_id)} (allowed: letters, digits, "
-                                  ". _ -)")
+            raise InvalidArgument(
+                f"x-nre-scene-id: Invalid scene ID: {quoted(scene_id)} (allowed: letters, digits, . _ -)"
+            )
         try:
             parse_scene_url(url)
         except DownloadError as e:
@@ -147,13 +158,14 @@ class SceneRegistry:
                 if self._downloads is not None:
                     self._downloads.touch(scene_id)
                 return None
-            raise AlreadyExists(f"x-nre-scene-id: scene {quoted(scene_id)} is already registered from "
-                                f"{quoted(existing.url, 256)}; refusing {quoted(url, 256)} (use another scene id "
-                                "for another URL)")
+            raise AlreadyExists(
+                f"x-nre-scene-id: scene {quoted(scene_id)} is already registered from "
+                f"{quoted(existing.url, 256)}; refusing {quoted(url, 256)} (use another scene id "
+                "for another URL)"
+            )
         if self._downloads is None:
             raise InvalidArgument("x-nre-scene-url: scene downloads are disabled on this server")
-        return self._downloads.request(scene_id, url, validate=self._validate_download,
-                                       on_commit=self._downloaded)
+        return self._downloads.request(scene_id, url, validate=self._validate_download, on_commit=self._downloaded)
 
     def register(self, scene_id: str, url: str, timeout: float | None = None) -> SceneEntry:
         """`request` and wait for it (no cancellation); returns the scene's entry."""

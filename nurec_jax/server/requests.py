@@ -26,7 +26,8 @@ MAX_PIXELS = 64 << 20
 
 EDITING_DISABLED_MESSAGE = (
     "Got render request with DynamicObject updates but actor editing is disabled on the server. "
-    "Restart serve-grpc with --enable-editing-actors.")
+    "Restart serve-grpc with --enable-editing-actors."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,8 @@ def camera_pose_pair(metadata: SceneMetadata, request, prefix: str = "") -> tupl
         raise InvalidArgument(
             f"{prefix}ego_pose: without a sensor_pose the camera pose is ego_pose composed with the camera's "
             f"mount, and camera_intrinsics.logical_id {quoted(spec.logical_id)} names no camera of scene "
-            f"{quoted(metadata.scene_id)}; send sensor_pose for a camera the scene does not have")
+            f"{quoted(metadata.scene_id)}; send sensor_pose for a camera the scene does not have"
+        )
     mount = scene_camera(metadata, spec.logical_id, int(spec.trajectory_idx), f"{prefix}camera_intrinsics")
     derived = tuple(t @ mount.T_sensor_rig for t in ego)
     if not has_sensor:
@@ -119,7 +121,8 @@ def camera_pose_pair(metadata: SceneMetadata, request, prefix: str = "") -> tupl
                 f"{prefix}sensor_pose.{which} and {prefix}ego_pose.{which} disagree: sensor_pose is "
                 f"{dist * 100:.2f} cm and {np.rad2deg(angle):.3f} deg from ego_pose composed with camera "
                 f"{quoted(spec.logical_id)}'s mount (tolerance {EGO_POSE_TOLERANCE_M * 100:g} cm, "
-                f"{np.rad2deg(EGO_POSE_TOLERANCE_RAD):g} deg); send one of them, or both consistent")
+                f"{np.rad2deg(EGO_POSE_TOLERANCE_RAD):g} deg); send one of them, or both consistent"
+            )
     return given
 
 
@@ -144,7 +147,8 @@ def check_interval(metadata: SceneMetadata, start_us: int, end_us: int, prefix: 
     if end_us <= start_us:
         raise OutOfRange(
             f"{prefix}frame_end_us ({end_us}) must be greater than {prefix}frame_start_us ({start_us}); "
-            f"the interval is half-open: to render at an instant t use [t, t+1)")
+            f"the interval is half-open: to render at an instant t use [t, t+1)"
+        )
     if metadata.trajectory is None:
         return
     ranges = _merged_ranges(metadata)
@@ -152,7 +156,8 @@ def check_interval(metadata: SceneMetadata, start_us: int, end_us: int, prefix: 
         shown = ", ".join(f"[{a}, {b})" for a, b in ranges)
         raise OutOfRange(
             f"{prefix}[frame_start_us, frame_end_us) = [{start_us}, {end_us}) is outside the time range of scene "
-            f"{quoted(metadata.scene_id)}: {shown}; to render at an instant t use [t, t+1)")
+            f"{quoted(metadata.scene_id)}: {shown}; to render at an instant t use [t, t+1)"
+        )
 
 
 def scene_camera(metadata: SceneMetadata, logical_id: str, trajectory_idx: int, field: str):
@@ -161,17 +166,21 @@ def scene_camera(metadata: SceneMetadata, logical_id: str, trajectory_idx: int, 
     check_id(logical_id, f"{field}.logical_id")
     matches = [c for c in metadata.camera_list if c.logical_id == logical_id]
     if not matches:
-        raise NotFound(f"{field}.logical_id: camera {quoted(logical_id)} is not in scene {quoted(metadata.scene_id)} "
-                       f"(cameras: {', '.join(metadata.cameras) or 'none'}); send full intrinsics for a "
-                       f"novel camera")
+        raise NotFound(
+            f"{field}.logical_id: camera {quoted(logical_id)} is not in scene {quoted(metadata.scene_id)} "
+            f"(cameras: {', '.join(metadata.cameras) or 'none'}); send full intrinsics for a "
+            f"novel camera"
+        )
     for cal in matches:
         if cal.trajectory_idx == trajectory_idx:
             return cal
     held = sorted({c.trajectory_idx for c in matches})
     if trajectory_idx == 0 and len(held) == 1:
         return matches[0]
-    raise InvalidArgument(f"{field}.trajectory_idx: camera {quoted(logical_id)} is not in trajectory {trajectory_idx} "
-                          f"of scene {quoted(metadata.scene_id)}; it is in trajectories {held}")
+    raise InvalidArgument(
+        f"{field}.trajectory_idx: camera {quoted(logical_id)} is not in trajectory {trajectory_idx} "
+        f"of scene {quoted(metadata.scene_id)}; it is in trajectories {held}"
+    )
 
 
 # Bounded work (nurec-jax): the output-size limit; the server sets it at start from --max-output-pixels
@@ -179,8 +188,9 @@ def scene_camera(metadata: SceneMetadata, logical_id: str, trajectory_idx: int, 
 max_output_pixels = 12 << 20
 
 
-def check_output_pixels(out_w: int, out_h: int, req_w: int, req_h: int, native: tuple[int, int],
-                        prefix: str = "", limit: int | None = None) -> None:
+def check_output_pixels(
+    out_w: int, out_h: int, req_w: int, req_h: int, native: tuple[int, int], prefix: str = "", limit: int | None = None
+) -> None:
     """Refuses an output (after NuRec's resolution rule) above `limit` pixels (default: the server's
     --max-output-pixels) before anything compiles: every new size is a compile, and its time and memory
     grow with the pixel count. INVALID_ARGUMENT: the same request can never succeed on this server."""
@@ -189,7 +199,8 @@ def check_output_pixels(out_w: int, out_h: int, req_w: int, req_h: int, native: 
         raise InvalidArgument(
             f"{prefix}resolution_w/resolution_h: {req_w}x{req_h} gives an output of {out_w}x{out_h} "
             f"({out_w * out_h} pixels) for a {native[0]}x{native[1]} camera (NuRec keeps the native aspect); "
-            f"this server renders at most {limit} pixels (--max-output-pixels)")
+            f"this server renders at most {limit} pixels (--max-output-pixels)"
+        )
 
 
 def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix: str = "") -> Camera:
@@ -206,8 +217,10 @@ def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix
     traj_idx = int(spec.trajectory_idx)
     n_traj = len(metadata.trajectories)
     if traj_idx and traj_idx >= n_traj:
-        raise InvalidArgument(f"{field}.trajectory_idx: {traj_idx} names no rig trajectory of scene "
-                              f"{quoted(metadata.scene_id)} (it has {n_traj}" + (f": 0..{n_traj - 1})" if n_traj else ")"))
+        raise InvalidArgument(
+            f"{field}.trajectory_idx: {traj_idx} names no rig trajectory of scene "
+            f"{quoted(metadata.scene_id)} (it has {n_traj}" + (f": 0..{n_traj - 1})" if n_traj else ")")
+        )
     if intr is None:
         if not spec.logical_id:
             raise InvalidArgument(f"{field}: neither a camera_param nor a logical_id is set")
@@ -224,7 +237,8 @@ def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix
         raise InvalidArgument(
             f"{prefix}resolution_w/resolution_h: {req_w}x{req_h} gives an output of {out_w}x{out_h} for a "
             f"{native_w}x{native_h} camera (NuRec keeps the native aspect); it must be 1..{MAX_SIDE} a side "
-            f"and at most {MAX_PIXELS} pixels")
+            f"and at most {MAX_PIXELS} pixels"
+        )
     check_output_pixels(out_w, out_h, req_w, req_h, (native_w, native_h), prefix)
     return camera_lib.camera_at_resolution(camera_lib.camera_from_intrinsics(intr), req_w, req_h)
 
@@ -241,8 +255,9 @@ def actor_overrides(metadata: SceneMetadata, objects, editing_enabled: bool, pre
         check_id(obj.track_id, f"{field}.track_id")
         tid = obj.track_id.split("@")[0]
         if tid not in metadata.tracks:
-            raise InvalidArgument(f"{field}.track_id: {quoted(obj.track_id)} is not a track of scene "
-                                  f"{quoted(metadata.scene_id)}")
+            raise InvalidArgument(
+                f"{field}.track_id: {quoted(obj.track_id)} is not a track of scene {quoted(metadata.scene_id)}"
+            )
         if tid in out:
             raise InvalidArgument(f"{field}.track_id: {quoted(obj.track_id)} is listed twice")
         out[tid] = pose_pair(obj.pose_pair, f"{field}.pose_pair", obj)
@@ -255,8 +270,9 @@ def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, pref
         images.validate_format(request.image_format, request.image_quality, prefix.rstrip("."))
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
-    camera = request_camera(metadata, request.camera_intrinsics, int(request.resolution_w),
-                            int(request.resolution_h), prefix)
+    camera = request_camera(
+        metadata, request.camera_intrinsics, int(request.resolution_w), int(request.resolution_h), prefix
+    )
     start_us, end_us = int(request.frame_start_us), int(request.frame_end_us)
     check_interval(metadata, start_us, end_us, prefix)
     t_start, t_end = camera_pose_pair(metadata, request, prefix)
@@ -270,9 +286,18 @@ def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, pref
         cam_id = request.ego_mask_id.camera_logical_id or request.camera_intrinsics.logical_id
         ego = (request.ego_mask_id.rig_config_id, cam_id)
     pose = PosePair.from_matrices(t_start.astype(np.float32), t_end.astype(np.float32))
-    return RGBJob(camera, pose, start_us, end_us, overrides, int(request.image_format),
-                  float(request.image_quality), ego, request.camera_intrinsics.logical_id,
-                  int(request.camera_intrinsics.trajectory_idx))
+    return RGBJob(
+        camera,
+        pose,
+        start_us,
+        end_us,
+        overrides,
+        int(request.image_format),
+        float(request.image_quality),
+        ego,
+        request.camera_intrinsics.logical_id,
+        int(request.camera_intrinsics.trajectory_idx),
+    )
 
 
 def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job) -> ActorPoses:
@@ -281,10 +306,12 @@ def job_actor_poses(metadata: SceneMetadata, track_ids: tuple[str, ...], job) ->
     poses = track_actor_poses(metadata, track_ids, job.start_us, job.end_us, job.actor_overrides)
     if job.actor_overrides is None or not track_ids:
         return poses
-    keep = np.asarray([
-        tid in job.actor_overrides or not (tid in metadata.tracks and metadata.tracks[tid].is_controllable)
-        for tid in track_ids
-    ])
+    keep = np.asarray(
+        [
+            tid in job.actor_overrides or not (tid in metadata.tracks and metadata.tracks[tid].is_controllable)
+            for tid in track_ids
+        ]
+    )
     return ActorPoses(poses.poses, poses.visible & keep)
 
 
@@ -324,7 +351,8 @@ def lidar_model_for(metadata: SceneMetadata, lidar_type: int, prefix: str = ""):
     if chosen is not None and not chosen.model:
         raise FailedPrecondition(
             f"{prefix}lidar_config.lidar_type: {name} renders scene lidar {chosen.key!r}, which has no lidar "
-            f"model in rig_trajectories.json (lidar_model is null); this scene cannot render it")
+            f"model in rig_trajectories.json (lidar_model is null); this scene cannot render it"
+        )
     if chosen is not None:
         try:
             return lidar_models.from_calibration(chosen)
@@ -347,12 +375,14 @@ def prepare_lidar(metadata: SceneMetadata, request, *, editing_enabled: bool, pr
         if not 0.0 <= opacity < 1.0:
             raise InvalidArgument(f"{prefix}render_filter.opacity_threshold: must be in [0, 1), got {opacity}")
     if f.HasField("raydrop_threshold") and not 0.0 <= f.raydrop_threshold <= 1.0:
-        raise InvalidArgument(f"{prefix}render_filter.raydrop_threshold: must be in [0, 1], "
-                              f"got {f.raydrop_threshold}")
+        raise InvalidArgument(f"{prefix}render_filter.raydrop_threshold: must be in [0, 1], got {f.raydrop_threshold}")
     dist = None
     if f.HasField("enable_distance_filter") and f.enable_distance_filter:
-        dist = float(f.distance_filter_threshold) if f.HasField("distance_filter_threshold") \
+        dist = (
+            float(f.distance_filter_threshold)
+            if f.HasField("distance_filter_threshold")
             else DEFAULT_DISTANCE_FILTER_THRESHOLD
+        )
         if not 0.0 <= dist <= 1.0:
             raise InvalidArgument(f"{prefix}render_filter.distance_filter_threshold: must be in [0, 1], got {dist}")
     pose = PosePair.from_matrices(t_start.astype(np.float32), t_end.astype(np.float32))

@@ -91,8 +91,9 @@ def resolve_devices(spec: str | None) -> list | None:
     by_id = {d.id: d for d in local}
     for i in ids:
         if i not in by_id:
-            raise ValueError(f"--devices: no local device has id {i} (local devices: "
-                             f"{', '.join(f'{d.id} ({d})' for d in local)})")
+            raise ValueError(
+                f"--devices: no local device has id {i} (local devices: {', '.join(f'{d.id} ({d})' for d in local)})"
+            )
     return [by_id[i] for i in ids]
 
 
@@ -110,8 +111,14 @@ class SceneCache:
     """Resident scene instances, at most `capacity` per device. `loader` does the actual loading: called as
     `loader(scene_id)` without `devices`, as `loader(scene_id, device)` with them."""
 
-    def __init__(self, loader: Callable[..., Scene], capacity: int = 10, max_load_attempts: int = 5,
-                 devices: Sequence | None = None, max_instances: int = 1):
+    def __init__(
+        self,
+        loader: Callable[..., Scene],
+        capacity: int = 10,
+        max_load_attempts: int = 5,
+        devices: Sequence | None = None,
+        max_instances: int = 1,
+    ):
         if capacity < 1:
             raise ValueError(f"--cache-size must be >= 1, got {capacity}")
         if max_instances < 1:
@@ -149,8 +156,10 @@ class SceneCache:
 
     def loaded(self) -> list[LoadedScene]:
         """Every resident scene (least recently used first) with its instances' devices."""
-        return [LoadedScene(sid, sum(s.users for s in ss), tuple(self.devices[s.device] for s in ss))
-                for sid, ss in self._ready_by_scene().items()]
+        return [
+            LoadedScene(sid, sum(s.users for s in ss), tuple(self.devices[s.device] for s in ss))
+            for sid, ss in self._ready_by_scene().items()
+        ]
 
     def resident(self) -> list[Scene]:
         """One resident instance of each scene (for reports; do not render from them without `use`)."""
@@ -166,8 +175,7 @@ class SceneCache:
     def peek(self, scene_id: str) -> Scene | None:
         """A loaded instance of the scene, or None when none is (fully) loaded; never loads."""
         with self._lock:
-            return next((s.scene for s in self._slots.values() if s.scene_id == scene_id and s.scene is not None),
-                        None)
+            return next((s.scene for s in self._slots.values() if s.scene_id == scene_id and s.scene is not None), None)
 
     # ----------------------------------------------------------------------------------------
     # Eviction
@@ -203,8 +211,11 @@ class SceneCache:
     def _evict_idle_on(self, device: int, keep: _Slot) -> int:
         """Evicts every idle instance on one device (the out-of-memory rule)."""
         with self._lock:
-            victims = [s for s in self._slots.values()
-                       if s.device == device and s is not keep and not s.users and s.scene is not None]
+            victims = [
+                s
+                for s in self._slots.values()
+                if s.device == device and s is not keep and not s.users and s.scene is not None
+            ]
             for s in victims:
                 self._remove_locked(s)
         self._notify([s.scene_id for s in victims])
@@ -243,9 +254,12 @@ class SceneCache:
                     device = self._least_loaded_locked({s.device for s in mine})
                     if device is not None:
                         slot, owner = self._new_slot_locked(scene_id, device), True
-                        _LOGGER.info("scene %r is busy on %s: loading another instance on %s", scene_id,
-                                     ", ".join(device_name(self.devices[s.device]) for s in mine),
-                                     device_name(self.devices[device]))
+                        _LOGGER.info(
+                            "scene %r is busy on %s: loading another instance on %s",
+                            scene_id,
+                            ", ".join(device_name(self.devices[s.device]) for s in mine),
+                            device_name(self.devices[device]),
+                        )
                 if slot is None:
                     slot = best
             else:
@@ -255,8 +269,10 @@ class SceneCache:
                     if victim is None:
                         n = len(self.devices)
                         where = f" on each of the {n} devices" if n > 1 else ""
-                        raise ResourceExhausted(f"model cache full: all {self.capacity} resident scenes{where} are "
-                                                f"in use (--cache-size); retry later")
+                        raise ResourceExhausted(
+                            f"model cache full: all {self.capacity} resident scenes{where} are "
+                            f"in use (--cache-size); retry later"
+                        )
                     self._remove_locked(victim)
                     evicted.append(victim.scene_id)
                     device = victim.device
@@ -305,15 +321,25 @@ class SceneCache:
                     if not is_out_of_memory(e):
                         raise
                     evicted = self._evict_idle_on(slot.device, keep=slot)
-                    _LOGGER.warning("out of memory loading %r on %s (attempt %d): evicted %d idle scenes there",
-                                    scene_id, device_name(device), attempt, evicted)
+                    _LOGGER.warning(
+                        "out of memory loading %r on %s (attempt %d): evicted %d idle scenes there",
+                        scene_id,
+                        device_name(device),
+                        attempt,
+                        evicted,
+                    )
                     if attempt == self.max_load_attempts:
                         raise ResourceExhausted(
                             f"out of device memory loading scene {scene_id!r} after {attempt} attempts "
-                            f"(evicting idle scenes did not help): {e}") from None
+                            f"(evicting idle scenes did not help): {e}"
+                        ) from None
             self.loads += 1
-            _LOGGER.info("loaded scene %r%s in %.1f s", scene_id,
-                         f" on {device_name(device)}" if self._placed else "", time.perf_counter() - start)
+            _LOGGER.info(
+                "loaded scene %r%s in %.1f s",
+                scene_id,
+                f" on {device_name(device)}" if self._placed else "",
+                time.perf_counter() - start,
+            )
         except BaseException as e:
             slot.error = e
             with self._lock:  # a failed load is not cached: the next request tries again

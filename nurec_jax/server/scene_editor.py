@@ -121,8 +121,9 @@ class SceneEditor:
         except KeyError:
             if not asset_id.lower().endswith(".ply"):
                 bank = assets_lib.bank_ids(self.registry.metadata(scene_id).members)
-                raise EditError(f"{field}: no asset {quoted(asset_id)} in the scene's asset bank {bank} "
-                                f"(and not a .ply path)") from None
+                raise EditError(
+                    f"{field}: no asset {quoted(asset_id)} in the scene's asset bank {bank} (and not a .ply path)"
+                ) from None
             file = self._asset_file(asset_id, field)
             try:
                 asset = assets_lib.load_ply_asset(file, self.max_asset_bytes)
@@ -140,16 +141,19 @@ class SceneEditor:
         """The resolved file of a `.ply` asset id, which must lie below --asset-dir (relative ids are
         taken relative to it). Raises PermissionDenied otherwise, never saying whether the file exists."""
         if self.asset_dir is None:
-            raise PermissionDenied(f"{field}: {quoted(asset_id)}: this server reads no asset files (start "
-                                   "serve-grpc with --asset-dir to allow .ply assets from a directory)")
+            raise PermissionDenied(
+                f"{field}: {quoted(asset_id)}: this server reads no asset files (start "
+                "serve-grpc with --asset-dir to allow .ply assets from a directory)"
+            )
         try:
             real = os.path.realpath(os.path.join(self.asset_dir, asset_id))  # an absolute id replaces the dir
             inside = os.path.commonpath([self.asset_dir, real]) == self.asset_dir
         except ValueError:  # a NUL byte, or nothing in common
             inside = False
         if not inside:
-            raise PermissionDenied(f"{field}: {quoted(asset_id)} is not below --asset-dir; asset files are only "
-                                   "read from there")
+            raise PermissionDenied(
+                f"{field}: {quoted(asset_id)} is not below --asset-dir; asset files are only read from there"
+            )
         return real
 
     def _placement(self, scene_id: str, asset_id: str, size, owner, field: str) -> Placement:
@@ -176,8 +180,7 @@ class SceneEditor:
                 raise EditError(f"{f}.original_id: no track {quoted(r.original_id)} in scene {quoted(sid)}")
             if r.original_id in replaced:
                 raise EditError(f"{f}.original_id: track {quoted(r.original_id)} is replaced twice in one request")
-            replaced[r.original_id] = self._placement(sid, r.replacement_id, r.object_size, r,
-                                                      f"{f}.replacement_id")
+            replaced[r.original_id] = self._placement(sid, r.replacement_id, r.object_size, r, f"{f}.replacement_id")
         inserted: dict = {}
         for i, t in enumerate(request.insert):
             f = f"insert[{i}]"
@@ -229,8 +232,9 @@ class SceneEditor:
 
 
 def describe(edits: ActorEdits) -> str:
-    parts = [f"replaced {quoted(tid)} with {quoted(p.asset.asset_id)} ({'x'.join(f'{d:.2f}' for d in p.dims)} m)"
-             for tid, p in edits.replaced.items()]
+    parts = [
+        f"replaced {quoted(tid)} with {quoted(p.asset.asset_id)} ({'x'.join(f'{d:.2f}' for d in p.dims)} m)"
+        for tid, p in edits.replaced.items()
+    ]
     parts += [f"inserted {quoted(tid)} ({quoted(p.asset.asset_id)})" for tid, (_, p) in edits.inserted.items()]
     return "; ".join(parts)
-

@@ -63,13 +63,24 @@ def version_id() -> common_pb2.VersionId:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.isdir(os.path.join(root, ".git")):
         try:
-            git_hash = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                      text=True, timeout=5, check=True).stdout.strip() or "unknown"
+            git_hash = (
+                subprocess.run(
+                    ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                ).stdout.strip()
+                or "unknown"
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     major, minor, patch = API_VERSION
-    return common_pb2.VersionId(version_id=version, git_hash=git_hash, grpc_api_version=common_pb2.VersionId.APIVersion(
-        major=major, minor=minor, patch=patch))
+    return common_pb2.VersionId(
+        version_id=version,
+        git_hash=git_hash,
+        grpc_api_version=common_pb2.VersionId.APIVersion(major=major, minor=minor, patch=patch),
+    )
 
 
 class _Call:
@@ -120,8 +131,7 @@ class Stats:
 def scene_report_strings(scene) -> dict[str, str]:
     """What loading a resident scene read, approximated and skipped, as `scenes.<id>.*` config keys."""
     r, key = scene.report, f"scenes.{scene.scene_id}"
-    out = {f"{key}.sources": ", ".join(r.sources),
-           f"{key}.layers": ", ".join(f"{l.name}:{l.count}" for l in r.layers)}
+    out = {f"{key}.sources": ", ".join(r.sources), f"{key}.layers": ", ".join(f"{l.name}:{l.count}" for l in r.layers)}
     if r.post_processing:
         out[f"{key}.post_processing"] = r.post_processing
     approximated = [l.approximation for l in r.layers if l.approximation]
@@ -144,8 +154,10 @@ class UndecodableRequest:
         self.error = error
 
     def message(self, method: str) -> str:
-        return (f"{method}: the request is not a valid {self.type_name} message "
-                f"({type(self.error).__name__}: {str(self.error)[:200]})")
+        return (
+            f"{method}: the request is not a valid {self.type_name} message "
+            f"({type(self.error).__name__}: {str(self.error)[:200]})"
+        )
 
 
 def _tolerant(deserialize, type_name: str):
@@ -159,8 +171,9 @@ def _tolerant(deserialize, type_name: str):
 
 
 # The service's full names: NRE's package and NuRec 26.x's rename (same messages, same wire bytes).
-SERVICE_NAMES = tuple(m.DESCRIPTOR.services_by_name["SensorsimService"].full_name
-                      for m in (sensorsim_pb2, nurec_sensorsim_pb2))
+SERVICE_NAMES = tuple(
+    m.DESCRIPTOR.services_by_name["SensorsimService"].full_name for m in (sensorsim_pb2, nurec_sensorsim_pb2)
+)
 
 
 def add_to_server(servicer, server) -> None:
@@ -179,9 +192,14 @@ def add_to_server(servicer, server) -> None:
 
         def add_registered_method_handlers(self, name, handlers):
             for service in services:
-                wrapped = {m: h._replace(request_deserializer=_tolerant(
-                    h.request_deserializer, service.methods_by_name[m].input_type.full_name))
-                    for m, h in handlers.items()}
+                wrapped = {
+                    m: h._replace(
+                        request_deserializer=_tolerant(
+                            h.request_deserializer, service.methods_by_name[m].input_type.full_name
+                        )
+                    )
+                    for m, h in handlers.items()
+                }
                 server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, wrapped),))
                 server.add_registered_method_handlers(service.full_name, wrapped)
             self.registered = True
@@ -206,10 +224,18 @@ def _rpc(pool: str):
 
 
 class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
-    def __init__(self, options: ServerOptions, registry: SceneRegistry, scene_cache: SceneCache, renderer: Renderer,
-                 ego_masks: EgoMasks, lidar_caster: LidarCaster | None = None,
-                 timing_log: TimingLog | None = None, profiler: Profiler | None = None,
-                 postprocessor=None):
+    def __init__(
+        self,
+        options: ServerOptions,
+        registry: SceneRegistry,
+        scene_cache: SceneCache,
+        renderer: Renderer,
+        ego_masks: EgoMasks,
+        lidar_caster: LidarCaster | None = None,
+        timing_log: TimingLog | None = None,
+        profiler: Profiler | None = None,
+        postprocessor=None,
+    ):
         self.options = options
         self.timing_log = timing_log or TimingLog("NONE")
         self.profiler = profiler
@@ -233,8 +259,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         self.device_trace: list | None = None  # tests: a list gets (device name, enter, exit) per device section
         self.device_hook = None  # tests: called with the device on entering a device section
         # --max-workers render threads per device, so that a device is never idle for want of a thread.
-        self.render_pool = concurrent.futures.ThreadPoolExecutor(options.max_workers * len(scene_cache.devices),
-                                                                 thread_name_prefix="render")
+        self.render_pool = concurrent.futures.ThreadPoolExecutor(
+            options.max_workers * len(scene_cache.devices), thread_name_prefix="render"
+        )
         self.meta_pool = concurrent.futures.ThreadPoolExecutor(options.metadata_threads, thread_name_prefix="meta")
         self.shutting_down = False
         self.on_shut_down = None  # set by the app: called after the shut_down reply is sent
@@ -251,8 +278,10 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         method = fn.__name__
         start = time.perf_counter()
         timed = pool == "render" and (self.options.enable_timing or self.options.metrics_output_dir is not None)
-        call = _Call(context.time_remaining(), StageTimer(
-            enabled=timed, synchronize=self.options.timing_synchronize, profiler=self.profiler))
+        call = _Call(
+            context.time_remaining(),
+            StageTimer(enabled=timed, synchronize=self.options.timing_synchronize, profiler=self.profiler),
+        )
         # Fires when the RPC ends for any reason (client cancel, deadline, reply sent); queued or
         # waiting work of a finished call is then skipped.
         context.add_done_callback(lambda _ctx: call.cancelled.set())
@@ -308,8 +337,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         try:
             await asyncio.wait_for(asyncio.wrap_future(pending.future), call.remaining())
         except asyncio.TimeoutError:
-            raise errs.DeadlineExceeded(f"{SCENE_URL_KEY}: the call's deadline passed while scene "
-                                        f"{errs.quoted(sid)} was downloading") from None
+            raise errs.DeadlineExceeded(
+                f"{SCENE_URL_KEY}: the call's deadline passed while scene {errs.quoted(sid)} was downloading"
+            ) from None
         finally:
             pending.release()
 
@@ -373,14 +403,27 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
             isp = None
             if scene.gaussians.ppisp is not None:  # the named camera's PPISP curve (none for a novel camera)
-                isp = isp_index(meta, job.logical_id or None, job.end_us, per_frame=scene.report.ppisp_per_frame,
-                                trajectory_idx=job.trajectory_idx)
+                isp = isp_index(
+                    meta,
+                    job.logical_id or None,
+                    job.end_us,
+                    per_frame=scene.report.ppisp_per_frame,
+                    trajectory_idx=job.trajectory_idx,
+                )
         with self._on_device(call):
             with timer.stage("render") as st:
-                out = st.wait(self.renderer.render(scene.gaussians, job.camera, job.sensor_pose, actors,
-                                                   cache_key=(meta.scene_id,), isp=isp,
-                                                   timer=timer if self._staged_timing else None,
-                                                   check=call.check))
+                out = st.wait(
+                    self.renderer.render(
+                        scene.gaussians,
+                        job.camera,
+                        job.sensor_pose,
+                        actors,
+                        cache_key=(meta.scene_id,),
+                        isp=isp,
+                        timer=timer if self._staged_timing else None,
+                        check=call.check,
+                    )
+                )
                 rgb = np.asarray(out.rgb)
             if self.postprocessor is not None:
                 call.check()
@@ -400,8 +443,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def _prepare(self, meta: SceneMetadata, request, prefix: str = "") -> requests.RGBJob:
         job = requests.prepare_rgb(meta, request, editing_enabled=self.options.enable_editing_actors, prefix=prefix)
         if job.ego_mask is not None and not self.ego_masks.rig_exists(job.ego_mask[0]):
-            raise errs.NotFound(f"{prefix}ego_mask_id.rig_config_id: no ego masks for rig "
-                                f"{errs.quoted(job.ego_mask[0])}")
+            raise errs.NotFound(
+                f"{prefix}ego_mask_id.rig_config_id: no ego masks for rig {errs.quoted(job.ego_mask[0])}"
+            )
         return job
 
     # ----------------------------------------------------------------------------------------
@@ -432,8 +476,10 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
 
         # Items render one after another on the device; each finished image is encoded on a host thread
         # while the next renders (encoding a 1080p JPEG costs about as much as rendering it on a GPU).
-        with self._scene(scene_id, call) as scene, \
-                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+        with (
+            self._scene(scene_id, call) as scene,
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder,
+        ):
             pending = []
             for i, item in enumerate(request.items):
                 call.check()
@@ -443,7 +489,8 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
                     if item.request.scene_id != scene_id:
                         raise errs.InvalidArgument(
                             f"items[{i}].request.scene_id: {errs.quoted(item.request.scene_id)} differs from "
-                            f"items[0]'s {errs.quoted(scene_id)}; a batch renders one scene")
+                            f"items[0]'s {errs.quoted(scene_id)}; a batch renders one scene"
+                        )
                     job = self._prepare(meta, item.request, f"items[{i}].request.")
                     rgb = self._render_pixels(scene, job, meta, call)
                     pending.append((out, encoder.submit(self._finish_job, rgb, job, call)))
@@ -464,9 +511,15 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         with timer.stage("setup"):
             actors = requests.job_actor_poses(meta, scene.gaussians.track_ids, job)
         with self._on_device(call), timer.stage("render"):
-            spin = self.lidar_caster.cast(scene.gaussians, job.model, job.sensor_pose, actors,
-                                          ray_chunk_size=self.options.ray_chunk_size, cache_key=(meta.scene_id,),
-                                          check=call.check)
+            spin = self.lidar_caster.cast(
+                scene.gaussians,
+                job.model,
+                job.sensor_pose,
+                actors,
+                ray_chunk_size=self.options.ray_chunk_size,
+                cache_key=(meta.scene_id,),
+                check=call.check,
+            )
         with timer.stage("encode"):
             points, intensities, rings = spin.returns(job.model, job.opacity_threshold, job.distance_filter)
             return convert.lidar_return(points, intensities, rings, self.options.lidar_repeated_fields)
@@ -493,8 +546,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         for i, req in enumerate(request.lidar_requests):
             call.check()
             meta = self._meta(req.scene_id, f"lidar_requests[{i}].scene_id")
-            job = requests.prepare_lidar(meta, req, editing_enabled=self.options.enable_editing_actors,
-                                         prefix=f"lidar_requests[{i}].")
+            job = requests.prepare_lidar(
+                meta, req, editing_enabled=self.options.enable_editing_actors, prefix=f"lidar_requests[{i}]."
+            )
             with self._scene(req.scene_id, call) as scene:
                 lidar_returns.append(self._cast_lidar(scene, job, meta, call))
         return sensorsim_pb2.AggregatedRenderReturn(rgb_returns=rgb_returns, lidar_returns=lidar_returns)
@@ -509,15 +563,23 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def snapshot(self) -> dict:
         """Server health counters (the /metrics endpoint's and get_server_config's `stats.*` source)."""
         with self.stats.lock:
-            snap = dict(requests=dict(self.stats.requests), status=dict(self.stats.status),
-                        responses=dict(self.stats.responses), latency_histogram=self.stats.latency.collect(),
-                        latency_s=list(self.stats.latencies_s), renders=self.stats.renders,
-                        skipped_cancelled=self.stats.skipped_cancelled)
+            snap = dict(
+                requests=dict(self.stats.requests),
+                status=dict(self.stats.status),
+                responses=dict(self.stats.responses),
+                latency_histogram=self.stats.latency.collect(),
+                latency_s=list(self.stats.latencies_s),
+                renders=self.stats.renders,
+                skipped_cancelled=self.stats.skipped_cancelled,
+            )
         cache = self.compile_cache.snapshot()
-        snap.update(scenes_loaded=[s.scene_id for s in self.scene_cache.loaded()],
-                    compiles=self.renderer.trace_count + self.lidar_caster.trace_count,
-                    compile_cache=dict(hits=cache["hits"], misses=cache["misses"]), warmup_state=self.warmup.state,
-                    edited_scenes=self.editor.edited_scene_ids())
+        snap.update(
+            scenes_loaded=[s.scene_id for s in self.scene_cache.loaded()],
+            compiles=self.renderer.trace_count + self.lidar_caster.trace_count,
+            compile_cache=dict(hits=cache["hits"], misses=cache["misses"]),
+            warmup_state=self.warmup.state,
+            edited_scenes=self.editor.edited_scene_ids(),
+        )
         return snap
 
     @_rpc("meta")
@@ -525,8 +587,7 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         """Every setting (NRE keys) plus `stats.*` health counters and `warmup.*` (BUILD_NOTES.md)."""
         config = self.options.as_strings()
         snap = self.snapshot()
-        for key in ("renders", "requests", "status", "skipped_cancelled", "scenes_loaded", "compiles",
-                    "edited_scenes"):
+        for key in ("renders", "requests", "status", "skipped_cancelled", "scenes_loaded", "compiles", "edited_scenes"):
             config[f"stats.{key}"] = str(snap[key])
         config["stats.compile_cache_hits"] = str(snap["compile_cache"]["hits"])
         config["stats.compile_cache_misses"] = str(snap["compile_cache"]["misses"])
@@ -558,9 +619,15 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
     def get_loaded_scenes(self, request, call):
         # One instance per device the scene is on (--max-backends-per-scene: up to that many); an instance
         # serves every request for its scene, so each is reusable. Capacity: --cache-size on every device.
-        entries = [sensorsim_pb2.LoadedSceneEntry(scene_id=s.scene_id, loaded_instance_count=s.instances,
-                                                  reusable_instance_count=s.instances) for s in self.scene_cache.loaded()]
-        return sensorsim_pb2.LoadedScenesReturn(scenes=entries, loaded_instance_capacity=self.scene_cache.total_capacity)
+        entries = [
+            sensorsim_pb2.LoadedSceneEntry(
+                scene_id=s.scene_id, loaded_instance_count=s.instances, reusable_instance_count=s.instances
+            )
+            for s in self.scene_cache.loaded()
+        ]
+        return sensorsim_pb2.LoadedScenesReturn(
+            scenes=entries, loaded_instance_capacity=self.scene_cache.total_capacity
+        )
 
     async def shut_down(self, request, context):
         # Only callers on this machine may stop the server (render-grpc --shutdown-server-on-completion
@@ -571,9 +638,11 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         if not (self.options.allow_remote_shutdown or is_loopback_peer(peer)):
             _LOGGER.warning("shut_down refused for remote peer %r", peer)
             self.stats.record("shut_down", grpc.StatusCode.PERMISSION_DENIED, 0.0)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                "shut_down: only loopback peers may stop this server (start it with "
-                                "--allow-remote-shutdown to accept remote peers)")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "shut_down: only loopback peers may stop this server (start it with "
+                "--allow-remote-shutdown to accept remote peers)",
+            )
 
         def shut_down(servicer, request, call):  # the name is the RPC's, for stats
             _LOGGER.info("shut_down requested by %s", peer)
@@ -588,7 +657,8 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         meta = self._meta(request.scene_id)
         # Every calibration (one per camera and trajectory), each with its trajectory's index.
         return sensorsim_pb2.AvailableCamerasReturn(
-            available_cameras=[convert.available_camera(cal) for cal in meta.camera_list])
+            available_cameras=[convert.available_camera(cal) for cal in meta.camera_list]
+        )
 
     @_rpc("meta")
     def get_available_trajectories(self, request, call):
@@ -596,16 +666,20 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         out = sensorsim_pb2.AvailableTrajectoriesReturn()
         if meta.trajectory is not None:
             for idx, traj in enumerate(meta.trajectories):  # trajectory_idx = index in rig_trajectories.json
-                out.available_trajectories.add(trajectory_idx=idx, trajectory=convert.trajectory_to_proto(
-                    traj.timestamps_us, traj.T_rig_world))
+                out.available_trajectories.add(
+                    trajectory_idx=idx, trajectory=convert.trajectory_to_proto(traj.timestamps_us, traj.T_rig_world)
+                )
         return out
 
     @_rpc("meta")
     def get_available_ego_masks(self, request, call):
         Meta = sensorsim_pb2.AvailableEgoMasksReturn.EgoMaskMetadata
-        return sensorsim_pb2.AvailableEgoMasksReturn(ego_mask_metadata=[
-            Meta(ego_mask_id=sensorsim_pb2.EgoMaskId(camera_logical_id=cam, rig_config_id=rig))
-            for rig, cam in self.ego_masks.available()])
+        return sensorsim_pb2.AvailableEgoMasksReturn(
+            ego_mask_metadata=[
+                Meta(ego_mask_id=sensorsim_pb2.EgoMaskId(camera_logical_id=cam, rig_config_id=rig))
+                for rig, cam in self.ego_masks.available()
+            ]
+        )
 
     @_rpc("meta")
     def get_external_asset_objects(self, request, call):
@@ -621,11 +695,12 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             if not t.is_controllable:
                 continue
             out.dynamic_objects.add(
-                id=t.track_id, semantic_class=t.label,
+                id=t.track_id,
+                semantic_class=t.label,
                 trajectory=convert.trajectory_to_proto(t.timestamps_us, t.T_object_world),
-                object_size=common_pb2.AABB(size_x=float(t.dims[0]), size_y=float(t.dims[1]),
-                                            size_z=float(t.dims[2])),
-                asset_id=edits.asset_of(t.track_id) or "none")
+                object_size=common_pb2.AABB(size_x=float(t.dims[0]), size_y=float(t.dims[1]), size_z=float(t.dims[2])),
+                asset_id=edits.asset_of(t.track_id) or "none",
+            )
         return out
 
     @_rpc("render")
@@ -633,8 +708,9 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
         # Edit failures come back in-band (NRE's contract); an unknown scene is NOT_FOUND like everywhere.
         # Editing changes what every client of the scene sees, so it needs the server's editing flag.
         if not self.options.enable_editing_actors:
-            raise errs.FailedPrecondition("edit_assets: actor editing is disabled on this server; restart "
-                                          "serve-grpc with --enable-editing-actors")
+            raise errs.FailedPrecondition(
+                "edit_assets: actor editing is disabled on this server; restart serve-grpc with --enable-editing-actors"
+            )
         self._meta(request.scene_id)
         loaded = self.scene_cache.peek(request.scene_id)
         try:

@@ -50,8 +50,13 @@ class _Series:
         if not self.count:
             return {"count": 0}
         p50, p95 = np.percentile(np.asarray(self.recent, dtype=np.float64), [50.0, 95.0])
-        return {"count": self.count, "mean_ms": self.sum / self.count, "p50_ms": float(p50),
-                "p95_ms": float(p95), "max_ms": self.max}
+        return {
+            "count": self.count,
+            "mean_ms": self.sum / self.count,
+            "p50_ms": float(p50),
+            "p95_ms": float(p95),
+            "max_ms": self.max,
+        }
 
 
 def _check_logfile(path: str) -> str:
@@ -113,17 +118,25 @@ class TimingLog:
         ValueError: naming the flag, for an unknown verbosity or an unusable path.
     """
 
-    def __init__(self, verbosity: str = "BASIC", logfile: str | None = None,
-                 metrics_output_dir: str | None = None, *, warmup_renders: int = WARMUP_RENDERS,
-                 flush_interval_s: float = 10.0, max_samples: int = MAX_SAMPLES,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        verbosity: str = "BASIC",
+        logfile: str | None = None,
+        metrics_output_dir: str | None = None,
+        *,
+        warmup_renders: int = WARMUP_RENDERS,
+        flush_interval_s: float = 10.0,
+        max_samples: int = MAX_SAMPLES,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         v = str(verbosity).upper()
         if v not in TIMING_VERBOSITIES:
             raise ValueError(f"--timing-verbosity {verbosity!r}: choose one of {', '.join(TIMING_VERBOSITIES)}")
         self.verbosity = v
         self.logfile = _check_logfile(logfile) if logfile else None
-        self.metrics_path = (os.path.join(_check_metrics_dir(metrics_output_dir), METRICS_FILENAME)
-                             if metrics_output_dir else None)
+        self.metrics_path = (
+            os.path.join(_check_metrics_dir(metrics_output_dir), METRICS_FILENAME) if metrics_output_dir else None
+        )
         self._warmup = warmup_renders
         self._interval = flush_interval_s
         self._max_samples = max_samples
@@ -173,12 +186,23 @@ class TimingLog:
                 if flush:  # claimed here, so concurrent adds do not all write
                     self._last_write = now
             if self.per_request and self.logfile is not None:
-                self._write_line({"time": round(time.time(), 6), "method": method, "scene_id": scene_id,
-                                  "total_ms": round(total_ms, 4),
-                                  "stages": {k: round(v, 4) for k, v in stages.items()}})
+                self._write_line(
+                    {
+                        "time": round(time.time(), 6),
+                        "method": method,
+                        "scene_id": scene_id,
+                        "total_ms": round(total_ms, 4),
+                        "stages": {k: round(v, 4) for k, v in stages.items()},
+                    }
+                )
         if self.per_request:
-            _LOGGER.info("timing %s scene=%s total=%.2f ms | %s", method, scene_id, total_ms,
-                         " ".join(f"{k}={v:.2f}" for k, v in stages.items()))
+            _LOGGER.info(
+                "timing %s scene=%s total=%.2f ms | %s",
+                method,
+                scene_id,
+                total_ms,
+                " ".join(f"{k}={v:.2f}" for k, v in stages.items()),
+            )
         if flush:
             self.flush()
 
@@ -209,10 +233,13 @@ class TimingLog:
                 s = self._render.get(method)
                 st = s.stats() if s is not None else {"count": 0}
                 sums = self._stage_sums.get(method, {})
-                out[method] = {"count": st["count"], "warmup_skipped": min(seen, self._warmup),
-                               **{k: st.get(k) for k in ("mean_ms", "p50_ms", "p95_ms", "max_ms")},
-                               "samples_ms": list(s.recent) if s is not None else [],
-                               "stage_mean_ms": {k: v[0] / v[1] for k, v in sums.items()}}
+                out[method] = {
+                    "count": st["count"],
+                    "warmup_skipped": min(seen, self._warmup),
+                    **{k: st.get(k) for k in ("mean_ms", "p50_ms", "p95_ms", "max_ms")},
+                    "samples_ms": list(s.recent) if s is not None else [],
+                    "stage_mean_ms": {k: v[0] / v[1] for k, v in sums.items()},
+                }
             return out
 
     def flush(self) -> None:
@@ -252,8 +279,15 @@ def format_summary(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = [("method", "stage", "count", "mean", "p50", "p95", "max")]
     for method, series in summary.items():
         for name, st in series.items():
-            rows.append((method, name, str(st["count"]),
-                         *(f"{st[k]:.2f}" if k in st else "-" for k in ("mean_ms", "p50_ms", "p95_ms", "max_ms"))))
+            rows.append(
+                (
+                    method,
+                    name,
+                    str(st["count"]),
+                    *(f"{st[k]:.2f}" if k in st else "-" for k in ("mean_ms", "p50_ms", "p95_ms", "max_ms")),
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    )

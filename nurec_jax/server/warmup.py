@@ -37,8 +37,12 @@ class WarmupStatus:
     error: str = ""
 
     def as_strings(self) -> dict[str, str]:
-        return {"warmup.state": self.state, "warmup.rendered": f"{self.rendered}/{self.planned}",
-                "warmup.seconds": f"{self.seconds:.1f}", **({"warmup.error": self.error} if self.error else {})}
+        return {
+            "warmup.state": self.state,
+            "warmup.rendered": f"{self.rendered}/{self.planned}",
+            "warmup.seconds": f"{self.seconds:.1f}",
+            **({"warmup.error": self.error} if self.error else {}),
+        }
 
 
 def camera_jobs(meta: SceneMetadata, height: int = 0):
@@ -57,8 +61,16 @@ def camera_jobs(meta: SceneMetadata, height: int = 0):
         yield cam_id, cam, pose, (s_us, e_us)
 
 
-def warm_up(scene_ids, registry, scene_cache, renderer, device_locks: Mapping[object, threading.Lock],
-            stop: threading.Event, status: WarmupStatus, height: int = 0) -> None:
+def warm_up(
+    scene_ids,
+    registry,
+    scene_cache,
+    renderer,
+    device_locks: Mapping[object, threading.Lock],
+    stop: threading.Event,
+    status: WarmupStatus,
+    height: int = 0,
+) -> None:
     """Renders every camera of every scene once at output `height` (0: native; see the module docstring).
     `device_locks` maps each device of `scene_cache` to its lock (the servicer's)."""
     t0 = time.perf_counter()
@@ -79,8 +91,9 @@ def warm_up(scene_ids, registry, scene_cache, renderer, device_locks: Mapping[ob
                         renderer.render(scene.gaussians, cam, pose, actors, cache_key=(sid,)).rgb.block_until_ready()
                     status.rendered += 1
                     status.seconds = time.perf_counter() - t0
-                    _LOGGER.info("warm-up: %s/%s %dx%d in %.1f s", sid, cam_id, cam.width, cam.height,
-                                 time.perf_counter() - c0)
+                    _LOGGER.info(
+                        "warm-up: %s/%s %dx%d in %.1f s", sid, cam_id, cam.width, cam.height, time.perf_counter() - c0
+                    )
         status.state = "done"
     except Exception as e:  # noqa: BLE001 - a failed warm-up leaves the server serving (requests compile)
         status.state, status.error = "failed", f"{type(e).__name__}: {e}"

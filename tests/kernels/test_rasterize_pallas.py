@@ -55,7 +55,7 @@ def test_stop_positions_match_reference():
     _, (_, _, ref_stop) = RR._forward_units(*[args[k] for k in names + _DIFF[1:]], args["frames"], 4, 2, False)
     rows = RP._param_rows(*[args[k] for k in _DIFF[1:]])
     _, _, _, stop, _ = jax.jit(lambda a: RP._forward(*[a[k] for k in names], rows, a["frames"], 4, True))(args)
-    assert (np.asarray(stop) < 2 ** 30).mean() > 0.1  # pixels do stop (12 % here)
+    assert (np.asarray(stop) < 2**30).mean() > 0.1  # pixels do stop (12 % here)
     np.testing.assert_array_equal(np.asarray(stop), np.asarray(ref_stop))
 
 
@@ -71,6 +71,7 @@ def test_forward_and_backward_lower_for_an_abstract_h100():
         def loss(d):
             rgb, trans, hit = RP.rasterize_tiles_pallas(**{**a, **d}, chunk=32, interpret=False)
             return jnp.sum(rgb) + jnp.sum(trans) + jnp.sum(hit)
+
         return jax.grad(loss)({k: a[k] for k in _DIFF})
 
     dev = mesh_lib.AbstractDevice("NVIDIA H100", 1, "cuda")

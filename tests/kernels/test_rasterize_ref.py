@@ -19,7 +19,7 @@ def _inputs(seed, n_tiles=3, n_px=16, n_frames=2, n=40, cap=24, opacity=(0.3, 0.
     counts = np.array([len(x) for x in lists], np.int32)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
     gids = np.full(int(counts.sum()) + 7, -1, np.int32)
-    gids[:counts.sum()] = np.concatenate(lists)
+    gids[: counts.sum()] = np.concatenate(lists)
     o = rng.normal(0, 0.2, (n_tiles, n_px, n_frames, 3))
     d = rng.normal(0, 0.3, (n_tiles, n_px, n_frames, 3))
     d[..., 2] += 1
@@ -27,11 +27,18 @@ def _inputs(seed, n_tiles=3, n_px=16, n_frames=2, n=40, cap=24, opacity=(0.3, 0.
     means = np.c_[rng.normal(0, 0.5, (n, 2)), rng.uniform(2, 6, n)]
     means[0] = [0.0, 0.0, -3.0]  # behind every ray origin: t* < 0, never composited
     return dict(
-        pair_gids=jnp.asarray(gids), tile_start=jnp.asarray(starts), tile_counts=jnp.asarray(counts), rays=jnp.asarray(np.concatenate([o, d], -1)),
-        pixel_valid=jnp.asarray(rng.uniform(size=(n_tiles, n_px)) > 0.1), means=jnp.asarray(means),
-        quats=jnp.asarray(rng.normal(size=(n, 4))), scales=jnp.asarray(rng.uniform(0.2, 0.9, (n, 3))),
-        opacities=jnp.asarray(rng.uniform(*opacity, n)), colors=jnp.asarray(rng.uniform(0, 1, (n, 3))),
-        frames=jnp.asarray(rng.integers(0, n_frames, n).astype(np.int32)))
+        pair_gids=jnp.asarray(gids),
+        tile_start=jnp.asarray(starts),
+        tile_counts=jnp.asarray(counts),
+        rays=jnp.asarray(np.concatenate([o, d], -1)),
+        pixel_valid=jnp.asarray(rng.uniform(size=(n_tiles, n_px)) > 0.1),
+        means=jnp.asarray(means),
+        quats=jnp.asarray(rng.normal(size=(n, 4))),
+        scales=jnp.asarray(rng.uniform(0.2, 0.9, (n, 3))),
+        opacities=jnp.asarray(rng.uniform(*opacity, n)),
+        colors=jnp.asarray(rng.uniform(0, 1, (n, 3))),
+        frames=jnp.asarray(rng.integers(0, n_frames, n).astype(np.int32)),
+    )
 
 
 def _cap(args):
@@ -57,8 +64,7 @@ def cotangent_grads(args, outputs, *fns):
 @pytest.mark.parametrize("case", ["regular", "saturated", "single_frame"])
 def test_custom_vjp_matches_autodiff(case):
     with jax.enable_x64(True):
-        kw = dict(regular={}, saturated=dict(opacity=(0.9, 0.99), n=60, cap=40),
-                  single_frame=dict(n_frames=1))[case]
+        kw = dict(regular={}, saturated=dict(opacity=(0.9, 0.99), n=60, cap=40), single_frame=dict(n_frames=1))[case]
         args = _inputs(3, **kw)
         cap = _cap(args)
         ref_fn = jax.jit(lambda a: RR.rasterize_tiles_ref(**a, chunk=4, tile_batch=2))
@@ -86,15 +92,19 @@ def test_chunk_size_does_not_change_the_result():
 
 def _long_lists(seed, counts, n=200, n_px=16, n_frames=2, opacity=(0.05, 0.6)):
     """Tiles with the given list lengths (0 = empty), every Gaussian on every ray's path."""
-    args = _inputs(seed, n_tiles=len(counts), n_px=n_px, n_frames=n_frames, n=n, cap=6, opacity=opacity,
-                   empty_tile=False)
+    args = _inputs(
+        seed, n_tiles=len(counts), n_px=n_px, n_frames=n_frames, n=n, cap=6, opacity=opacity, empty_tile=False
+    )
     rng = np.random.default_rng(seed + 1)
     lists = [rng.choice(n, c, replace=c > n).astype(np.int32) for c in counts]
     counts = np.array(counts, np.int32)
     gids = np.full(int(counts.sum()) + 5, -1, np.int32)
-    gids[:counts.sum()] = np.concatenate(lists)
-    args.update(pair_gids=jnp.asarray(gids), tile_counts=jnp.asarray(counts),
-                tile_start=jnp.asarray(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)))
+    gids[: counts.sum()] = np.concatenate(lists)
+    args.update(
+        pair_gids=jnp.asarray(gids),
+        tile_counts=jnp.asarray(counts),
+        tile_start=jnp.asarray(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)),
+    )
     return args
 
 
@@ -115,11 +125,22 @@ def test_units_walk_matches_the_sequential_oracle(case):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-12)
         trans = np.asarray(ref[1])
         assert np.all(trans[1] == 1.0)  # the empty tile
-        names = ("pair_gids", "tile_start", "tile_counts", "rays", "pixel_valid", "means", "quats", "scales",
-                 "opacities", "colors", "frames")
+        names = (
+            "pair_gids",
+            "tile_start",
+            "tile_counts",
+            "rays",
+            "pixel_valid",
+            "means",
+            "quats",
+            "scales",
+            "opacities",
+            "colors",
+            "frames",
+        )
         _, (_, _, stop) = RR._forward_units(*[args[k] for k in names], 4, 3, False)
         stop = np.asarray(stop)
-        stopped = stop < 2 ** 30
+        stopped = stop < 2**30
         if case == "saturating":
             assert stopped.mean() > 0.25 and np.any(stop[stopped] % 4 != 0)  # stops, inside units too
             assert np.all(trans[stopped] > 1e-4 * 0.05)  # stopped before the threshold was crossed

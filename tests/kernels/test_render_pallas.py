@@ -26,28 +26,40 @@ _OPTS = R.RenderOptions(pair_capacity=1 << 13, chunk=8, tile_batch=4, tile_size=
 
 def _both(fn):
     """fn(options) evaluated with both implementations in one compiled function."""
-    return (fn(dataclasses.replace(_OPTS, implementation="reference")),
-            fn(dataclasses.replace(_OPTS, implementation="pallas")))
+    return (
+        fn(dataclasses.replace(_OPTS, implementation="reference")),
+        fn(dataclasses.replace(_OPTS, implementation="pallas")),
+    )
 
 
 def _setup(model, shutter):
     cam = fx.make_camera(model, shutter)
     host = fx.random_scene(1, wide=cam.wide_angle)
     s, e = fx.camera_poses(0.6)
-    return cam, fx.to_scene(host), PosePair.from_matrices(s.astype(np.float32), e.astype(np.float32)), \
-        fx.actor_poses(host)
+    return (
+        cam,
+        fx.to_scene(host),
+        PosePair.from_matrices(s.astype(np.float32), e.astype(np.float32)),
+        fx.actor_poses(host),
+    )
 
 
-@pytest.mark.parametrize("model,shutter", [("ftheta", ShutterType.ROLLING_TOP_TO_BOTTOM),
-                                           ("pinhole", ShutterType.ROLLING_RIGHT_TO_LEFT),
-                                           ("fisheye", ShutterType.GLOBAL)])
+@pytest.mark.parametrize(
+    "model,shutter",
+    [
+        ("ftheta", ShutterType.ROLLING_TOP_TO_BOTTOM),
+        ("pinhole", ShutterType.ROLLING_RIGHT_TO_LEFT),
+        ("fisheye", ShutterType.GLOBAL),
+    ],
+)
 def test_render_matches_reference(model, shutter):
     cam, scene, pose, actors = _setup(model, shutter)
     ref, pal = jax.jit(lambda g, p, a: _both(lambda o: R.render(g, cam, p, a, o)))(scene, pose, actors)
     assert float(ref.alpha.max()) > 0.5 and int(ref.num_pairs) <= _OPTS.pair_capacity
     for name in ("rgb", "alpha", "hit_distance", "depth"):
-        np.testing.assert_allclose(np.asarray(getattr(pal, name)), np.asarray(getattr(ref, name)), atol=2e-4, rtol=5e-4,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(getattr(pal, name)), np.asarray(getattr(ref, name)), atol=2e-4, rtol=5e-4, err_msg=name
+        )
 
 
 def test_pose_and_gaussian_gradients_match_reference():
@@ -62,8 +74,13 @@ def test_pose_and_gaussian_gradients_match_reference():
         out = R.render(dataclasses.replace(scene, static=static), cam, p, actors, o)
         return jnp.sum(out.rgb * cot) + jnp.sum(out.depth)
 
-    diff = dict(means=scene.static.means, opacities=scene.static.opacities, sh=scene.static.sh,
-                t0=pose.start.trans, t1=pose.end.trans)
+    diff = dict(
+        means=scene.static.means,
+        opacities=scene.static.opacities,
+        sh=scene.static.sh,
+        t0=pose.start.trans,
+        t1=pose.end.trans,
+    )
     g_ref, g_pal = jax.jit(lambda d: _both(lambda o: jax.grad(loss)(d, o)))(diff)
     for k in diff:
         a, b = np.asarray(g_ref[k]), np.asarray(g_pal[k])
@@ -75,9 +92,10 @@ def test_lidar_spin_matches_reference():
     model = tl.small_model(tl.WALL_BEAMS, columns=32)
     scene = tl.make_scene(tl.wall(8.0, ripple=0.4), normal_axis=0)
     pose = PosePair.from_matrices(tl.pose_at(0.2, 0.0), tl.pose_at(0.2, 0.5))
-    spins = [RR.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 14,
-                                                  implementation=impl)).cast(scene, model, pose)
-             for impl in ("reference", "pallas")]
+    spins = [
+        RR.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 14, implementation=impl)).cast(scene, model, pose)
+        for impl in ("reference", "pallas")
+    ]
     ref, pal = spins
     assert (ref.alpha > 0.5).mean() > 0.1  # the wall fills a sector of the spin
     # Thin discs (0.02 m) seen edge-on 8 m away: d^2 = |o_c|^2 - (o_c.d_c)^2/|d_c|^2 cancels terms of ~1e5 in

@@ -35,8 +35,16 @@ E = common_pb2.Empty()
 
 
 def _start(glob: str, workdir: str, **kw):
-    srv = Server(ServerOptions(artifact_glob=glob, port=0, compilation_cache_dir=None,
-                               download_cache_dir=os.path.join(workdir, "downloads"), **kw), "127.0.0.1:0")
+    srv = Server(
+        ServerOptions(
+            artifact_glob=glob,
+            port=0,
+            compilation_cache_dir=None,
+            download_cache_dir=os.path.join(workdir, "downloads"),
+            **kw,
+        ),
+        "127.0.0.1:0",
+    )
     port = srv.start()
     assert srv.serving.wait(60)
     channel, stub = connect(port)
@@ -64,13 +72,16 @@ def _concurrent(srv, stub, requests, barrier_timeout_s: float) -> dict:
     trace = srv.servicer.device_trace
     srv.servicer.device_trace = None
     starts, ends = [t[1] for t in trace], [t[2] for t in trace]
-    return dict(sections=[[name, b - min(starts), e - min(starts)] for name, b, e in trace],
-                overlap=bool(max(starts) < min(ends)), barrier_broken=bool(broken), images=images)
+    return dict(
+        sections=[[name, b - min(starts), e - min(starts)] for name, b, e in trace],
+        overlap=bool(max(starts) < min(ends)),
+        barrier_broken=bool(broken),
+        images=images,
+    )
 
 
 def main(workdir: str) -> dict:
-    paths = {sid: write_thin_scene(os.path.join(workdir, f"{sid}.usdz"), keep_every=25, scene_id=sid)
-             for sid in SCENES}
+    paths = {sid: write_thin_scene(os.path.join(workdir, f"{sid}.usdz"), keep_every=25, scene_id=sid) for sid in SCENES}
     glob = os.path.join(workdir, "*.usdz")
     reqs = {sid: rgb_request(paths[sid], sid, frame=10) for sid in SCENES}
     out: dict = dict(jax_devices=[str(d) for d in jax.devices()])
@@ -88,11 +99,18 @@ def main(workdir: str) -> dict:
         meta = read_scene_metadata(paths[sid])
         job = req_lib.prepare_rgb(meta, reqs[sid], editing_enabled=False)
         with srv.scene_cache.use_instance(sid) as inst:
-            res = srv.renderer.render(inst.scene.gaussians, job.camera, job.sensor_pose,
-                                      req_lib.job_actor_poses(meta, inst.scene.gaussians.track_ids, job),
-                                      cache_key=(sid,))
-            out["output_devices"] = dict(scene=str(inst.device), rgb=sorted(map(str, res.rgb.devices())),
-                                         num_pairs=sorted(map(str, res.num_pairs.devices())))
+            res = srv.renderer.render(
+                inst.scene.gaussians,
+                job.camera,
+                job.sensor_pose,
+                req_lib.job_actor_poses(meta, inst.scene.gaussians.track_ids, job),
+                cache_key=(sid,),
+            )
+            out["output_devices"] = dict(
+                scene=str(inst.device),
+                rgb=sorted(map(str, res.rgb.devices())),
+                num_pairs=sorted(map(str, res.num_pairs.devices())),
+            )
         conc = _concurrent(srv, stub, [reqs[s] for s in SCENES], barrier_timeout_s=20)
         out["multi_concurrent"] = {k: v for k, v in conc.items() if k != "images"}
         out["multi_concurrent_same_pixels"] = all(np.array_equal(a, multi[s]) for a, s in zip(conc["images"], SCENES))
@@ -100,8 +118,9 @@ def main(workdir: str) -> dict:
         with srv.scene_cache.use_instance(SCENES[0]):
             second = decode(stub.render_rgb(reqs[SCENES[0]]).image_bytes)
         out["second_instance_same_pixels"] = bool(np.array_equal(second, multi[SCENES[0]]))
-        out["placement_after"] = {k: v for k, v in dict(stub.get_server_config(E).server_config).items()
-                                  if k.startswith("placement.scene.")}
+        out["placement_after"] = {
+            k: v for k, v in dict(stub.get_server_config(E).server_config).items() if k.startswith("placement.scene.")
+        }
         out["loaded_after"] = {s.scene_id: s.loaded_instance_count for s in stub.get_loaded_scenes(E).scenes}
     finally:
         channel.close()
@@ -112,10 +131,12 @@ def main(workdir: str) -> dict:
     try:
         single = {sid: decode(stub.render_rgb(reqs[sid]).image_bytes) for sid in SCENES}
         out["same_pixels"] = {sid: bool(np.array_equal(single[sid], multi[sid])) for sid in SCENES}
-        out["max_abs_diff"] = {sid: int(np.abs(single[sid].astype(int) - multi[sid].astype(int)).max())
-                               for sid in SCENES}
-        out["single_placement"] = {k: v for k, v in dict(stub.get_server_config(E).server_config).items()
-                                   if k.startswith("placement.")}
+        out["max_abs_diff"] = {
+            sid: int(np.abs(single[sid].astype(int) - multi[sid].astype(int)).max()) for sid in SCENES
+        }
+        out["single_placement"] = {
+            k: v for k, v in dict(stub.get_server_config(E).server_config).items() if k.startswith("placement.")
+        }
         conc = _concurrent(srv, stub, [reqs[s] for s in SCENES], barrier_timeout_s=1.0)
         out["single_concurrent"] = {k: v for k, v in conc.items() if k != "images"}
     finally:

@@ -18,23 +18,37 @@ HEIGHT = 36  # 64x36 for the 1920x1080 cameras: one compile per camera model in 
 
 def connect(port: int):
     limit = 64 << 20  # what AlpaSim uses; a lidar spin with every field filled exceeds gRPC's default 4 MiB
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", limit),
-                                                                  ("grpc.max_send_message_length", limit)])
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
     return channel, sensorsim_pb2_grpc.SensorsimServiceStub(channel)
 
 
-def rgb_request(scene_path: str, scene_id: str, frame: int = 10, camera: str = CAM, height: int = HEIGHT,
-                fmt=sensorsim_pb2.PNG, spec=None) -> sensorsim_pb2.RGBRenderRequest:
+def rgb_request(
+    scene_path: str,
+    scene_id: str,
+    frame: int = 10,
+    camera: str = CAM,
+    height: int = HEIGHT,
+    fmt=sensorsim_pb2.PNG,
+    spec=None,
+) -> sensorsim_pb2.RGBRenderRequest:
     meta = read_scene_metadata(scene_path)
     cal = meta.cameras[camera]
     s, e = (int(t) for t in cal.frame_timestamps_us[frame])
     poses = [convert.se3_to_grpc_pose(meta.trajectory.pose_at(t) @ cal.T_sensor_rig) for t in (s, e)]
     return sensorsim_pb2.RGBRenderRequest(
-        scene_id=scene_id, resolution_h=height, resolution_w=1,
+        scene_id=scene_id,
+        resolution_h=height,
+        resolution_w=1,
         camera_intrinsics=spec if spec is not None else convert.camera_spec_from_intrinsics(camera, cal.intrinsics),
-        frame_start_us=s, frame_end_us=e,
-        sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]), image_format=fmt,
-        image_quality=95.0)
+        frame_start_us=s,
+        frame_end_us=e,
+        sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]),
+        image_format=fmt,
+        image_quality=95.0,
+    )
 
 
 def decode(image_bytes: bytes) -> np.ndarray:

@@ -49,8 +49,14 @@ def hood_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(thin_scene, renderer, hood_dir, tmp_path_factory):
-    opts = ServerOptions(artifact_glob=thin_scene, port=0, max_workers=2, enable_editing_actors=True,
-                         egocar_hood_dir=hood_dir, download_cache_dir=str(tmp_path_factory.mktemp("dl")))
+    opts = ServerOptions(
+        artifact_glob=thin_scene,
+        port=0,
+        max_workers=2,
+        enable_editing_actors=True,
+        egocar_hood_dir=hood_dir,
+        download_cache_dir=str(tmp_path_factory.mktemp("dl")),
+    )
     srv, port = create_server("127.0.0.1:0", opts, renderer=renderer)
     assert srv.serving.wait(30)
     channel, stub = connect(port)
@@ -75,8 +81,7 @@ def test_metadata_rpcs_answer_from_the_file(server, thin_scene):
     cams = stub.get_available_cameras(sensorsim_pb2.AvailableCamerasRequest(scene_id=SID)).available_cameras
     assert [c.logical_id for c in cams] == list(meta.cameras)
     front = next(c for c in cams if c.logical_id == CAM)
-    np.testing.assert_allclose(convert.grpc_pose_to_se3(front.rig_to_camera), meta.cameras[CAM].T_sensor_rig,
-                               atol=1e-5)
+    np.testing.assert_allclose(convert.grpc_pose_to_se3(front.rig_to_camera), meta.cameras[CAM].T_sensor_rig, atol=1e-5)
     assert front.intrinsics.resolution_w == 1920 and front.intrinsics.HasField("ftheta_param")
     traj = stub.get_available_trajectories(sensorsim_pb2.AvailableTrajectoriesRequest(scene_id=SID))
     assert len(traj.available_trajectories) == 1
@@ -85,15 +90,34 @@ def test_metadata_rpcs_answer_from_the_file(server, thin_scene):
     controllable = [t.track_id for t in meta.tracks.values() if t.is_controllable]
     assert [o.id for o in objs] == controllable and all(o.asset_id == "none" for o in objs)
     assert objs[0].object_size.size_x > 0 and len(objs[0].trajectory.poses) > 1
-    assert list(stub.get_external_asset_objects(
-        sensorsim_pb2.ExternalAssetObjectsRequest(scene_id=SID)).track_ids) == ["box_truck", "sedan_orange"]
+    assert list(stub.get_external_asset_objects(sensorsim_pb2.ExternalAssetObjectsRequest(scene_id=SID)).track_ids) == [
+        "box_truck",
+        "sedan_orange",
+    ]
     masks = stub.get_available_ego_masks(E).ego_mask_metadata
     assert [(m.ego_mask_id.rig_config_id, m.ego_mask_id.camera_logical_id) for m in masks] == [("rig_a", CAM)]
     config = stub.get_server_config(E).server_config
-    for key in ("artifact_glob", "host", "port", "health_port", "test_scenes_are_valid", "renderer", "enable_difix",
-                "difix_url", "difix_cache", "difix_model_filename", "difix_resolution", "ray_chunk_size",
-                "egocar_hood_dir", "download_cache_dir", "download_cache_size", "max_workers",
-                "enable_editing_actors", "cache_size", "metrics_output_dir"):
+    for key in (
+        "artifact_glob",
+        "host",
+        "port",
+        "health_port",
+        "test_scenes_are_valid",
+        "renderer",
+        "enable_difix",
+        "difix_url",
+        "difix_cache",
+        "difix_model_filename",
+        "difix_resolution",
+        "ray_chunk_size",
+        "egocar_hood_dir",
+        "download_cache_dir",
+        "download_cache_size",
+        "max_workers",
+        "enable_editing_actors",
+        "cache_size",
+        "metrics_output_dir",
+    ):
         assert key in config, key
     assert config["max_workers"] == "2" and config["health_port"] == "null"
     assert config["difix_resolution"] == "(576, 1024)" and config["enable_editing_actors"] == "True"
@@ -111,8 +135,9 @@ def test_render_matches_the_library_and_never_recompiles(server, thin_scene, ren
     scene = load_scene(thin_scene)
     meta = read_scene_metadata(thin_scene)
     job = req_lib.prepare_rgb(meta, req, editing_enabled=False)
-    out = renderer.render(scene.gaussians, job.camera, job.sensor_pose,
-                          req_lib.job_actor_poses(meta, scene.gaussians.track_ids, job))
+    out = renderer.render(
+        scene.gaussians, job.camera, job.sensor_pose, req_lib.job_actor_poses(meta, scene.gaussians.track_ids, job)
+    )
     ref = images.to_uint8(np.asarray(out.rgb))
     assert np.abs(img.astype(int) - ref.astype(int)).max() <= 1
     assert img.std() > 10  # a real street, not a flat colour
@@ -147,28 +172,44 @@ def test_error_codes_and_the_server_keeps_serving(server, thin_scene):
         return r
 
     cases.append((variant(scene_id="nope"), grpc.StatusCode.NOT_FOUND, "unknown scene 'nope'"))
-    cases.append((variant(camera_intrinsics=sensorsim_pb2.CameraSpec(logical_id="cam_x")), grpc.StatusCode.NOT_FOUND,
-                  "camera 'cam_x'"))
+    cases.append(
+        (
+            variant(camera_intrinsics=sensorsim_pb2.CameraSpec(logical_id="cam_x")),
+            grpc.StatusCode.NOT_FOUND,
+            "camera 'cam_x'",
+        )
+    )
     cases.append((variant(image_format=sensorsim_pb2.JPEG2000), grpc.StatusCode.INVALID_ARGUMENT, "image_format"))
     cases.append((variant(resolution_h=0, resolution_w=0), grpc.StatusCode.INVALID_ARGUMENT, "resolution"))
     cases.append((variant(frame_end_us=good.frame_start_us), grpc.StatusCode.OUT_OF_RANGE, "[t, t+1)"))
     cases.append((variant(frame_start_us=1, frame_end_us=2), grpc.StatusCode.OUT_OF_RANGE, "outside the time range"))
     cases.append((variant(sensor_pose=sensorsim_pb2.PosePair()), grpc.StatusCode.INVALID_ARGUMENT, "zero-norm"))
-    cases.append((variant(insert_ego_mask=True, ego_mask_id=sensorsim_pb2.EgoMaskId(rig_config_id="rig_zz")),
-                  grpc.StatusCode.NOT_FOUND, "rig_zz"))
+    cases.append(
+        (
+            variant(insert_ego_mask=True, ego_mask_id=sensorsim_pb2.EgoMaskId(rig_config_id="rig_zz")),
+            grpc.StatusCode.NOT_FOUND,
+            "rig_zz",
+        )
+    )
     for request, code, text in cases:
         got, details = _code(stub.render_rgb, request)
         assert got == code and text in details, (got, details)
-    assert _code(stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id="nope"))[0] == \
-        grpc.StatusCode.NOT_FOUND
-    assert _code(stub.get_dynamic_objects, sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=""))[0] == \
-        grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        _code(stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id="nope"))[0]
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert (
+        _code(stub.get_dynamic_objects, sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=""))[0]
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     code, details = _code(stub.render_lidar, sensorsim_pb2.LidarRenderRequest(scene_id=SID))
     assert code == grpc.StatusCode.OUT_OF_RANGE and "frame_end_us" in details
     reply = stub.edit_assets(sensorsim_pb2.EditAssetsRequest(scene_id=SID))  # edit failures are in-band
     assert not reply.success and "no replace or insert" in reply.message
-    assert _code(stub.restore_model_parameters, sensorsim_pb2.RestoreModelParametersRequest(scene_id="nope"))[0] == \
-        grpc.StatusCode.NOT_FOUND
+    assert (
+        _code(stub.restore_model_parameters, sensorsim_pb2.RestoreModelParametersRequest(scene_id="nope"))[0]
+        == grpc.StatusCode.NOT_FOUND
+    )
     code, details = _code(stub.get_version, E, metadata=(("x-nre-scene-url", "file:///x.usdz"),))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "x-nre-scene-id" in details
     # Still serving.
@@ -180,11 +221,14 @@ def test_batch_per_item_results(server, thin_scene):
     good = rgb_request(thin_scene, SID, frame=20)
     bad_fmt = rgb_request(thin_scene, SID, frame=20, fmt=sensorsim_pb2.AVC)
     unknown_cam = rgb_request(thin_scene, SID, frame=20, spec=sensorsim_pb2.CameraSpec(logical_id="cam_x"))
-    batch = sensorsim_pb2.BatchRGBRenderRequest(items=[
-        sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="a", request=good),
-        sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="b", request=bad_fmt),
-        sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="c", request=unknown_cam),
-        sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="d", request=good)])
+    batch = sensorsim_pb2.BatchRGBRenderRequest(
+        items=[
+            sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="a", request=good),
+            sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="b", request=bad_fmt),
+            sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="c", request=unknown_cam),
+            sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="d", request=good),
+        ]
+    )
     out = stub.batch_render_rgb(batch).items
     assert [i.camera_name for i in out] == ["a", "b", "c", "d"]
     assert [i.success for i in out] == [True, False, False, True]
@@ -201,8 +245,12 @@ def test_batch_per_item_results(server, thin_scene):
     assert mixed[1].error_message.startswith("INVALID_ARGUMENT: items[1].request.scene_id")
     agg = stub.render_aggregated(sensorsim_pb2.AggregatedRenderRequest(rgb_requests=[good]))
     assert [r.image_bytes for r in agg.rgb_returns] == [out[0].result.image_bytes]
-    code, details = _code(stub.render_aggregated, sensorsim_pb2.AggregatedRenderRequest(
-        rgb_requests=[good], lidar_requests=[sensorsim_pb2.LidarRenderRequest(scene_id=SID)]))
+    code, details = _code(
+        stub.render_aggregated,
+        sensorsim_pb2.AggregatedRenderRequest(
+            rgb_requests=[good], lidar_requests=[sensorsim_pb2.LidarRenderRequest(scene_id=SID)]
+        ),
+    )
     assert code == grpc.StatusCode.OUT_OF_RANGE and "lidar_requests[0].frame_end_us" in details
 
 
@@ -221,11 +269,13 @@ def test_ego_mask_and_actor_overrides(server, thin_scene):
     meta = read_scene_metadata(thin_scene)
     moved = sensorsim_pb2.RGBRenderRequest()
     moved.CopyFrom(plain)
-    far = convert.se3_to_grpc_pose(np.diag([1.0, 1, 1, 1]) + np.pad(np.array([[0, 0, 0, 1e4]])[:, 1:].T,
-                                                                        ((0, 1), (3, 0))))
+    far = convert.se3_to_grpc_pose(
+        np.diag([1.0, 1, 1, 1]) + np.pad(np.array([[0, 0, 0, 1e4]])[:, 1:].T, ((0, 1), (3, 0)))
+    )
     tid = next(t for t, tr in meta.tracks.items() if tr.is_controllable)
-    moved.dynamic_objects.append(sensorsim_pb2.DynamicObject(
-        track_id=tid, pose_pair=sensorsim_pb2.PosePair(start_pose=far, end_pose=far)))
+    moved.dynamic_objects.append(
+        sensorsim_pb2.DynamicObject(track_id=tid, pose_pair=sensorsim_pb2.PosePair(start_pose=far, end_pose=far))
+    )
     img2 = decode(stub.render_rgb(moved).image_bytes).astype(int)
     assert np.abs(img2 - base).max() > 30  # the actors in view are gone
 
@@ -298,12 +348,14 @@ def test_scene_registered_by_request_metadata(server, thin_scene, tmp_path):
     copy = tmp_path / "copy.usdz"
     shutil.copy(thin_scene, copy)
     md = (("x-nre-scene-url", f"file://{copy}"), ("x-nre-scene-id", "my-copy"))
-    code, details = _code(stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id="my-copy"),
-                          metadata=md)
+    code, details = _code(
+        stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id="my-copy"), metadata=md
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "x-nre-scene-url" in details
     assert "my-copy" not in stub.get_available_scenes(E).scene_ids
-    code, details = _code(stub.get_version, E, metadata=(("x-nre-scene-url", "http://example.com/a.usdz"),
-                                                         ("x-nre-scene-id", "bad id!")))
+    code, details = _code(
+        stub.get_version, E, metadata=(("x-nre-scene-url", "http://example.com/a.usdz"), ("x-nre-scene-id", "bad id!"))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "Invalid scene ID" in details
 
 
@@ -314,9 +366,12 @@ def test_warm_up_unavailable_then_serving_then_compiles(thin_scene, renderer):
         gate.wait(30)
         return load_scene(thin_scene)
 
-    srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0,
-                                                           test_scenes_are_valid=True, warmup_height=HEIGHT),
-                              loader=slow_loader, renderer=renderer)
+    srv, port = create_server(
+        "127.0.0.1:0",
+        ServerOptions(artifact_glob=thin_scene, port=0, test_scenes_are_valid=True, warmup_height=HEIGHT),
+        loader=slow_loader,
+        renderer=renderer,
+    )
     channel, stub = connect(port)
     try:
         hs = health_pb2_grpc.HealthStub(channel)
@@ -348,14 +403,17 @@ def test_warm_up_unavailable_then_serving_then_compiles(thin_scene, renderer):
 
 
 def test_separate_health_port(thin_scene, renderer):
-    srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0, health_port=0),
-                              renderer=renderer)
+    srv, port = create_server(
+        "127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0, health_port=0), renderer=renderer
+    )
     try:
         assert srv.serving.wait(30) and srv.health_port not in (None, port)
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.health_port}")
         hs = health_pb2_grpc.HealthStub(channel)
-        assert hs.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            hs.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         channel.close()
     finally:
         srv.stop(1)
@@ -365,8 +423,9 @@ def test_out_of_memory_is_resource_exhausted(thin_scene, renderer):
     def oom_loader(scene_id):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.00GiB")
 
-    srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0), loader=oom_loader,
-                              renderer=renderer)
+    srv, port = create_server(
+        "127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0), loader=oom_loader, renderer=renderer
+    )
     channel, stub = connect(port)
     try:
         code, details = _code(stub.render_rgb, rgb_request(thin_scene, SID))
@@ -411,8 +470,14 @@ def test_client_built_from_the_protos_alone(server):
     protos = os.path.join(os.path.dirname(os.path.dirname(here)), "protos")
     port = server[0].port
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, os.path.join(here, "standalone_client.py"), protos, str(port), SID],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=str(here))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(here, "standalone_client.py"), protos, str(port), SID],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(here),
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert SID in got["scenes"] and CAM in got["cameras"]
@@ -428,8 +493,12 @@ def _lidar_request(thin_scene, lidar_type=sensorsim_pb2.AT128, spin=20):
     s, e = (int(t) for t in cal.frame_timestamps_us[spin])
     poses = [convert.se3_to_grpc_pose(meta.trajectory.pose_at(t) @ cal.T_sensor_rig) for t in (s, e)]
     return sensorsim_pb2.LidarRenderRequest(
-        scene_id=SID, lidar_config=sensorsim_pb2.LidarSpec(lidar_type=lidar_type), frame_start_us=s, frame_end_us=e,
-        sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]))
+        scene_id=SID,
+        lidar_config=sensorsim_pb2.LidarSpec(lidar_type=lidar_type),
+        frame_start_us=s,
+        frame_end_us=e,
+        sensor_pose=sensorsim_pb2.PosePair(start_pose=poses[0], end_pose=poses[1]),
+    )
 
 
 def test_render_lidar(server, thin_scene):
@@ -459,9 +528,13 @@ def test_render_lidar(server, thin_scene):
     job = rq.prepare_lidar(meta, req, editing_enabled=False)
     assert job.model.name == "AT128" and job.opacity_threshold == 0.8
     scene = load_scene(thin_scene)
-    spin = srv.lidar_caster.cast(scene.gaussians, lidar_models.at128(), job.sensor_pose,
-                                 rq.job_actor_poses(meta, scene.gaussians.track_ids, job),
-                                 ray_chunk_size=srv.options.ray_chunk_size)
+    spin = srv.lidar_caster.cast(
+        scene.gaussians,
+        lidar_models.at128(),
+        job.sensor_pose,
+        rq.job_actor_poses(meta, scene.gaussians.track_ids, job),
+        ray_chunk_size=srv.options.ray_chunk_size,
+    )
     ref_pts, ref_inten, _ = spin.returns(job.model, 0.8)
     np.testing.assert_allclose(pts, ref_pts, atol=1e-4)
     # A looser opacity threshold returns more points; bad filters and poses are refused.
@@ -481,6 +554,8 @@ def test_render_lidar(server, thin_scene):
     bad.CopyFrom(req)
     bad.scene_id = "nope"
     assert _code(stub.render_lidar, bad)[0] == grpc.StatusCode.NOT_FOUND
-    agg = stub.render_aggregated(sensorsim_pb2.AggregatedRenderRequest(
-        rgb_requests=[rgb_request(thin_scene, SID)], lidar_requests=[req]), timeout=600)
+    agg = stub.render_aggregated(
+        sensorsim_pb2.AggregatedRenderRequest(rgb_requests=[rgb_request(thin_scene, SID)], lidar_requests=[req]),
+        timeout=600,
+    )
     assert len(agg.rgb_returns) == 1 and [x.num_points for x in agg.lidar_returns] == [n]

@@ -39,9 +39,13 @@ def _render(path, renderer):
     cal = meta.cameras[CAM]
     s, e = (int(t) for t in cal.frame_timestamps_us[FRAME])
     cam = cameras.camera_at_resolution(cameras.camera_from_intrinsics(cal.intrinsics), 0, 36)
-    out = renderer.render(sc.gaussians, cam, RR.rig_camera_poses(meta, CAM, s, e),
-                          RR.track_actor_poses(meta, sc.gaussians.track_ids, s, e),
-                          isp=RR.isp_index(meta, CAM, e, per_frame=sc.report.ppisp_per_frame))
+    out = renderer.render(
+        sc.gaussians,
+        cam,
+        RR.rig_camera_poses(meta, CAM, s, e),
+        RR.track_actor_poses(meta, sc.gaussians.track_ids, s, e),
+        isp=RR.isp_index(meta, CAM, e, per_frame=sc.report.ppisp_per_frame),
+    )
     return np.asarray(out.rgb)
 
 

@@ -63,9 +63,15 @@ def token_file(tmp_path_factory):
 
 
 def _secure_server(thin_scene, renderer, token_file, tmp_path_factory, **kw):
-    opts = ServerOptions(artifact_glob=thin_scene, port=0, download_cache_dir=str(tmp_path_factory.mktemp("dl")),
-                         tls_cert_file=str(TLS / "server.pem"), tls_key_file=str(TLS / "server.key"),
-                         auth_token_file=token_file, **kw)
+    opts = ServerOptions(
+        artifact_glob=thin_scene,
+        port=0,
+        download_cache_dir=str(tmp_path_factory.mktemp("dl")),
+        tls_cert_file=str(TLS / "server.pem"),
+        tls_key_file=str(TLS / "server.key"),
+        auth_token_file=token_file,
+        **kw,
+    )
     srv, port = create_server("127.0.0.1:0", opts, renderer=renderer)
     assert srv.serving.wait(30)
     return srv, port
@@ -84,8 +90,9 @@ def tls_server(thin_scene, renderer, token_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mtls_server(thin_scene, renderer, token_file, tmp_path_factory):
     """TLS + client certificates signed by the test CA + bearer token."""
-    srv, port = _secure_server(thin_scene, renderer, token_file, tmp_path_factory,
-                               tls_client_ca_file=str(TLS / "ca.pem"))
+    srv, port = _secure_server(
+        thin_scene, renderer, token_file, tmp_path_factory, tls_client_ca_file=str(TLS / "ca.pem")
+    )
     yield srv, port
     srv.stop(1)
 
@@ -94,14 +101,20 @@ def test_tls_with_token_renders_and_bad_tokens_are_unauthenticated(tls_server, t
     _, _, stub, _ = tls_server
     image = decode(stub.render_rgb(rgb_request(thin_scene, SID), metadata=GOOD, timeout=120).image_bytes)
     assert image.shape == (HEIGHT, 64, 3)
-    for md in ((), (("authorization", "Bearer not-the-token"),), (("authorization", TOKEN),),
-               (("authorization", "Basic " + TOKEN),)):
+    for md in (
+        (),
+        (("authorization", "Bearer not-the-token"),),
+        (("authorization", TOKEN),),
+        (("authorization", "Basic " + TOKEN),),
+    ):
         code, details = _code(stub.get_version, E, metadata=md, timeout=10)
         assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization" in details, (md, details)
         assert TOKEN not in details
         # The rejection comes before the handler: a render is refused the same way, and the server goes on.
-        assert _code(stub.render_rgb, rgb_request(thin_scene, SID), metadata=md,
-                     timeout=10)[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            _code(stub.render_rgb, rgb_request(thin_scene, SID), metadata=md, timeout=10)[0]
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
         assert stub.get_available_scenes(E, metadata=GOOD, timeout=10).scene_ids == [SID]
     # The scheme is case-insensitive (RFC 6750).
     assert stub.get_version(E, metadata=(("authorization", f"bearer {TOKEN}"),), timeout=10).version_id
@@ -150,12 +163,26 @@ def test_shut_down_from_loopback_stops_a_server(tmp_path):
     assert srv.wait_for_termination(30)
 
 
-@pytest.mark.parametrize("peer,local", [
-    ("ipv4:127.0.0.1:5555", True), ("ipv4:127.1.2.3:1", True), ("ipv6:[::1]:5", True),
-    ("ipv6:[::ffff:127.0.0.1]:80", True), ("unix:/tmp/x", True), ("unix-abstract:nre", True),
-    ("ipv4:10.1.2.3:5555", False), ("ipv4:128.0.0.1:5", False), ("ipv6:[2001:db8::1]:5", False),
-    ("ipv6:[::ffff:10.0.0.1]:5", False), ("ipv6:[fe80::1%eth0]:5", False), ("", False), (None, False),
-    ("ipv4:localhost:5", False), ("dns:127.0.0.1", False)])
+@pytest.mark.parametrize(
+    "peer,local",
+    [
+        ("ipv4:127.0.0.1:5555", True),
+        ("ipv4:127.1.2.3:1", True),
+        ("ipv6:[::1]:5", True),
+        ("ipv6:[::ffff:127.0.0.1]:80", True),
+        ("unix:/tmp/x", True),
+        ("unix-abstract:nre", True),
+        ("ipv4:10.1.2.3:5555", False),
+        ("ipv4:128.0.0.1:5", False),
+        ("ipv6:[2001:db8::1]:5", False),
+        ("ipv6:[::ffff:10.0.0.1]:5", False),
+        ("ipv6:[fe80::1%eth0]:5", False),
+        ("", False),
+        (None, False),
+        ("ipv4:localhost:5", False),
+        ("dns:127.0.0.1", False),
+    ],
+)
 def test_loopback_peers(peer, local):
     assert auth.is_loopback_peer(peer) is local
 
@@ -210,8 +237,11 @@ def test_exposed_server_logs_one_warning(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="nurec_jax.server.app")
     srv, _ = create_server("0.0.0.0:0", ServerOptions(port=0, download_cache_dir=str(tmp_path)))
     srv.stop(0)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                and "reachable from other machines" in r.getMessage()]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "reachable from other machines" in r.getMessage()
+    ]
     assert len(warnings) == 1 and "no TLS" in warnings[0] and "no authentication" in warnings[0]
     assert auth.exposure_warning("localhost:8080", False, False, False) is None
     assert auth.exposure_warning("[::1]:8080", False, False, False) is None
@@ -222,18 +252,24 @@ def test_exposed_server_logs_one_warning(tmp_path, caplog):
     assert "no TLS" in auth.exposure_warning("10.0.0.5:8080", False, True, False)
 
 
-@pytest.mark.parametrize("kw,flag", [
-    (dict(tls_key_file="server.key"), "--tls-key-file needs --tls-cert-file"),
-    (dict(tls_cert_file="server.pem"), "--tls-cert-file needs --tls-key-file"),
-    (dict(tls_client_ca_file="ca.pem"), "--tls-client-ca-file needs --tls-cert-file"),
-    (dict(tls_cert_file="missing.pem", tls_key_file="server.key"), "--tls-cert-file: cannot read"),
-    (dict(tls_cert_file="server.pem", tls_key_file="client.key"), "--tls-key-file: .* is not the private key"),
-    (dict(tls_cert_file="server.key", tls_key_file="server.key"), "--tls-cert-file: .* holds no PEM certificate"),
-    (dict(tls_cert_file="server.pem", tls_key_file="server.key", tls_client_ca_file="server.key"),
-     "--tls-client-ca-file: .* holds no usable PEM certificate"),
-    (dict(auth_token_file="missing-token"), "--auth-token-file: cannot read"),
-    (dict(auth_token_file="EMPTY"), "--auth-token-file: .* is empty"),
-    (dict(auth_token_file="SPACED"), "--auth-token-file: .* without spaces")])
+@pytest.mark.parametrize(
+    "kw,flag",
+    [
+        (dict(tls_key_file="server.key"), "--tls-key-file needs --tls-cert-file"),
+        (dict(tls_cert_file="server.pem"), "--tls-cert-file needs --tls-key-file"),
+        (dict(tls_client_ca_file="ca.pem"), "--tls-client-ca-file needs --tls-cert-file"),
+        (dict(tls_cert_file="missing.pem", tls_key_file="server.key"), "--tls-cert-file: cannot read"),
+        (dict(tls_cert_file="server.pem", tls_key_file="client.key"), "--tls-key-file: .* is not the private key"),
+        (dict(tls_cert_file="server.key", tls_key_file="server.key"), "--tls-cert-file: .* holds no PEM certificate"),
+        (
+            dict(tls_cert_file="server.pem", tls_key_file="server.key", tls_client_ca_file="server.key"),
+            "--tls-client-ca-file: .* holds no usable PEM certificate",
+        ),
+        (dict(auth_token_file="missing-token"), "--auth-token-file: cannot read"),
+        (dict(auth_token_file="EMPTY"), "--auth-token-file: .* is empty"),
+        (dict(auth_token_file="SPACED"), "--auth-token-file: .* without spaces"),
+    ],
+)
 def test_bad_security_flags_fail_at_start_with_one_line(tmp_path, kw, flag):
     (tmp_path / "EMPTY").write_text("\n  \n")
     (tmp_path / "SPACED").write_text("two words\n")
@@ -247,20 +283,45 @@ def test_render_grpc_with_tls_client_certificate_and_token(mtls_server, thin_sce
     _, port = mtls_server
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    base = [sys.executable, "-m", "nurec_jax.cli.render_grpc", f"--artifact-path={thin_scene}",
-            f"--output-dir={out}", "--host=127.0.0.1", f"--port={port}", f"--tls-ca-file={TLS / 'ca.pem'}",
-            "--tls-server-name=localhost", f"--auth-token-file={token_file}"]
-    proc = subprocess.run(base + [f"--tls-cert-file={TLS / 'client.pem'}", f"--tls-key-file={TLS / 'client.key'}",
-                                  f"--height={HEIGHT}", f"--camera-id={CAM}", "--max-frames=1", "--image-format=png",
-                                  "--video-format=none", "--no-progress", "--timeout-s=120"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    base = [
+        sys.executable,
+        "-m",
+        "nurec_jax.cli.render_grpc",
+        f"--artifact-path={thin_scene}",
+        f"--output-dir={out}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--tls-ca-file={TLS / 'ca.pem'}",
+        "--tls-server-name=localhost",
+        f"--auth-token-file={token_file}",
+    ]
+    proc = subprocess.run(
+        base
+        + [
+            f"--tls-cert-file={TLS / 'client.pem'}",
+            f"--tls-key-file={TLS / 'client.key'}",
+            f"--height={HEIGHT}",
+            f"--camera-id={CAM}",
+            "--max-frames=1",
+            "--image-format=png",
+            "--video-format=none",
+            "--no-progress",
+            "--timeout-s=120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list((out / CAM).iterdir())
     assert len(files) == 1
     with Image.open(files[0]) as im:
         assert im.size == (64, HEIGHT)
     # A client key without its certificate: one line, no traceback, before any call.
-    bad = subprocess.run(base + [f"--tls-key-file={TLS / 'client.key'}"], capture_output=True, text=True,
-                         timeout=120, env=env)
+    bad = subprocess.run(
+        base + [f"--tls-key-file={TLS / 'client.key'}"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "render-grpc: --tls-cert-file and --tls-key-file go together (the client certificate and its key)"], bad.stderr
+        "render-grpc: --tls-cert-file and --tls-key-file go together (the client certificate and its key)"
+    ], bad.stderr

@@ -30,8 +30,14 @@ LIMIT = 4000  # pixels: 64x36 (2304) renders, 106x60 (6360) does not
 @pytest.fixture(scope="module")
 def server(thin_scene, tmp_path_factory):
     before = (RR.COMPILED.max_entries, req_lib.max_output_pixels)
-    opts = ServerOptions(artifact_glob=thin_scene, port=0, max_workers=2, max_compiled_variants=2,
-                         max_output_pixels=LIMIT, download_cache_dir=str(tmp_path_factory.mktemp("dl")))
+    opts = ServerOptions(
+        artifact_glob=thin_scene,
+        port=0,
+        max_workers=2,
+        max_compiled_variants=2,
+        max_output_pixels=LIMIT,
+        download_cache_dir=str(tmp_path_factory.mktemp("dl")),
+    )
     srv, port = create_server("127.0.0.1:0", opts)
     assert srv.serving.wait(30)
     channel, stub = connect(port)
@@ -67,12 +73,16 @@ def test_output_size_is_bounded_before_anything_compiles(server, thin_scene):
     assert "resolution_w/resolution_h: 5000x1 gives an output of 5000x2812" in details and str(LIMIT) in details
     code, details = _code(stub.render_rgb, rgb_request(thin_scene, SID, height=60), timeout=30)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "106x60" in details and "--max-output-pixels" in details
-    batch = sensorsim_pb2.BatchRGBRenderRequest(items=[
-        sensorsim_pb2.BatchRGBRenderRequestItem(request=wide, camera_name="big"),
-        sensorsim_pb2.BatchRGBRenderRequestItem(request=rgb_request(thin_scene, SID), camera_name="ok")])
+    batch = sensorsim_pb2.BatchRGBRenderRequest(
+        items=[
+            sensorsim_pb2.BatchRGBRenderRequestItem(request=wide, camera_name="big"),
+            sensorsim_pb2.BatchRGBRenderRequestItem(request=rgb_request(thin_scene, SID), camera_name="ok"),
+        ]
+    )
     items = stub.batch_render_rgb(batch, timeout=120).items
     assert not items[0].success and items[0].error_message.startswith(
-        "INVALID_ARGUMENT: items[0].request.resolution_w/resolution_h: 5000x1")
+        "INVALID_ARGUMENT: items[0].request.resolution_w/resolution_h: 5000x1"
+    )
     assert items[1].success
     assert srv.renderer.trace_count == traces  # nothing was compiled for the refused sizes
     _good(stub, thin_scene)
@@ -137,9 +147,12 @@ def test_a_call_that_expires_or_leaves_while_compiling_is_not_run(server, thin_s
     assert _wait_for(lambda: stats.skipped_cancelled == skipped + 2)
     # A batch whose deadline passes during its first item does not go on to the second.
     calls = slow_compiles["calls"]
-    batch = sensorsim_pb2.BatchRGBRenderRequest(items=[
-        sensorsim_pb2.BatchRGBRenderRequestItem(request=rgb_request(thin_scene, SID, frame=f), camera_name=str(f))
-        for f in (10, 20)])
+    batch = sensorsim_pb2.BatchRGBRenderRequest(
+        items=[
+            sensorsim_pb2.BatchRGBRenderRequestItem(request=rgb_request(thin_scene, SID, frame=f), camera_name=str(f))
+            for f in (10, 20)
+        ]
+    )
     code, _ = _code(stub.batch_render_rgb, batch, timeout=0.7)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _wait_for(lambda: stats.skipped_cancelled == skipped + 3)
@@ -153,7 +166,19 @@ def test_a_call_that_expires_or_leaves_while_compiling_is_not_run(server, thin_s
 
 def test_serve_grpc_refuses_a_zero_bound_in_one_line():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--port=0", "--compilation-cache-dir=",
-                           "--max-compiled-variants=0"], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.serve_grpc",
+            "--port=0",
+            "--compilation-cache-dir=",
+            "--max-compiled-variants=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--max-compiled-variants must be >= 1, got 0" in proc.stderr and "Traceback" not in proc.stderr

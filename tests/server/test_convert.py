@@ -15,8 +15,9 @@ META = nurec_jax.read_scene_metadata(nurec_jax.sample_scene_path())
 
 def test_pose_convention_and_round_trips():
     # 90 degree yaw: quaternion (w, x, y, z) = (cos 45, 0, 0, sin 45); p_parent = R p_child + t.
-    pose = common_pb2.Pose(vec=common_pb2.Vec3(x=1, y=2, z=3),
-                           quat=common_pb2.Quat(w=math.cos(math.pi / 4), z=math.sin(math.pi / 4)))
+    pose = common_pb2.Pose(
+        vec=common_pb2.Vec3(x=1, y=2, z=3), quat=common_pb2.Quat(w=math.cos(math.pi / 4), z=math.sin(math.pi / 4))
+    )
     m = np.asarray(convert.grpc_pose_to_se3(pose))
     np.testing.assert_allclose(m[:3, :3] @ [1.0, 0, 0] + m[:3, 3], [1.0, 3.0, 3.0], atol=1e-6)
     tq = convert.grpc_pose_to_tquat(pose)
@@ -58,22 +59,48 @@ def test_camera_spec_without_param_means_the_scene_camera():
     assert convert.intrinsics_from_camera_spec(sensorsim_pb2.CameraSpec(logical_id="x")) is None
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda s: setattr(s, "resolution_w", 0), r"camera_intrinsics.resolution_w/resolution_h: must be positive"),
-    (lambda s: s.opencv_pinhole_param.CopyFrom(sensorsim_pb2.OpenCVPinholeCameraParam(focal_length_x=-1,
-                                                                                       focal_length_y=1)),
-     r"opencv_pinhole_param.focal_length_x/focal_length_y: must be positive"),
-    (lambda s: s.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(reference_poly=1)),
-     r"ftheta_param: the reference polynomial \(PIXELDIST_TO_ANGLE\) is missing or empty"),
-    (lambda s: s.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(reference_poly=0)),
-     r"ftheta_param.reference_poly"),
-    (lambda s: s.opencv_fisheye_param.CopyFrom(sensorsim_pb2.OpenCVFisheyeCameraParam(
-        focal_length_x=1, focal_length_y=1, radial_coeffs=[0, 0, 0, 0, 0])), r"radial_coeffs: expected at most 4"),
-    (lambda s: s.opencv_fisheye_param.CopyFrom(sensorsim_pb2.OpenCVFisheyeCameraParam(
-        focal_length_x=1, focal_length_y=1, max_angle=-0.5)), r"opencv_fisheye_param.max_angle: -0.5 not in \(0, pi\]"),
-    (lambda s: s.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(
-        reference_poly=1, pixeldist_to_angle_poly=[0, 1e-3], max_angle=float("nan"))), r"ftheta_param.max_angle"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda s: setattr(s, "resolution_w", 0), r"camera_intrinsics.resolution_w/resolution_h: must be positive"),
+        (
+            lambda s: s.opencv_pinhole_param.CopyFrom(
+                sensorsim_pb2.OpenCVPinholeCameraParam(focal_length_x=-1, focal_length_y=1)
+            ),
+            r"opencv_pinhole_param.focal_length_x/focal_length_y: must be positive",
+        ),
+        (
+            lambda s: s.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(reference_poly=1)),
+            r"ftheta_param: the reference polynomial \(PIXELDIST_TO_ANGLE\) is missing or empty",
+        ),
+        (
+            lambda s: s.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(reference_poly=0)),
+            r"ftheta_param.reference_poly",
+        ),
+        (
+            lambda s: s.opencv_fisheye_param.CopyFrom(
+                sensorsim_pb2.OpenCVFisheyeCameraParam(
+                    focal_length_x=1, focal_length_y=1, radial_coeffs=[0, 0, 0, 0, 0]
+                )
+            ),
+            r"radial_coeffs: expected at most 4",
+        ),
+        (
+            lambda s: s.opencv_fisheye_param.CopyFrom(
+                sensorsim_pb2.OpenCVFisheyeCameraParam(focal_length_x=1, focal_length_y=1, max_angle=-0.5)
+            ),
+            r"opencv_fisheye_param.max_angle: -0.5 not in \(0, pi\]",
+        ),
+        (
+            lambda s: s.ftheta_param.CopyFrom(
+                sensorsim_pb2.FthetaCameraParam(
+                    reference_poly=1, pixeldist_to_angle_poly=[0, 1e-3], max_angle=float("nan")
+                )
+            ),
+            r"ftheta_param.max_angle",
+        ),
+    ],
+)
 def test_bad_camera_specs_name_the_field(mutate, message):
     spec = sensorsim_pb2.CameraSpec(resolution_w=640, resolution_h=480)
     spec.opencv_pinhole_param.CopyFrom(sensorsim_pb2.OpenCVPinholeCameraParam(focal_length_x=500, focal_length_y=500))
@@ -87,8 +114,7 @@ def test_trajectory_to_proto():
     msg = convert.trajectory_to_proto(traj.timestamps_us, traj.T_rig_world)
     assert len(msg.poses) == len(traj.timestamps_us)
     assert msg.poses[5].timestamp_us == int(traj.timestamps_us[5])
-    np.testing.assert_allclose(np.asarray(convert.grpc_pose_to_se3(msg.poses[5].pose)), traj.T_rig_world[5],
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(convert.grpc_pose_to_se3(msg.poses[5].pose)), traj.T_rig_world[5], atol=1e-5)
 
 
 def test_scene_files_and_requests_share_one_intrinsics_validator():
@@ -96,13 +122,24 @@ def test_scene_files_and_requests_share_one_intrinsics_validator():
     from nurec_jax.errors import SceneFormatError
     from nurec_jax.metadata import parse_camera_model
 
-    model = {"type": "ftheta", "parameters": {"resolution": [640, 480], "principal_point": [320, 240],
-                                              "pixeldist_to_angle_poly": [0, 1e-3], "linear_cde": [2.0, 1.0, 2.0]}}
+    model = {
+        "type": "ftheta",
+        "parameters": {
+            "resolution": [640, 480],
+            "principal_point": [320, 240],
+            "pixeldist_to_angle_poly": [0, 1e-3],
+            "linear_cde": [2.0, 1.0, 2.0],
+        },
+    }
     with pytest.raises(SceneFormatError, match=r"cam.parameters.linear_cde: singular \(c - d\*e = 0\)"):
         parse_camera_model(model, "cam")
     spec = sensorsim_pb2.CameraSpec(resolution_w=640, resolution_h=480)
-    spec.ftheta_param.CopyFrom(sensorsim_pb2.FthetaCameraParam(
-        reference_poly=1, pixeldist_to_angle_poly=[0, 1e-3],
-        linear_cde=sensorsim_pb2.LinearCde(linear_c=2.0, linear_d=1.0, linear_e=2.0)))
+    spec.ftheta_param.CopyFrom(
+        sensorsim_pb2.FthetaCameraParam(
+            reference_poly=1,
+            pixeldist_to_angle_poly=[0, 1e-3],
+            linear_cde=sensorsim_pb2.LinearCde(linear_c=2.0, linear_d=1.0, linear_e=2.0),
+        )
+    )
     with pytest.raises(ValueError, match=r"camera_intrinsics.ftheta_param.linear_cde: singular \(c - d\*e = 0\)"):
         convert.intrinsics_from_camera_spec(spec)

@@ -116,8 +116,13 @@ def test_without_max_backends_a_busy_scene_is_shared():
 
 def test_device_lists_are_checked():
     assert parse_devices("all") is None and parse_devices(" 0, 2 ") == (0, 2)
-    for bad, message in (("", "--devices must be"), ("gpu0", "--devices must be"), ("0,,1", "--devices must be"),
-                         ("-1", "--devices must be"), ("1,1", "--devices names device 1 more than once")):
+    for bad, message in (
+        ("", "--devices must be"),
+        ("gpu0", "--devices must be"),
+        ("0,,1", "--devices must be"),
+        ("-1", "--devices must be"),
+        ("1,1", "--devices names device 1 more than once"),
+    ):
         with pytest.raises(ValueError, match=message):
             ServerOptions(devices=bad).validate()
     with pytest.raises(ValueError, match="--max-backends-per-scene must be >= 1"):
@@ -131,9 +136,22 @@ def test_device_lists_are_checked():
 
 def test_serve_grpc_refuses_a_device_it_does_not_have(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--devices=0,7", "--port=0",
-                           "--compilation_cache_dir=", f"--download_cache_dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.serve_grpc",
+            "--devices=0,7",
+            "--port=0",
+            "--compilation_cache_dir=",
+            f"--download_cache_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("serve-grpc:")]
     assert len(errors) == 1 and "--devices: no local device has id 7" in errors[0], proc.stderr[-2000:]
@@ -144,24 +162,35 @@ def scenario(tmp_path_factory):
     """tests/server/devices_scenario.py's JSON, run on 4 forced CPU devices."""
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    proc = subprocess.run([sys.executable, os.path.join(_HERE, "devices_scenario.py"),
-                           str(tmp_path_factory.mktemp("devices"))],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=_ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(_HERE, "devices_scenario.py"), str(tmp_path_factory.mktemp("devices"))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=_ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_each_scene_on_its_own_device_renders_the_single_device_pixels(scenario):
     assert scenario["jax_devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
-    assert scenario["placement"] == {"placement.devices": "cpu:0,cpu:1,cpu:2,cpu:3",
-                                     "placement.scene.thin-a": "cpu:0", "placement.scene.thin-b": "cpu:1"}
+    assert scenario["placement"] == {
+        "placement.devices": "cpu:0,cpu:1,cpu:2,cpu:3",
+        "placement.scene.thin-a": "cpu:0",
+        "placement.scene.thin-b": "cpu:1",
+    }
     assert scenario["loaded"] == {"thin-a": 1, "thin-b": 1} and scenario["capacity"] == 40  # 10 per device
     # The render ran where its scene lives: nothing was computed on (or copied to) device 0.
     assert scenario["output_devices"] == {"scene": "cpu:1", "rgb": ["cpu:1"], "num_pairs": ["cpu:1"]}
     # Bitwise the pixels of the same requests to a server without --devices.
     assert scenario["same_pixels"] == {"thin-a": True, "thin-b": True}, scenario["max_abs_diff"]
-    assert scenario["single_placement"] == {"placement.devices": "cpu:0", "placement.scene.thin-a": "cpu:0",
-                                            "placement.scene.thin-b": "cpu:0"}
+    assert scenario["single_placement"] == {
+        "placement.devices": "cpu:0",
+        "placement.scene.thin-a": "cpu:0",
+        "placement.scene.thin-b": "cpu:0",
+    }
 
 
 def test_scenes_on_different_devices_render_at_the_same_time(scenario):
@@ -177,7 +206,6 @@ def test_scenes_on_different_devices_render_at_the_same_time(scenario):
 
 
 def test_max_backends_per_scene_loads_a_second_instance(scenario):
-    assert scenario["placement_after"] == {"placement.scene.thin-a": "cpu:0,cpu:2",
-                                           "placement.scene.thin-b": "cpu:1"}
+    assert scenario["placement_after"] == {"placement.scene.thin-a": "cpu:0,cpu:2", "placement.scene.thin-b": "cpu:1"}
     assert scenario["loaded_after"] == {"thin-a": 2, "thin-b": 1}
     assert scenario["second_instance_same_pixels"]

@@ -107,9 +107,9 @@ class Web:
             h.end_headers()
             step = chunk or len(data) or 1
             for i in range(0, len(data), step):
-                h.wfile.write(data[i:i + step])
+                h.wfile.write(data[i : i + step])
                 h.wfile.flush()
-                rec["sent"] += len(data[i:i + step])
+                rec["sent"] += len(data[i : i + step])
                 if pause_s:
                     time.sleep(pause_s)
 
@@ -183,15 +183,34 @@ def _cache(directory, **kw) -> DownloadCache:
 # Destinations
 
 
-@pytest.mark.parametrize("address,kind", [
-    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("10.1.2.3", "private"), ("172.16.0.1", "private"),
-    ("192.168.1.1", "private"), ("169.254.169.254", "link-local"), ("224.0.0.1", "multicast"),
-    ("0.0.0.0", "unspecified"), ("240.0.0.1", "reserved"), ("100.64.0.1", "non-global"),
-    ("::1", "loopback"), ("::", "unspecified"), ("fe80::1", "link-local"), ("fc00::1", "private"),
-    ("ff02::1", "multicast"), ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.0.0.1", "private"),
-    ("2002:7f00:1::", "loopback"), ("64:ff9b::a00:1", "private"), ("fe80::1%1", "link-local"),
-    ("8.8.8.8", None), ("2606:4700::1111", None), ("::ffff:8.8.8.8", None),
-])
+@pytest.mark.parametrize(
+    "address,kind",
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.8.9.10", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "non-global"),
+        ("::1", "loopback"),
+        ("::", "unspecified"),
+        ("fe80::1", "link-local"),
+        ("fc00::1", "private"),
+        ("ff02::1", "multicast"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:10.0.0.1", "private"),
+        ("2002:7f00:1::", "loopback"),
+        ("64:ff9b::a00:1", "private"),
+        ("fe80::1%1", "link-local"),
+        ("8.8.8.8", None),
+        ("2606:4700::1111", None),
+        ("::ffff:8.8.8.8", None),
+    ],
+)
 def test_address_kinds(address, kind):
     assert address_kind(address) == kind
 
@@ -211,8 +230,12 @@ def test_destination_policy_and_allow_list():
             parse_allow_entry(bad)
     with pytest.raises(ValueError, match="--download-allow-hosts"):
         ServerOptions(download_allow_hosts=("bad host!",)).validate()
-    for field, value in (("download_workers", 0), ("download_timeout_s", 0), ("download_stall_timeout_s", -1),
-                         ("download_max_bytes", 0)):
+    for field, value in (
+        ("download_workers", 0),
+        ("download_timeout_s", 0),
+        ("download_stall_timeout_s", -1),
+        ("download_max_bytes", 0),
+    ):
         with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
             ServerOptions(**{field: value}).validate()
     assert ServerOptions().download_max_bytes == 8 << 30 and not ServerOptions().download_allow_private
@@ -263,7 +286,7 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, w
 
 
 def test_size_bounds(tmp_path, web, scene_bytes):
-    web.drip("/huge", pause_s=0.05, length=10 ** 12)  # announces 1 TB, then sends slowly
+    web.drip("/huge", pause_s=0.05, length=10**12)  # announces 1 TB, then sends slowly
     web.drip("/endless", pause_s=0.0, piece=b"\0" * 4096, length=None)  # no Content-Length, never ends
     web.file("/short", scene_bytes[:1000], length=len(scene_bytes))  # closes before its Content-Length
     cache = _cache(tmp_path, max_bytes=64 << 10, stall_timeout_s=30.0)
@@ -399,8 +422,13 @@ def test_artifact_glob_matching_nothing_warns(tmp_path, caplog):
 
 @pytest.fixture
 def served(tmp_path, web):
-    opts = ServerOptions(port=0, download_cache_dir=str(tmp_path / "dl"), download_allow_private=True,
-                         download_workers=2, download_stall_timeout_s=20.0)
+    opts = ServerOptions(
+        port=0,
+        download_cache_dir=str(tmp_path / "dl"),
+        download_allow_private=True,
+        download_workers=2,
+        download_stall_timeout_s=20.0,
+    )
     srv, port = create_server("127.0.0.1:0", opts)
     channel, stub = connect(port)
     yield srv, stub, web
@@ -442,9 +470,12 @@ def test_server_metadata_answers_during_slow_downloads_and_cancel_stops_them(ser
     srv, stub, web = served
     for i in range(4):
         web.drip(f"/slow{i}.usdz", pause_s=0.05, piece=b"\0" * 1024)
-    calls = [stub.get_available_cameras.future(_cams(f"slow{i}"), metadata=_md(web.url(f"/slow{i}.usdz"),
-                                                                                 f"slow{i}"), timeout=60)
-             for i in range(4)]
+    calls = [
+        stub.get_available_cameras.future(
+            _cams(f"slow{i}"), metadata=_md(web.url(f"/slow{i}.usdz"), f"slow{i}"), timeout=60
+        )
+        for i in range(4)
+    ]
     # Two download threads are busy (the other two downloads queue); metadata workers are all free.
     assert _until(lambda: sum(web.gets.values()) >= 2)
     for _ in range(3):
@@ -474,17 +505,31 @@ def test_serve_grpc_download_flags(tmp_path):
     import subprocess
     import sys
 
-    code = ("from absl import flags; from nurec_jax.cli import serve_grpc, _flags; "
-            "flags.FLAGS(_flags.normalize_argv(['x', '--download-allow-private', '--download-allow-hosts=a.example,"
-            "10.0.0.0/8', '--download-timeout-s=9', '--download-stall-timeout-s', '2.5', '--download-workers=3', "
-            "'--download-max-bytes=1000'])); o = serve_grpc.options_from_flags(); "
-            "print(o.download_allow_private, o.download_allow_hosts, o.download_timeout_s, "
-            "o.download_stall_timeout_s, o.download_workers, o.download_max_bytes)")
+    code = (
+        "from absl import flags; from nurec_jax.cli import serve_grpc, _flags; "
+        "flags.FLAGS(_flags.normalize_argv(['x', '--download-allow-private', '--download-allow-hosts=a.example,"
+        "10.0.0.0/8', '--download-timeout-s=9', '--download-stall-timeout-s', '2.5', '--download-workers=3', "
+        "'--download-max-bytes=1000'])); o = serve_grpc.options_from_flags(); "
+        "print(o.download_allow_private, o.download_allow_hosts, o.download_timeout_s, "
+        "o.download_stall_timeout_s, o.download_workers, o.download_max_bytes)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True ('a.example', '10.0.0.0/8') 9.0 2.5 3 1000", out.stderr
-    bad = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--port=0",
-                          f"--download-cache-dir={tmp_path}", "--download-allow-hosts=bad host!"],
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.serve_grpc",
+            "--port=0",
+            f"--download-cache-dir={tmp_path}",
+            "--download-allow-hosts=bad host!",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-    assert bad.stderr.strip().splitlines()[-1] == ("serve-grpc: --download-allow-hosts: 'bad host!' is neither a host "
-                                                   "name nor an IP address / CIDR")
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "serve-grpc: --download-allow-hosts: 'bad host!' is neither a host name nor an IP address / CIDR"
+    )

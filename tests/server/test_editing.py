@@ -29,8 +29,9 @@ HEIGHT = 54
 @pytest.fixture(scope="module")
 def server(thin_scene, tmp_path_factory):
     renderer = Renderer(RenderOptions(pair_capacity=1 << 16))
-    opts = ServerOptions(artifact_glob=thin_scene, port=0, enable_editing_actors=True,
-                         asset_dir=str(tmp_path_factory.mktemp("assets")))
+    opts = ServerOptions(
+        artifact_glob=thin_scene, port=0, enable_editing_actors=True, asset_dir=str(tmp_path_factory.mktemp("assets"))
+    )
     srv, port = create_server("127.0.0.1:0", opts, renderer=renderer)
     assert srv.serving.wait(30)
     channel, stub = connect(port)
@@ -44,8 +45,10 @@ def _render(stub, scene):
 
 
 def _objects(stub):
-    return {o.id: o for o in stub.get_dynamic_objects(
-        sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=SID)).dynamic_objects}
+    return {
+        o.id: o
+        for o in stub.get_dynamic_objects(sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=SID)).dynamic_objects
+    }
 
 
 def _edit(stub, **kw):
@@ -68,8 +71,9 @@ def _ahead_track(scene, track_id, asset_id, metres=14.0, lateral=-0.2):
     pose[:3, 3] = rig[:3, 3] + rig[:3, 0] * metres + rig[:3, 1] * lateral
     pose[2, 3] = 0.75
     traj = convert.trajectory_to_proto([s_us - 1_000_000, s_us + 1_000_000], [pose, pose])
-    return sensorsim_pb2.DynamicObjectTrack(id=track_id, semantic_class="automobile", trajectory=traj,
-                                            asset_id=asset_id)
+    return sensorsim_pb2.DynamicObjectTrack(
+        id=track_id, semantic_class="automobile", trajectory=traj, asset_id=asset_id
+    )
 
 
 def test_asset_bank_listing(server):
@@ -86,8 +90,14 @@ def test_replace_insert_restore_and_failures(server, thin_scene, tmp_path):
 
     # Failures answer in-band, name the field, and change nothing.
     ply = pathlib.Path(srv.options.asset_dir) / "blob.ply"  # file assets come from --asset-dir only
-    write_ply_gaussians(ply, np.zeros((4, 3)), np.tile([1.0, 0, 0, 0], (4, 1)), np.full((4, 3), -2.0),
-                        np.full(4, 2.0), np.zeros((4, 1, 3)))
+    write_ply_gaussians(
+        ply,
+        np.zeros((4, 3)),
+        np.tile([1.0, 0, 0, 0], (4, 1)),
+        np.full((4, 3), -2.0),
+        np.full(4, 2.0),
+        np.zeros((4, 1, 3)),
+    )
     failures = [
         (dict(replace=[_replace("99", "box_truck")]), "replace[0].original_id"),
         (dict(replace=[_replace("3", "no_such_asset")]), "replace[0].replacement_id"),
@@ -96,8 +106,10 @@ def test_replace_insert_restore_and_failures(server, thin_scene, tmp_path):
         (dict(replace=[_replace("3", "box_truck"), _replace("3", "sedan_orange")]), "replaced twice"),
         (dict(insert=[_ahead_track(thin_scene, "7", "sedan_orange")]), "insert[0].id"),
         # A valid replacement followed by a bad insert: the whole request is refused.
-        (dict(replace=[_replace("3", "box_truck")], insert=[_ahead_track(thin_scene, "new", "")]),
-         "insert[0].asset_id"),
+        (
+            dict(replace=[_replace("3", "box_truck")], insert=[_ahead_track(thin_scene, "new", "")]),
+            "insert[0].asset_id",
+        ),
         (dict(), "no replace or insert"),
     ]
     for kw, expected in failures:
@@ -111,8 +123,9 @@ def test_replace_insert_restore_and_failures(server, thin_scene, tmp_path):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
     # Replace the red car with the truck (the bank's size), insert an orange sedan ahead.
-    reply = _edit(stub, replace=[_replace("3", "box_truck")],
-                  insert=[_ahead_track(thin_scene, "new_sedan", "sedan_orange")])
+    reply = _edit(
+        stub, replace=[_replace("3", "box_truck")], insert=[_ahead_track(thin_scene, "new_sedan", "sedan_orange")]
+    )
     assert reply.success and reply.message == "Success"
     objs = _objects(stub)
     assert objs["3"].asset_id == "box_truck" and objs["3"].object_size.size_z == pytest.approx(3.3)

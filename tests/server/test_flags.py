@@ -12,11 +12,25 @@ def test_normalize_argv():
     flags.DEFINE_string("artifact_glob", None, "", flag_values=fv)
     flags.DEFINE_list("difix_resolution", ["576", "1024"], "", flag_values=fv)
     flags.DEFINE_integer("port", 8080, "", flag_values=fv)
-    argv = ["serve-grpc", "--artifact-glob=/d/**/*.usdz", "--no-enable-nrend", "--port", "6000",
-            "--difix-resolution", "288", "512"]
+    argv = [
+        "serve-grpc",
+        "--artifact-glob=/d/**/*.usdz",
+        "--no-enable-nrend",
+        "--port",
+        "6000",
+        "--difix-resolution",
+        "288",
+        "512",
+    ]
     out = normalize_argv(argv, fv, {"difix_resolution": 2})
-    assert out == ["serve-grpc", "--artifact_glob=/d/**/*.usdz", "--noenable_nrend", "--port", "6000",
-                   "--difix_resolution=288,512"]
+    assert out == [
+        "serve-grpc",
+        "--artifact_glob=/d/**/*.usdz",
+        "--noenable_nrend",
+        "--port",
+        "6000",
+        "--difix_resolution=288,512",
+    ]
     fv(out)
     assert fv.artifact_glob == "/d/**/*.usdz" and fv.enable_nrend is False and fv.port == 6000
     assert fv.difix_resolution == ["288", "512"]
@@ -31,10 +45,15 @@ def test_height_width():
             height_width(bad, "difix-resolution")
 
 
-@pytest.mark.parametrize("kw,flag", [(dict(warmup_height=-1), "--warmup-height"),
-                                     (dict(metrics_port=70000), "--metrics-port"),
-                                     (dict(enable_harmonizer=True), "--enable-harmonizer"),
-                                     (dict(initial_pair_capacity=3), "--initial-pair-capacity")])
+@pytest.mark.parametrize(
+    "kw,flag",
+    [
+        (dict(warmup_height=-1), "--warmup-height"),
+        (dict(metrics_port=70000), "--metrics-port"),
+        (dict(enable_harmonizer=True), "--enable-harmonizer"),
+        (dict(initial_pair_capacity=3), "--initial-pair-capacity"),
+    ],
+)
 def test_server_options_name_the_bad_flag(kw, flag):
     from nurec_jax.server.options import ServerOptions
 

@@ -54,10 +54,12 @@ def scenes(thin_scene, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(scenes, renderer, tmp_path_factory):
     assets = tmp_path_factory.mktemp("assets")
-    opts = ServerOptions(artifact_glob=str(scenes / "*.usdz"), port=0, enable_editing_actors=True,
-                         asset_dir=str(assets))
-    srv, port = create_server("127.0.0.1:0", opts, renderer=renderer,
-                              load_options=LoadOptions(ratio_floor_bytes=1 << 20))
+    opts = ServerOptions(
+        artifact_glob=str(scenes / "*.usdz"), port=0, enable_editing_actors=True, asset_dir=str(assets)
+    )
+    srv, port = create_server(
+        "127.0.0.1:0", opts, renderer=renderer, load_options=LoadOptions(ratio_floor_bytes=1 << 20)
+    )
     assert srv.serving.wait(30)
     channel, stub = connect(port)
     yield srv, stub, channel
@@ -101,13 +103,30 @@ def test_long_ids_are_refused_and_never_echoed_whole(server, thin_scene, caplog)
         (stub.render_rgb, variant(scene_id=huge), "scene_id: 'xxx", f"({8 << 20} chars)"),
         (stub.render_rgb, variant(scene_id="y" * 257), "scene_id: 'yyy", "longer than 256"),
         (stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id=huge), "scene_id", "chars)"),
-        (stub.render_rgb, variant(camera_intrinsics={"logical_id": "c" * 1000}), "camera_intrinsics.logical_id",
-         "longer than 256"),
+        (
+            stub.render_rgb,
+            variant(camera_intrinsics={"logical_id": "c" * 1000}),
+            "camera_intrinsics.logical_id",
+            "longer than 256",
+        ),
         (stub.render_rgb, variant(dynamic_objects=[obj]), "dynamic_objects[0].track_id", "longer than 256"),
-        (stub.batch_render_rgb, sensorsim_pb2.BatchRGBRenderRequest(items=[sensorsim_pb2.BatchRGBRenderRequestItem(
-            request=variant(scene_id=huge))]), "items[0].request.scene_id", "longer than 256"),
-        (stub.edit_assets, sensorsim_pb2.EditAssetsRequest(scene_id=SID, replace=[sensorsim_pb2.ReplaceAssetAction(
-            original_id="o" * 5000, replacement_id="box_truck")]), "replace[0].original_id", "longer than 256"),
+        (
+            stub.batch_render_rgb,
+            sensorsim_pb2.BatchRGBRenderRequest(
+                items=[sensorsim_pb2.BatchRGBRenderRequestItem(request=variant(scene_id=huge))]
+            ),
+            "items[0].request.scene_id",
+            "longer than 256",
+        ),
+        (
+            stub.edit_assets,
+            sensorsim_pb2.EditAssetsRequest(
+                scene_id=SID,
+                replace=[sensorsim_pb2.ReplaceAssetAction(original_id="o" * 5000, replacement_id="box_truck")],
+            ),
+            "replace[0].original_id",
+            "longer than 256",
+        ),
     ]
     for fn, request, field, text in cases:
         code, details = _code(fn, request)
@@ -117,8 +136,10 @@ def test_long_ids_are_refused_and_never_echoed_whole(server, thin_scene, caplog)
     code, details = _code(stub.render_rgb, variant(scene_id="z" * 200))
     assert code == grpc.StatusCode.NOT_FOUND and "(200 chars)" in details and "z" * 65 not in details
     # Scene headers: the id and the URL are bounded too.
-    for md, field in [((("x-nre-scene-url", "file:///x.usdz"), ("x-nre-scene-id", "i" * 1000)), "x-nre-scene-id"),
-                      ((("x-nre-scene-url", "file:///" + "u" * 5000), ("x-nre-scene-id", "ok")), "x-nre-scene-url")]:
+    for md, field in [
+        ((("x-nre-scene-url", "file:///x.usdz"), ("x-nre-scene-id", "i" * 1000)), "x-nre-scene-id"),
+        ((("x-nre-scene-url", "file:///" + "u" * 5000), ("x-nre-scene-id", "ok")), "x-nre-scene-url"),
+    ]:
         code, details = _code(stub.get_version, E, metadata=md)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details and len(details) < 1000
     assert max(len(r.getMessage()) for r in caplog.records) < 5000  # nothing huge reached the log
@@ -128,8 +149,11 @@ def test_long_ids_are_refused_and_never_echoed_whole(server, thin_scene, caplog)
 def test_undecodable_request_bytes_are_invalid_argument(server, thin_scene):
     _, stub, channel = server
     garbage = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # field 1, a length that is no varint
-    for rpc, type_name in [("render_rgb", "RGBRenderRequest"), ("get_available_cameras", "AvailableCamerasRequest"),
-                           ("edit_assets", "EditAssetsRequest")]:
+    for rpc, type_name in [
+        ("render_rgb", "RGBRenderRequest"),
+        ("get_available_cameras", "AvailableCamerasRequest"),
+        ("edit_assets", "EditAssetsRequest"),
+    ]:
         raw = channel.unary_unary(f"{SERVICE}/{rpc}")  # no serializers: bytes as they are
         code, details = _code(raw, garbage, timeout=30)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (rpc, code, details)
@@ -142,10 +166,13 @@ def test_a_batch_item_naming_another_scene_fails_alone(server, thin_scene):
     good = rgb_request(thin_scene, SID)
     other = rgb_request(thin_scene, SID)
     other.scene_id = "bomb"
-    batch = sensorsim_pb2.BatchRGBRenderRequest(items=[
-        sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="a", request=good),
-        sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="b", request=other),
-        sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="c", request=good)])
+    batch = sensorsim_pb2.BatchRGBRenderRequest(
+        items=[
+            sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="a", request=good),
+            sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="b", request=other),
+            sensorsim_pb2.BatchRGBRenderRequestItem(camera_name="c", request=good),
+        ]
+    )
     items = stub.batch_render_rgb(batch).items
     assert [i.success for i in items] == [True, False, True]
     assert items[1].error_message.startswith("INVALID_ARGUMENT: items[1].request.scene_id: 'bomb' differs")
@@ -181,22 +208,33 @@ def test_edit_assets_needs_the_editing_flag(thin_scene, renderer):
     srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0), renderer=renderer)
     channel, stub = connect(port)
     try:
-        code, details = _code(stub.edit_assets, sensorsim_pb2.EditAssetsRequest(
-            scene_id=SID, replace=[sensorsim_pb2.ReplaceAssetAction(original_id="3", replacement_id="/etc/x.ply")]))
+        code, details = _code(
+            stub.edit_assets,
+            sensorsim_pb2.EditAssetsRequest(
+                scene_id=SID, replace=[sensorsim_pb2.ReplaceAssetAction(original_id="3", replacement_id="/etc/x.ply")]
+            ),
+        )
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "--enable-editing-actors" in details
         assert "/etc" not in details
         # restore_model_parameters has nothing to undo and stays allowed (render-grpc calls it at the end).
         stub.restore_model_parameters(sensorsim_pb2.RestoreModelParametersRequest(scene_id=SID))
-        assert len(stub.get_available_cameras(sensorsim_pb2.AvailableCamerasRequest(scene_id=SID))
-                   .available_cameras) == 4
+        assert (
+            len(stub.get_available_cameras(sensorsim_pb2.AvailableCamerasRequest(scene_id=SID)).available_cameras) == 4
+        )
     finally:
         channel.close()
         srv.stop(1)
 
 
 def _ply(path):
-    write_ply_gaussians(path, np.zeros((4, 3)), np.tile([1.0, 0, 0, 0], (4, 1)), np.full((4, 3), -2.0),
-                        np.full(4, 2.0), np.zeros((4, 1, 3)))
+    write_ply_gaussians(
+        path,
+        np.zeros((4, 3)),
+        np.tile([1.0, 0, 0, 0], (4, 1)),
+        np.full((4, 3), -2.0),
+        np.full(4, 2.0),
+        np.zeros((4, 1, 3)),
+    )
     return str(path)
 
 
@@ -208,12 +246,21 @@ def test_file_assets_only_from_the_asset_dir(server, tmp_path):
     size = common_pb2.AABB(size_x=4.0, size_y=2.0, size_z=1.5)
 
     def edit(asset):
-        return stub.edit_assets(sensorsim_pb2.EditAssetsRequest(scene_id=SID, replace=[
-            sensorsim_pb2.ReplaceAssetAction(original_id="3", replacement_id=asset, object_size=size)]))
+        return stub.edit_assets(
+            sensorsim_pb2.EditAssetsRequest(
+                scene_id=SID,
+                replace=[sensorsim_pb2.ReplaceAssetAction(original_id="3", replacement_id=asset, object_size=size)],
+            )
+        )
 
     denied = {}
-    for asset in (outside, str(tmp_path / "missing.ply"), "link.ply", "../" + os.path.basename(outside),
-                  "/etc/passwd.ply"):
+    for asset in (
+        outside,
+        str(tmp_path / "missing.ply"),
+        "link.ply",
+        "../" + os.path.basename(outside),
+        "/etc/passwd.ply",
+    ):
         code, details = _code(edit, asset)
         assert code == grpc.StatusCode.PERMISSION_DENIED and "replace[0].replacement_id" in details, details
         denied[asset] = details.replace(errs.quoted(asset), "<asset>")
@@ -241,9 +288,20 @@ def test_a_bomb_scene_is_refused_and_the_server_keeps_serving(server, thin_scene
 
 
 def test_serve_grpc_refuses_a_missing_asset_dir_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--port=0",
-                           f"--asset-dir={tmp_path / 'nope'}", "--compilation-cache-dir="],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nurec_jax.cli.serve_grpc",
+            "--port=0",
+            f"--asset-dir={tmp_path / 'nope'}",
+            "--compilation-cache-dir=",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--asset-dir" in proc.stderr and "Traceback" not in proc.stderr
     assert len([l for l in proc.stderr.splitlines() if "serve-grpc:" in l]) == 1

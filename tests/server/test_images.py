@@ -38,14 +38,17 @@ def test_planar_layout_is_chw():
     np.testing.assert_array_equal(planes.transpose(1, 2, 0), images.to_uint8(rgb))
 
 
-@pytest.mark.parametrize("fmt,quality,message", [
-    (sensorsim_pb2.UNDEFINED, 95, "image_format: UNDEFINED is not supported"),
-    (sensorsim_pb2.JPEG2000, 95, "image_format: JPEG2000 is not supported"),
-    (sensorsim_pb2.AV1, 95, "image_format: AV1"),
-    (99, 95, "image_format: 99"),
-    (sensorsim_pb2.JPEG, 0, r"image_quality: JPEG quality must be in \[1, 100\]"),
-    (sensorsim_pb2.JPEG, 0.95, r"image_quality"),
-])
+@pytest.mark.parametrize(
+    "fmt,quality,message",
+    [
+        (sensorsim_pb2.UNDEFINED, 95, "image_format: UNDEFINED is not supported"),
+        (sensorsim_pb2.JPEG2000, 95, "image_format: JPEG2000 is not supported"),
+        (sensorsim_pb2.AV1, 95, "image_format: AV1"),
+        (99, 95, "image_format: 99"),
+        (sensorsim_pb2.JPEG, 0, r"image_quality: JPEG quality must be in \[1, 100\]"),
+        (sensorsim_pb2.JPEG, 0.95, r"image_quality"),
+    ],
+)
 def test_refused_formats_name_the_field(fmt, quality, message):
     with pytest.raises(ValueError, match=message):
         images.encode(_image(), fmt, quality)

@@ -74,13 +74,19 @@ def test_scrape_has_every_family_and_label(metrics_server):
     status, ctype, body = _get(metrics_server, "/metrics")
     assert status == 200 and ctype.startswith("text/plain; version=")
     fams = _families(body)
-    assert fams["nurec_requests"] == ("counter", {("nurec_requests_total", (("method", "get_version"),)): 1.0,
-                                                  ("nurec_requests_total", (("method", "render_rgb"),)): 6.0})
+    assert fams["nurec_requests"] == (
+        "counter",
+        {
+            ("nurec_requests_total", (("method", "get_version"),)): 1.0,
+            ("nurec_requests_total", (("method", "render_rgb"),)): 6.0,
+        },
+    )
     kind, samples = fams["nurec_responses"]
     assert kind == "counter" and samples == {
         ("nurec_responses_total", (("code", "NOT_FOUND"), ("method", "render_rgb"))): 1.0,
         ("nurec_responses_total", (("code", "OK"), ("method", "get_version"))): 1.0,
-        ("nurec_responses_total", (("code", "OK"), ("method", "render_rgb"))): 5.0}
+        ("nurec_responses_total", (("code", "OK"), ("method", "render_rgb"))): 5.0,
+    }
     kind, samples = fams["nurec_render_latency_seconds"]
     assert kind == "histogram"
     buckets = {dict(labels)["le"]: v for (name, labels), v in samples.items() if name.endswith("_bucket")}
@@ -91,14 +97,21 @@ def test_scrape_has_every_family_and_label(metrics_server):
     assert samples[("nurec_render_latency_seconds_sum", ())] == pytest.approx(13.204)
     assert fams["nurec_renders"] == ("counter", {("nurec_renders_total", ()): 5.0})
     assert fams["nurec_scenes_loaded"] == ("gauge", {("nurec_scenes_loaded", ()): 2.0})
-    assert fams["nurec_scene_loaded"][1] == {("nurec_scene_loaded", (("scene_id", "street-b"),)): 1.0,
-                                             ("nurec_scene_loaded", (("scene_id", 'we"ird\\id\nx'),)): 1.0}
+    assert fams["nurec_scene_loaded"][1] == {
+        ("nurec_scene_loaded", (("scene_id", "street-b"),)): 1.0,
+        ("nurec_scene_loaded", (("scene_id", 'we"ird\\id\nx'),)): 1.0,
+    }
     assert fams["nurec_compiles"] == ("counter", {("nurec_compiles_total", ()): 2.0})
     assert fams["nurec_compile_cache_hits"][1] == {("nurec_compile_cache_hits_total", ()): 1.0}
     assert fams["nurec_compile_cache_misses"][1] == {("nurec_compile_cache_misses_total", ()): 2.0}
     kind, samples = fams["nurec_warmup_state"]
     assert kind == "gauge" and {dict(k[1])["state"]: v for k, v in samples.items()} == {
-        "off": 0, "running": 1, "done": 0, "stopped": 0, "failed": 0}
+        "off": 0,
+        "running": 1,
+        "done": 0,
+        "stopped": 0,
+        "failed": 0,
+    }
 
 
 def test_failing_snapshot_answers_500_and_the_endpoint_keeps_serving(metrics_server):
@@ -116,9 +129,18 @@ def test_empty_snapshot_exposes_every_family():
         fams = _families(_get(port, "/metrics")[2])
     finally:
         server.stop()
-    assert {"nurec_requests", "nurec_responses", "nurec_render_latency_seconds", "nurec_renders",
-            "nurec_scenes_loaded", "nurec_scene_loaded", "nurec_compiles", "nurec_compile_cache_hits",
-            "nurec_compile_cache_misses", "nurec_warmup_state"} <= set(fams)
+    assert {
+        "nurec_requests",
+        "nurec_responses",
+        "nurec_render_latency_seconds",
+        "nurec_renders",
+        "nurec_scenes_loaded",
+        "nurec_scene_loaded",
+        "nurec_compiles",
+        "nurec_compile_cache_hits",
+        "nurec_compile_cache_misses",
+        "nurec_warmup_state",
+    } <= set(fams)
     assert fams["nurec_render_latency_seconds"][1][("nurec_render_latency_seconds_count", ())] == 0
     with pytest.raises(OSError):
         _get(port, "/healthz")
@@ -130,8 +152,11 @@ def test_empty_snapshot_exposes_every_family():
 @pytest.fixture
 def persistent_cache(tmp_path):
     """JAX's persistent compilation cache in tmp_path for one test, caching everything; restored after."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     saved = {n: getattr(jax.config, n) for n in names}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -150,6 +175,7 @@ def test_compile_cache_counter(persistent_cache):
     counter = CompileCacheCounter().register()
     assert counter.register() is counter  # idempotent: one listener
     try:
+
         def f(x):
             return jnp.tanh(x) * 3.0 + 0.25
 

@@ -76,12 +76,13 @@ def test_clients_of_both_proto_sets_render_a_downloaded_scene(started, thin_scen
     assert list(old.get_available_scenes(common_pb2.Empty(), timeout=10).scene_ids) == []
     md = (("x-nre-scene-url", url), ("x-nre-scene-id", SID))
     # The first call that names the scene (from a NuRec 26.x client) downloads it.
-    cams = new.get_available_cameras(nurec_sensorsim_pb2.AvailableCamerasRequest(scene_id=SID), metadata=md,
-                                     timeout=60)
+    cams = new.get_available_cameras(nurec_sensorsim_pb2.AvailableCamerasRequest(scene_id=SID), metadata=md, timeout=60)
     assert isinstance(cams, nurec_sensorsim_pb2.AvailableCamerasReturn) and len(cams.available_cameras) == 4
     assert list(old.get_available_scenes(common_pb2.Empty(), timeout=10).scene_ids) == [SID]
-    assert new.get_version(nurec_common_pb2.Empty(), timeout=10).version_id == \
-        old.get_version(common_pb2.Empty(), timeout=10).version_id
+    assert (
+        new.get_version(nurec_common_pb2.Empty(), timeout=10).version_id
+        == old.get_version(common_pb2.Empty(), timeout=10).version_id
+    )
 
     req = rgb_request(thin_scene, SID, frame=10)
     a = decode(old.render_rgb(req, timeout=300).image_bytes)
@@ -95,8 +96,10 @@ def test_clients_of_both_proto_sets_render_a_downloaded_scene(started, thin_scen
     ego = nurec_sensorsim_pb2.RGBRenderRequest.FromString(req.SerializeToString())
     ego.ClearField("sensor_pose")
     ego.camera_intrinsics.logical_id = CAM
-    rig = [nurec_common_pb2.Pose.FromString(convert.se3_to_grpc_pose(meta.trajectory.pose_at(t)).SerializeToString())
-           for t in (req.frame_start_us, req.frame_end_us)]
+    rig = [
+        nurec_common_pb2.Pose.FromString(convert.se3_to_grpc_pose(meta.trajectory.pose_at(t)).SerializeToString())
+        for t in (req.frame_start_us, req.frame_end_us)
+    ]
     ego.ego_pose.CopyFrom(nurec_sensorsim_pb2.PosePair(start_pose=rig[0], end_pose=rig[1]))
     c = decode(new.render_rgb(ego, timeout=300).image_bytes)
     assert np.abs(c.astype(int) - a.astype(int)).max() <= 2  # float32 pose composition, PNG rounding

@@ -35,11 +35,21 @@ def test_timing_metrics_profiler_and_postprocessing(thin_scene, tmp_path):
     model.save(str(tmp_path / "difix" / "grade.msgpack"))
     renderer = Renderer(RenderOptions(pair_capacity=1 << 16))
     opts = ServerOptions(
-        artifact_glob=thin_scene, port=0, enable_timing=True, timing_verbosity="BASIC",
-        timing_logfile=str(tmp_path / "timing" / "log.jsonl"), timing_synchronize=True,
-        metrics_output_dir=str(tmp_path / "metrics"), metrics_port=0, profiling_backend="JAX",
-        profiling_trace_dir=str(tmp_path / "trace"), enable_difix=True, difix_cache=str(tmp_path / "difix"),
-        difix_model_filename="grade.msgpack", difix_resolution=(0, 0))
+        artifact_glob=thin_scene,
+        port=0,
+        enable_timing=True,
+        timing_verbosity="BASIC",
+        timing_logfile=str(tmp_path / "timing" / "log.jsonl"),
+        timing_synchronize=True,
+        metrics_output_dir=str(tmp_path / "metrics"),
+        metrics_port=0,
+        profiling_backend="JAX",
+        profiling_trace_dir=str(tmp_path / "trace"),
+        enable_difix=True,
+        difix_cache=str(tmp_path / "difix"),
+        difix_model_filename="grade.msgpack",
+        difix_resolution=(0, 0),
+    )
     srv, port = create_server("127.0.0.1:0", opts, renderer=renderer)
     try:
         assert srv.serving.wait(30)
@@ -49,8 +59,9 @@ def test_timing_metrics_profiler_and_postprocessing(thin_scene, tmp_path):
         # The post-pass is applied to the render: the served image is the model applied to the library's image.
         scene, meta = load_scene(thin_scene), read_scene_metadata(thin_scene)
         job = req_lib.prepare_rgb(meta, req, editing_enabled=False)
-        out = renderer.render(scene.gaussians, job.camera, job.sensor_pose,
-                              req_lib.job_actor_poses(meta, scene.gaussians.track_ids, job))
+        out = renderer.render(
+            scene.gaussians, job.camera, job.sensor_pose, req_lib.job_actor_poses(meta, scene.gaussians.track_ids, job)
+        )
         plain = np.asarray(out.rgb)
         expected = images.to_uint8(model(plain))
         assert np.abs(served[0].astype(int) - expected.astype(int)).max() <= 1
@@ -63,8 +74,11 @@ def test_timing_metrics_profiler_and_postprocessing(thin_scene, tmp_path):
         assert "render_rgb': 4" in cfg["stats.requests"] and int(cfg["stats.compile_cache_hits"]) >= 0
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10) as r:
             text = r.read().decode()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
         assert samples[("nurec_requests_total", (("method", "render_rgb"),))] == 4
         assert samples[("nurec_responses_total", (("code", "OK"), ("method", "render_rgb")))] == 4
         assert samples[("nurec_scene_loaded", (("scene_id", SID),))] == 1

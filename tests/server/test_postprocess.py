@@ -23,11 +23,17 @@ _ATOL = 1e-5
 def _two_layer(seed=0, residual=False, resolution=(0, 0)) -> PostProcessor:
     rng = np.random.default_rng(seed)
     return PostProcessor(
-        (ConvLayer(rng.normal(0, 0.3, (3, 3, 3, 4)).astype(np.float32), rng.normal(0, 0.1, 4).astype(np.float32),
-                   "relu"),
-         ConvLayer(rng.normal(0, 0.3, (5, 3, 4, 3)).astype(np.float32), rng.normal(0.3, 0.1, 3).astype(np.float32),
-                   "none")),
-        resolution=resolution, residual=residual)
+        (
+            ConvLayer(
+                rng.normal(0, 0.3, (3, 3, 3, 4)).astype(np.float32), rng.normal(0, 0.1, 4).astype(np.float32), "relu"
+            ),
+            ConvLayer(
+                rng.normal(0, 0.3, (5, 3, 4, 3)).astype(np.float32), rng.normal(0.3, 0.1, 3).astype(np.float32), "none"
+            ),
+        ),
+        resolution=resolution,
+        residual=residual,
+    )
 
 
 def _image(h=12, w=16, seed=1) -> np.ndarray:
@@ -36,9 +42,14 @@ def _image(h=12, w=16, seed=1) -> np.ndarray:
 
 def _smooth_image(h=12, w=16) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([0.5 + 0.3 * np.sin(2 * np.pi * xx / w + 0.3) * np.cos(2 * np.pi * yy / (2 * h)),
-                     0.4 + 0.02 * xx + 0.01 * yy,
-                     0.6 - 0.2 * np.cos(np.pi * yy / h)], -1).astype(np.float32)
+    return np.stack(
+        [
+            0.5 + 0.3 * np.sin(2 * np.pi * xx / w + 0.3) * np.cos(2 * np.pi * yy / (2 * h)),
+            0.4 + 0.02 * xx + 0.01 * yy,
+            0.6 - 0.2 * np.cos(np.pi * yy / h),
+        ],
+        -1,
+    ).astype(np.float32)
 
 
 def _conv_ref(x, kernel, bias):
@@ -49,7 +60,7 @@ def _conv_ref(x, kernel, bias):
     out = np.broadcast_to(bias.astype(np.float64), (h, w, kernel.shape[3])).copy()
     for i in range(kh):
         for j in range(kw):
-            out += xp[i:i + h, j:j + w] @ kernel[i, j].astype(np.float64)
+            out += xp[i : i + h, j : j + w] @ kernel[i, j].astype(np.float64)
     return out
 
 
@@ -167,35 +178,41 @@ _DELETE = object()
 _F = np.float32
 
 
-@pytest.mark.parametrize("path,value,message", [
-    ("format", "difix", r"format: expected 'nurec-jax-postprocess', got 'difix'"),
-    ("version", 2, r"version: this nurec-jax reads version 1, got 2"),
-    ("version", True, r"version: .* got True"),
-    ("resolution", [576], r"resolution: expected \[H, W\] integers"),
-    ("resolution", [576, 0], r"resolution: expected positive \[H, W\], or \[0, 0\]"),
-    ("resolution", [576.0, 1024.0], r"resolution: expected \[H, W\] integers"),
-    ("residual", "yes", r"residual: expected a bool"),
-    ("layers", [], r"layers: the net needs at least one layer"),
-    ("layers", "conv", r"layers: expected a list"),
-    ("layers.0", 3, r"layers\[0\]: expected a map"),
-    ("layers.1.stride", 2, r"layers\[1\]: keys must be \['kernel', 'bias', 'activation'\]"),
-    ("layers.0.kernel", np.zeros((3, 3, 4, 4), _F), r"layers\[0\].kernel: .*cin=4.*RGB input"),
-    ("layers.1.kernel", np.zeros((5, 3, 5, 3), _F), r"layers\[1\].kernel: .*cin=5.*layers\[0\]'s 4 output"),
-    ("layers.1", {"kernel": np.zeros((5, 3, 4, 2), _F), "bias": np.zeros(2, _F), "activation": "none"},
-     r"layers\[1\].kernel: the last layer must output 3 channels \(RGB\), got cout=2"),
-    ("layers.0.kernel", np.zeros((2, 3, 3, 4), _F), r"layers\[0\].kernel: kernel size 2x3 must be odd"),
-    ("layers.1.kernel", np.zeros((5, 4, 4, 3), _F), r"layers\[1\].kernel: kernel size 5x4 must be odd"),
-    ("layers.0.kernel", np.zeros((3, 3, 3), _F), r"layers\[0\].kernel: expected \[kh, kw, cin, cout\]"),
-    ("layers.0.kernel", np.zeros((3, 3, 3, 4)), r"layers\[0\].kernel: expected a float32 array, got dtype float64"),
-    ("layers.0.kernel", [[1.0]], r"layers\[0\].kernel: expected a float32 array, got list"),
-    ("layers.0.bias", np.zeros(3, _F), r"layers\[0\].bias: expected shape \[4\]"),
-    ("layers.1.bias", np.array([0, np.nan, 0], _F), r"layers\[1\].bias: contains NaN or inf"),
-    ("layers.0.kernel", np.full((3, 3, 3, 4), np.inf, _F), r"layers\[0\].kernel: contains NaN or inf"),
-    ("layers.1.activation", "gelu", r"layers\[1\].activation: expected one of \['relu', 'none'\], got 'gelu'"),
-    ("extra", 1, r"unknown key\(s\) \['extra'\]"),
-    ("residual", _DELETE, r"missing key\(s\) \['residual'\]"),
-    ("description", 3, r"description: expected a str"),
-])
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("format", "difix", r"format: expected 'nurec-jax-postprocess', got 'difix'"),
+        ("version", 2, r"version: this nurec-jax reads version 1, got 2"),
+        ("version", True, r"version: .* got True"),
+        ("resolution", [576], r"resolution: expected \[H, W\] integers"),
+        ("resolution", [576, 0], r"resolution: expected positive \[H, W\], or \[0, 0\]"),
+        ("resolution", [576.0, 1024.0], r"resolution: expected \[H, W\] integers"),
+        ("residual", "yes", r"residual: expected a bool"),
+        ("layers", [], r"layers: the net needs at least one layer"),
+        ("layers", "conv", r"layers: expected a list"),
+        ("layers.0", 3, r"layers\[0\]: expected a map"),
+        ("layers.1.stride", 2, r"layers\[1\]: keys must be \['kernel', 'bias', 'activation'\]"),
+        ("layers.0.kernel", np.zeros((3, 3, 4, 4), _F), r"layers\[0\].kernel: .*cin=4.*RGB input"),
+        ("layers.1.kernel", np.zeros((5, 3, 5, 3), _F), r"layers\[1\].kernel: .*cin=5.*layers\[0\]'s 4 output"),
+        (
+            "layers.1",
+            {"kernel": np.zeros((5, 3, 4, 2), _F), "bias": np.zeros(2, _F), "activation": "none"},
+            r"layers\[1\].kernel: the last layer must output 3 channels \(RGB\), got cout=2",
+        ),
+        ("layers.0.kernel", np.zeros((2, 3, 3, 4), _F), r"layers\[0\].kernel: kernel size 2x3 must be odd"),
+        ("layers.1.kernel", np.zeros((5, 4, 4, 3), _F), r"layers\[1\].kernel: kernel size 5x4 must be odd"),
+        ("layers.0.kernel", np.zeros((3, 3, 3), _F), r"layers\[0\].kernel: expected \[kh, kw, cin, cout\]"),
+        ("layers.0.kernel", np.zeros((3, 3, 3, 4)), r"layers\[0\].kernel: expected a float32 array, got dtype float64"),
+        ("layers.0.kernel", [[1.0]], r"layers\[0\].kernel: expected a float32 array, got list"),
+        ("layers.0.bias", np.zeros(3, _F), r"layers\[0\].bias: expected shape \[4\]"),
+        ("layers.1.bias", np.array([0, np.nan, 0], _F), r"layers\[1\].bias: contains NaN or inf"),
+        ("layers.0.kernel", np.full((3, 3, 3, 4), np.inf, _F), r"layers\[0\].kernel: contains NaN or inf"),
+        ("layers.1.activation", "gelu", r"layers\[1\].activation: expected one of \['relu', 'none'\], got 'gelu'"),
+        ("extra", 1, r"unknown key\(s\) \['extra'\]"),
+        ("residual", _DELETE, r"missing key\(s\) \['residual'\]"),
+        ("description", 3, r"description: expected a str"),
+    ],
+)
 def test_validation_names_the_field(tmp_path, path, value, message):
     d = _valid_dict()
     _set(d, path, value)
@@ -233,8 +250,7 @@ def _torch_like_files(d):
 
 def test_pytorch_checkpoints_refused(tmp_path):
     for f, reason in _torch_like_files(tmp_path / "src").items():
-        for call in (lambda: PostProcessor.load(str(f)),
-                     lambda: resolve_model_path(str(f.parent), f.name, None)):
+        for call in (lambda: PostProcessor.load(str(f)), lambda: resolve_model_path(str(f.parent), f.name, None)):
             with pytest.raises(ValueError, match="looks like a PyTorch checkpoint") as e:
                 call()
             msg = str(e.value)
@@ -263,11 +279,15 @@ def test_missing_model_message(tmp_path):
     # The model URL goes through the server's one downloader: local paths are never read through it, and
     # whether such a file exists is not told.
     (tmp_path / "exists.msgpack").write_bytes(b"x")
-    for url, detail in [(str(tmp_path / "nope.msgpack"), "local paths are not accepted"),
-                        (str(tmp_path / "exists.msgpack"), "local paths are not accepted"),
-                        ("file:///etc/passwd", "local paths are not accepted; give an http:// or https:// URL "
-                                               "\\(copy a local model to "),
-                        ("s3://bucket/m.msgpack", "unsupported URL scheme 's3'")]:
+    for url, detail in [
+        (str(tmp_path / "nope.msgpack"), "local paths are not accepted"),
+        (str(tmp_path / "exists.msgpack"), "local paths are not accepted"),
+        (
+            "file:///etc/passwd",
+            "local paths are not accepted; give an http:// or https:// URL \\(copy a local model to ",
+        ),
+        ("s3://bucket/m.msgpack", "unsupported URL scheme 's3'"),
+    ]:
         with pytest.raises(ValueError, match=f"looked for {cache / 'm.msgpack'}.*{detail}"):
             resolve_model_path(str(cache), "m.msgpack", url)
     assert not cache.exists()
@@ -285,18 +305,27 @@ def test_http_download_through_the_hardened_downloader(tmp_path, http_dir):
     _two_layer(residual=True).save(str(www / "model.msgpack"))
     cache = tmp_path / "cache"
     # Loopback is a private destination: refused like a scene URL unless the server allows it.
-    with pytest.raises(ValueError, match=r"downloading --difix-url .* failed \(host '127.0.0.1' resolves to a "
-                                         r"loopback address.*--download-allow-private"):
+    with pytest.raises(
+        ValueError,
+        match=r"downloading --difix-url .* failed \(host '127.0.0.1' resolves to a "
+        r"loopback address.*--download-allow-private",
+    ):
         resolve_model_path(str(cache), "m.msgpack", f"{base}/model.msgpack")
     loopback = DestinationPolicy(allow_private=True)
     path = resolve_model_path(str(cache), "m.msgpack", f"{base}/model.msgpack", loopback)
     assert os.listdir(cache) == ["m.msgpack"]
     assert PostProcessor.load(path).residual is True
-    with pytest.raises(ValueError, match=r"looked for .*other.msgpack.*downloading --difix-url .*/missing.msgpack "
-                                         r"failed \(HTTP Error 404"):
+    with pytest.raises(
+        ValueError,
+        match=r"looked for .*other.msgpack.*downloading --difix-url .*/missing.msgpack "
+        r"failed \(HTTP Error 404",
+    ):
         resolve_model_path(str(cache), "other.msgpack", f"{base}/missing.msgpack", loopback)
-    with pytest.raises(ValueError, match=r"failed \(the file is \d+ bytes, above the limit of 100 "
-                                         r"\(--download-max-bytes\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"failed \(the file is \d+ bytes, above the limit of 100 "
+        r"\(--download-max-bytes\)",
+    ):
         resolve_model_path(str(cache), "other.msgpack", f"{base}/model.msgpack", loopback, Limits(max_bytes=100))
     with zipfile.ZipFile(www / "ckpt.bin", "w") as z:
         z.writestr("data.pkl", b"x")
@@ -340,9 +369,21 @@ def test_tool_models():
 
 def test_tool_command_line(tmp_path):
     out = tmp_path / "difix" / "cosmos_3dgut.msgpack"
-    proc = subprocess.run([sys.executable, os.path.join(_ROOT, "tools", "make_postprocess_model.py"), "--kind=warm",
-                           f"--output={out}", "--resolution", "576", "1024"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(_ROOT, "tools", "make_postprocess_model.py"),
+            "--kind=warm",
+            f"--output={out}",
+            "--resolution",
+            "576",
+            "1024",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and "working resolution 576x1024" in proc.stdout
     assert f"--enable-difix --difix-cache {out.parent} --difix-model-filename cosmos_3dgut.msgpack" in proc.stdout

@@ -31,8 +31,13 @@ def test_local_paths_are_refused(tmp_path, thin_scene):
     with pytest.raises(NotFound, match="unknown scene 'mine'"):
         reg.metadata("mine")
     messages = set()
-    for url in ("file://" + thin_scene, thin_scene, "file:///does/not/exist.usdz", "/does/not/exist.usdz",
-                "relative/a.usdz"):
+    for url in (
+        "file://" + thin_scene,
+        thin_scene,
+        "file:///does/not/exist.usdz",
+        "/does/not/exist.usdz",
+        "relative/a.usdz",
+    ):
         with pytest.raises(InvalidArgument, match="^x-nre-scene-url: local paths are not accepted") as info:
             reg.register("mine", url)
         messages.add(str(info.value))
@@ -47,8 +52,15 @@ def test_local_paths_are_refused(tmp_path, thin_scene):
 def test_parse_scene_url():
     assert parse_scene_url("https://h/a.usdz") == "https://h/a.usdz"
     assert parse_scene_url("HTTP://h:8080/a.usdz") == "HTTP://h:8080/a.usdz"
-    for bad in ("/abs/a.usdz", "file:///abs/a.usdz", "relative/a.usdz", "s3://b/a.usdz", "file://otherhost/a.usdz",
-                "http:///a.usdz", "http://h:99999/a.usdz"):
+    for bad in (
+        "/abs/a.usdz",
+        "file:///abs/a.usdz",
+        "relative/a.usdz",
+        "s3://b/a.usdz",
+        "file://otherhost/a.usdz",
+        "http:///a.usdz",
+        "http://h:99999/a.usdz",
+    ):
         with pytest.raises(DownloadError):
             parse_scene_url(bad)
 

@@ -25,9 +25,15 @@ def _request(meta, **over):
     rig = meta.trajectory.pose_at(s) if meta.trajectory is not None else np.eye(4)
     pose = convert.se3_to_grpc_pose(rig @ cal.T_sensor_rig)
     req = sensorsim_pb2.RGBRenderRequest(
-        scene_id=meta.scene_id, resolution_h=54, resolution_w=96,
-        camera_intrinsics=sensorsim_pb2.CameraSpec(logical_id=CAM), frame_start_us=s, frame_end_us=e,
-        sensor_pose=sensorsim_pb2.PosePair(start_pose=pose, end_pose=pose), image_format=sensorsim_pb2.PNG)
+        scene_id=meta.scene_id,
+        resolution_h=54,
+        resolution_w=96,
+        camera_intrinsics=sensorsim_pb2.CameraSpec(logical_id=CAM),
+        frame_start_us=s,
+        frame_end_us=e,
+        sensor_pose=sensorsim_pb2.PosePair(start_pose=pose, end_pose=pose),
+        image_format=sensorsim_pb2.PNG,
+    )
     for k, v in over.items():
         if isinstance(v, type(req.sensor_pose)) or hasattr(v, "DESCRIPTOR"):
             getattr(req, k).CopyFrom(v)
@@ -55,17 +61,30 @@ def test_field_errors(meta):
     _raises(InvalidArgument, meta, "resolution_w/resolution_h: both are 0", resolution_h=0, resolution_w=0)
     _raises(InvalidArgument, meta, "exceeds 16384", resolution_h=100000, resolution_w=0)
     _raises(InvalidArgument, meta, "gives an output of 1x0", resolution_h=0, resolution_w=1)
-    _raises(NotFound, meta, "camera_intrinsics.logical_id: camera 'nope'",
-            camera_intrinsics=sensorsim_pb2.CameraSpec(logical_id="nope"))
-    _raises(InvalidArgument, meta, "neither a camera_param nor a logical_id",
-            camera_intrinsics=sensorsim_pb2.CameraSpec())
+    _raises(
+        NotFound,
+        meta,
+        "camera_intrinsics.logical_id: camera 'nope'",
+        camera_intrinsics=sensorsim_pb2.CameraSpec(logical_id="nope"),
+    )
+    _raises(
+        InvalidArgument, meta, "neither a camera_param nor a logical_id", camera_intrinsics=sensorsim_pb2.CameraSpec()
+    )
     nan_pose = common_pb2.Pose(vec=common_pb2.Vec3(x=math.nan), quat=common_pb2.Quat(w=1))
-    _raises(InvalidArgument, meta, "sensor_pose.start_pose: non-finite",
-            sensor_pose=sensorsim_pb2.PosePair(start_pose=nan_pose, end_pose=nan_pose))
+    _raises(
+        InvalidArgument,
+        meta,
+        "sensor_pose.start_pose: non-finite",
+        sensor_pose=sensorsim_pb2.PosePair(start_pose=nan_pose, end_pose=nan_pose),
+    )
     zero_q = common_pb2.Pose(quat=common_pb2.Quat())
     good = common_pb2.Pose(quat=common_pb2.Quat(w=1))
-    _raises(InvalidArgument, meta, "sensor_pose.end_pose.quat: zero-norm",
-            sensor_pose=sensorsim_pb2.PosePair(start_pose=good, end_pose=zero_q))
+    _raises(
+        InvalidArgument,
+        meta,
+        "sensor_pose.end_pose.quat: zero-norm",
+        sensor_pose=sensorsim_pb2.PosePair(start_pose=good, end_pose=zero_q),
+    )
     req = _request(meta)
     req.ClearField("sensor_pose")
     with pytest.raises(InvalidArgument, match="sensor_pose: missing"):
@@ -74,8 +93,10 @@ def test_field_errors(meta):
     assert status_of(InvalidArgument("x"))[0].name == "INVALID_ARGUMENT"
     assert status_of(ValueError("x"))[0].name == "INVALID_ARGUMENT"
     assert status_of(MemoryError("x"))[0].name == "RESOURCE_EXHAUSTED"
-    assert status_of(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))[0].name == \
-        "RESOURCE_EXHAUSTED"
+    assert (
+        status_of(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))[0].name
+        == "RESOURCE_EXHAUSTED"
+    )
 
 
 def test_time_interval(meta):
@@ -96,8 +117,9 @@ def test_time_interval(meta):
 def test_novel_camera_with_unknown_logical_id(meta):
     spec = convert.camera_spec_from_intrinsics("my_new_camera", meta.cameras["camera_rear_pinhole_70fov"].intrinsics)
     spec.opencv_pinhole_param.focal_length_x *= 0.5
-    job = requests.prepare_rgb(meta, _request(meta, camera_intrinsics=spec, resolution_h=72, resolution_w=0),
-                               editing_enabled=False)
+    job = requests.prepare_rgb(
+        meta, _request(meta, camera_intrinsics=spec, resolution_h=72, resolution_w=0), editing_enabled=False
+    )
     assert (job.camera.width, job.camera.height) == (128, 72)
     bad = sensorsim_pb2.CameraSpec()
     bad.CopyFrom(spec)
@@ -109,8 +131,12 @@ def test_dynamic_objects(meta):
     cal = meta.cameras[CAM]
     s, e = (int(t) for t in cal.frame_timestamps_us[5])
     track = meta.tracks["3"]
-    obj = sensorsim_pb2.DynamicObject(track_id="3", pose_pair=sensorsim_pb2.PosePair(
-        start_pose=convert.se3_to_grpc_pose(track.pose_at(s)), end_pose=convert.se3_to_grpc_pose(track.pose_at(e))))
+    obj = sensorsim_pb2.DynamicObject(
+        track_id="3",
+        pose_pair=sensorsim_pb2.PosePair(
+            start_pose=convert.se3_to_grpc_pose(track.pose_at(s)), end_pose=convert.se3_to_grpc_pose(track.pose_at(e))
+        ),
+    )
     req = _request(meta)
     req.dynamic_objects.append(obj)
     with pytest.raises(InvalidArgument, match="--enable-editing-actors"):
@@ -159,10 +185,14 @@ def test_ego_pose_alone_is_composed_with_the_camera_mount(meta):
     with_sensor = requests.prepare_rgb(meta, _request(meta), editing_enabled=False)
     ego_only = requests.prepare_rgb(meta, _ego_request(meta, sensor=False), editing_enabled=False)
     # The same camera pose, whether sent as sensor_pose or derived from ego_pose and the camera's mount.
-    np.testing.assert_allclose(np.asarray(ego_only.sensor_pose.start.as_matrix()),
-                               np.asarray(with_sensor.sensor_pose.start.as_matrix()), atol=2e-5)
-    np.testing.assert_allclose(np.asarray(ego_only.sensor_pose.end.as_matrix()),
-                               np.asarray(with_sensor.sensor_pose.end.as_matrix()), atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(ego_only.sensor_pose.start.as_matrix()),
+        np.asarray(with_sensor.sensor_pose.start.as_matrix()),
+        atol=2e-5,
+    )
+    np.testing.assert_allclose(
+        np.asarray(ego_only.sensor_pose.end.as_matrix()), np.asarray(with_sensor.sensor_pose.end.as_matrix()), atol=2e-5
+    )
     # The mount really enters: the camera is not at the rig origin.
     cal = meta.cameras[CAM]
     assert np.linalg.norm(cal.T_sensor_rig[:3, 3]) > 0.1
@@ -186,8 +216,9 @@ def test_ego_pose_and_sensor_pose_must_agree(meta):
 
 def test_ego_pose_needs_a_mount_or_a_sensor_pose(meta):
     novel = _ego_request(meta, sensor=False, logical_id="roof_cam_novel")
-    novel.camera_intrinsics.CopyFrom(convert.camera_spec_from_intrinsics("roof_cam_novel",
-                                                                          meta.cameras[CAM].intrinsics))
+    novel.camera_intrinsics.CopyFrom(
+        convert.camera_spec_from_intrinsics("roof_cam_novel", meta.cameras[CAM].intrinsics)
+    )
     with pytest.raises(InvalidArgument, match="ego_pose: without a sensor_pose .* 'roof_cam_novel' names no camera"):
         requests.prepare_rgb(meta, novel, editing_enabled=False)
     novel.sensor_pose.CopyFrom(_request(meta).sensor_pose)  # with its own pose a novel camera renders

@@ -107,6 +107,7 @@ def test_timer_opens_profiler_ranges(monkeypatch):
 
                 def __exit__(self, *exc):
                     opened.append(("exit", name))
+
             return R()
 
     t = StageTimer(profiler=FakeProfiler())
@@ -147,13 +148,20 @@ def test_basic_logs_one_line_per_request_and_logfile(tmp_path, caplog):
     log.add("render_rgb", "scene-a", {"decode_request": 0.5, "render": 10.0}, total_ms=12.0)
     log.add("render_lidar", "scene-b", {"render": 3.25})
     msgs = [r.getMessage() for r in caplog.records if r.name == _LOGGER_NAME]
-    assert msgs == ["timing render_rgb scene=scene-a total=12.00 ms | decode_request=0.50 render=10.00",
-                    "timing render_lidar scene=scene-b total=3.25 ms | render=3.25"]
+    assert msgs == [
+        "timing render_rgb scene=scene-a total=12.00 ms | decode_request=0.50 render=10.00",
+        "timing render_lidar scene=scene-b total=3.25 ms | render=3.25",
+    ]
     lines = [json.loads(s) for s in path.read_text().splitlines()]  # line-buffered: visible before close
     assert [{k: v for k, v in d.items() if k != "time"} for d in lines] == [
-        {"method": "render_rgb", "scene_id": "scene-a", "total_ms": 12.0,
-         "stages": {"decode_request": 0.5, "render": 10.0}},
-        {"method": "render_lidar", "scene_id": "scene-b", "total_ms": 3.25, "stages": {"render": 3.25}}]
+        {
+            "method": "render_rgb",
+            "scene_id": "scene-a",
+            "total_ms": 12.0,
+            "stages": {"decode_request": 0.5, "render": 10.0},
+        },
+        {"method": "render_lidar", "scene_id": "scene-b", "total_ms": 3.25, "stages": {"render": 3.25}},
+    ]
     assert abs(lines[0]["time"] - time.time()) < 60
     caplog.clear()
     log.close()
@@ -185,7 +193,8 @@ def test_none_and_summary_verbosity(tmp_path, caplog):
         assert not [r for r in caplog.records if r.name == _LOGGER_NAME]  # nothing per request
         s = log.summary()  # available at any verbosity
         assert s["render_rgb"]["render"] == pytest.approx(
-            {"count": 4, "mean_ms": 2.5, "p50_ms": 2.5, "p95_ms": 3.85, "max_ms": 4.0})
+            {"count": 4, "mean_ms": 2.5, "p50_ms": 2.5, "p95_ms": 3.85, "max_ms": 4.0}
+        )
         assert list(s["render_rgb"]) == ["total", "setup", "render"] and s["render_rgb"]["total"]["max_ms"] == 5.0
         log.close()
         log.close()  # idempotent
@@ -244,7 +253,9 @@ def test_metrics_yaml_after_warmups(tmp_path):
     assert not (tmp_path / "metrics" / "metrics.yaml").exists()  # not before the flush interval
     log.flush()
     text = (tmp_path / "metrics" / "metrics.yaml").read_text()
-    assert text == """\
+    assert (
+        text
+        == """\
 # nurec-jax render metrics (--metrics-output-dir): render-time samples in ms, per method,
 # after the first 3 renders of each method (warm-up).
 warmup_renders: 3
@@ -269,10 +280,19 @@ render_lidar:
   samples_ms: []
   stage_mean_ms: {}
 """
+    )
     parsed = yaml.safe_load(text)
     assert parsed["render_rgb"]["samples_ms"] == [10.0, 12.0, 14.0, 20.0]
-    assert parsed["render_lidar"] == {"count": 0, "warmup_skipped": 2, "mean_ms": None, "p50_ms": None,
-                                      "p95_ms": None, "max_ms": None, "samples_ms": [], "stage_mean_ms": {}}
+    assert parsed["render_lidar"] == {
+        "count": 0,
+        "warmup_skipped": 2,
+        "mean_ms": None,
+        "p50_ms": None,
+        "p95_ms": None,
+        "max_ms": None,
+        "samples_ms": [],
+        "stage_mean_ms": {},
+    }
     log.add("render_lidar", "s", {"raycast": 6.0})  # the third warm-up
     log.add("render_lidar", "s", {"raycast": 7.0})  # no `render` stage: the total is the sample
     log.close()
@@ -281,8 +301,17 @@ render_lidar:
 
 
 def test_metrics_yaml_quoting_and_floats():
-    text = metrics_yaml({"render rgb": {"count": 1, "mean_ms": 1e-05, "samples_ms": [float("inf"), 2.5e7],
-                                        "stage_mean_ms": {"on": 1.0, "a:b": 2.0, 'q"x': 3.0}}}, 3)
+    text = metrics_yaml(
+        {
+            "render rgb": {
+                "count": 1,
+                "mean_ms": 1e-05,
+                "samples_ms": [float("inf"), 2.5e7],
+                "stage_mean_ms": {"on": 1.0, "a:b": 2.0, 'q"x': 3.0},
+            }
+        },
+        3,
+    )
     parsed = yaml.safe_load(text)
     assert parsed["render rgb"]["mean_ms"] == 0.0  # fixed point: a float, never the string "1e-05"
     assert parsed["render rgb"]["samples_ms"] == [float("inf"), 2.5e7]
@@ -291,8 +320,9 @@ def test_metrics_yaml_quoting_and_floats():
 
 def test_metrics_flush_interval_and_atomic_write(tmp_path, monkeypatch):
     now = [100.0]
-    log = TimingLog("NONE", metrics_output_dir=str(tmp_path), warmup_renders=0, flush_interval_s=10.0,
-                    clock=lambda: now[0])
+    log = TimingLog(
+        "NONE", metrics_output_dir=str(tmp_path), warmup_renders=0, flush_interval_s=10.0, clock=lambda: now[0]
+    )
     path = tmp_path / "metrics.yaml"
     log.add("render_rgb", "s", {"render": 1.0})
     now[0] += 9.9
