@@ -1,5 +1,9 @@
+"""Settings for the whole test run. Imports: the scripts in tools/ are the package `tools` (pyproject.toml sets
+pytest's `pythonpath` to the repository root); helper modules beside the tests (render_fixtures, lidar_fixtures,
+kernels/kernel_inputs, server/grpc_helpers, ...) import by name, as pytest's default `prepend` import mode puts
+the directory of each test module and conftest.py on sys.path. Test modules never import each other."""
+
 import os
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -10,6 +14,3 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("NURECJAX_TEST_COMPILE_CACHE", "1") != "0":
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".cache", "jax-tests"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-for p in (os.path.join(_ROOT, "tools"), os.path.dirname(os.path.abspath(__file__))):
-    if p not in sys.path:
-        sys.path.insert(0, p)

@@ -157,3 +157,49 @@ def brute_inputs(host):
     f32 = lambda x: np.asarray(x, np.float32).astype(np.float64)  # noqa: E731
     q = f32(quats)
     return f32(means), q / np.linalg.norm(q, axis=1, keepdims=True), f32(scales), f32(opac), f32(shc), frames
+
+
+# --- hand-placed Gaussians for the analytic checks (tests/test_render_analytic.py) ---------------------
+
+
+def analytic_scene(means, scales, opac, color=(1.0, 0.5, 0.25), actor=None) -> SceneGaussians:
+    """Axis-aligned static Gaussians of one colour under a black sky; `actor` (a scale) adds one actor Gaussian of
+    that size at its track's origin (track "car")."""
+    n = len(means)
+    sh0 = (np.asarray(color) - 0.5) / 0.28209479177387814
+    static = Gaussians(
+        jnp.asarray(means, jnp.float32),
+        jnp.tile(jnp.array([1.0, 0, 0, 0]), (n, 1)),
+        jnp.asarray(scales, jnp.float32),
+        jnp.asarray(opac, jnp.float32),
+        jnp.asarray(np.tile(sh0, (n, 1, 1)), jnp.float32),
+        0,
+    )
+    if actor is None:
+        dyn = Gaussians(
+            jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0, 3)), jnp.zeros((0,)), jnp.zeros((0, 1, 3)), 0
+        )
+        tracks, ids = jnp.zeros(0, jnp.int32), ()
+    else:
+        dyn = Gaussians(
+            jnp.zeros((1, 3)),
+            jnp.array([[1.0, 0, 0, 0]]),
+            jnp.full((1, 3), actor),
+            jnp.array([0.9]),
+            jnp.asarray(np.tile(sh0, (1, 1, 1)), jnp.float32),
+            0,
+        )
+        tracks, ids = jnp.zeros(1, jnp.int32), ("car",)
+    sky = Sky(None, jnp.asarray((0.0, 0.0, 0.0), jnp.float32), jnp.eye(3))
+    return SceneGaussians(static, jnp.zeros(n, jnp.int32), dyn, tracks, sky, ("s",), ids)
+
+
+def square_pinhole(shutter=ShutterType.GLOBAL, size=64, f=40.0):
+    """A size x size pinhole camera with focal length f pixels and the principal point at the centre."""
+    intr = OpenCVPinholeIntrinsics((size, size), shutter, (size / 2, size / 2), (f, f))
+    return cameras.camera_from_intrinsics(intr)
+
+
+def identity_pose() -> PosePair:
+    """A sensor at the world origin looking along +z, still during the exposure."""
+    return PosePair.from_matrices(np.eye(4, dtype=np.float32))

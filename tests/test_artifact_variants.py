@@ -9,18 +9,18 @@ import os
 import zipfile
 
 import jax.numpy as jnp
-import make_artifact_variants as variants
-import make_sample_scene as sample
 import numpy as np
 import pytest
-import torch_zip
-from thin_scene import write_thin_scene
 
 from nurec_jax import cameras, ppisp
 from nurec_jax import renderer as RR
 from nurec_jax import scene as S
 from nurec_jax.errors import SceneFormatError
 from nurec_jax.torch_checkpoint import UnsafeCheckpointError
+from tools import make_artifact_variants as variants
+from tools import make_sample_scene as sample
+from tools import torch_zip
+from tools.thin_scene import write_thin_scene
 
 CAM = "camera_front_wide_120fov"
 FRAME = 30

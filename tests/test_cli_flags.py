@@ -22,7 +22,7 @@ MODULES = {
 
 @pytest.fixture(scope="module")
 def thin_scene_path(tmp_path_factory):
-    from thin_scene import write_thin_scene
+    from tools.thin_scene import write_thin_scene
 
     return write_thin_scene(tmp_path_factory.mktemp("scene") / "thin.usdz", keep_every=200, scene_id="thin-street")
 

@@ -28,10 +28,19 @@ CLIS = {
     ),
     "render-grpc": (
         "render_grpc",
-        ["Scene and output", "Server connection", "Security", "Cameras", "Actors", "Lidar", "Requests and progress"],
+        [
+            "Scene and output",
+            "Server connection",
+            "Security",
+            "Cameras",
+            "Actors",
+            "Lidar",
+            "Requests and progress",
+            "Logging",
+        ],
     ),
-    "nurec-scene-info": ("scene_info", ["Scene"]),
-    "nurec-render": ("render_frame", ["Scene", "Cameras and frames", "Output"]),
+    "nurec-scene-info": ("scene_info", ["Scene", "Logging"]),
+    "nurec-render": ("render_frame", ["Scene", "Cameras and frames", "Output", "Logging"]),
 }
 
 

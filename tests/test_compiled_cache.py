@@ -7,12 +7,12 @@ from __future__ import annotations
 import gc
 import threading
 import time
-import weakref
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_render_analytic import _identity_pose, _pinhole, _scene
+import render_fixtures as fx
+from jax.extend import backend
 
 from nurec_jax import render as R
 from nurec_jax import renderer as RR
@@ -56,16 +56,21 @@ def test_key_holds_static_values_dtypes_and_structure():
     assert traces[0] == 4 and len(cache) == 4
 
 
+def _live_programs() -> list[str]:
+    """The HLO text of every executable alive on the default backend (what `Compiled.as_text()` gives)."""
+    return [e.hlo_modules()[0].to_string() for e in backend.get_backend().live_executables()]
+
+
 def test_evicted_executable_is_freed():
     cache, traces = _cache(1), [0]
     exe = cache.get("scale", _scale, traces, (jnp.ones(7),), static=dict(k=2.0))
-    ref = weakref.ref(exe._executable)
+    program = exe.as_text()  # names this executable: its source lines and f32[7] shapes
     del exe
     gc.collect()
-    assert ref() is not None  # held by the cache
+    assert program in _live_programs()  # held by the cache
     cache.call("scale", _scale, traces, (jnp.ones(8),), static=dict(k=2.0))  # evicts the first
     gc.collect()
-    assert ref() is None, "an evicted executable is still referenced (by jit's own caches?)"
+    assert program not in _live_programs(), "an evicted executable is still referenced (by jit's own caches?)"
 
 
 def test_resize_and_clear():
@@ -86,7 +91,7 @@ def test_concurrent_misses_compile_once():
     cache, traces = _cache(4), [0]
 
     def slow(x):
-        time.sleep(0.3)  # at trace time: the other threads arrive while this compiles
+        time.sleep(0.3)  # the behaviour under test: a slow trace, during which the other threads arrive
         return x + 1
 
     results = []
@@ -117,17 +122,17 @@ def test_a_failed_compile_is_not_kept():
 
 
 def test_renderers_share_executables_and_check_stops_the_frame():
-    cam = _pinhole(size=32)  # test_render_analytic's staged frame: the persistent cache has its programs
+    cam = fx.square_pinhole(size=32)  # test_render_analytic's staged frame: the persistent cache has its programs
     rng = np.random.default_rng(1)
     n = 40
     means = np.stack([rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), rng.uniform(3, 6, n)], -1)
-    scene = _scene(means, rng.uniform(0.1, 0.4, (n, 3)), rng.uniform(0.3, 0.9, n))
+    scene = fx.analytic_scene(means, rng.uniform(0.1, 0.4, (n, 3)), rng.uniform(0.3, 0.9, n))
     opts = R.RenderOptions(pair_capacity=1 << 10, chunk=8, tile_batch=4)
     a, b = RR.Renderer(opts), RR.Renderer(opts)
     assert a.compiled_cache is RR.COMPILED is b.compiled_cache
-    first = a.render(scene, cam, _identity_pose())
+    first = a.render(scene, cam, fx.identity_pose())
     traces = a.trace_count
-    second = b.render(scene, cam, _identity_pose())  # another instance: no new compile
+    second = b.render(scene, cam, fx.identity_pose())  # another instance: no new compile
     assert b.trace_count == traces
     np.testing.assert_array_equal(np.asarray(first.rgb), np.asarray(second.rgb))
 
@@ -145,10 +150,10 @@ def test_renderers_share_executables_and_check_stops_the_frame():
         return check
 
     with pytest.raises(Stop):  # checked before the (compiled) frame runs
-        a.render(scene, cam, _identity_pose(), check=stop_at(1))
+        a.render(scene, cam, fx.identity_pose(), check=stop_at(1))
     timer = RR.RecordingTimer()
     with pytest.raises(Stop):  # the staged path stops between stages
-        a.render(scene, cam, _identity_pose(), timer=timer, check=stop_at(3))
+        a.render(scene, cam, fx.identity_pose(), timer=timer, check=stop_at(3))
     assert list(timer.ms) == ["projection", "binning"]
 
 

@@ -1,12 +1,14 @@
 """tools/make_ego_hood.py: the hood is seen where a bonnet below and ahead of the camera must be."""
 
-import make_ego_hood
 import numpy as np
 import pytest
-import refine_pose  # noqa: F401  (pytest imports both tools into one process: their absl flags must not collide)
 import render_fixtures as fx
 
 from nurec_jax import data
+from tools import (
+    make_ego_hood,
+    refine_pose,  # noqa: F401  (pytest imports both tools into one process: their absl flags must not collide)
+)
 
 
 def test_hood_covers_the_bottom_of_a_forward_camera():

@@ -8,9 +8,10 @@ import pathlib
 import re
 import subprocess
 import sys
-import threading
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
@@ -46,46 +47,24 @@ def test_loader_snippet_runs():
 def test_rendering_and_gradient_snippet_runs():
     out = _python(_block("jax.grad(") + "\nprint('ok', out.rgb.shape)\n")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "ok (270, 480, 3)" in out.stdout
+    assert "ok (180, 320, 3)" in out.stdout
 
 
 @pytest.fixture
 def server(tmp_path):
-    from thin_scene import write_thin_scene
+    from tools.serve_process import start_serve_grpc
+    from tools.thin_scene import write_thin_scene
 
     scene = write_thin_scene(tmp_path / "thin.usdz", keep_every=200, scene_id="thin-street")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nurec_jax.cli.serve_grpc",
-            f"--artifact-glob={scene}",
-            "--host=127.0.0.1",
-            "--port=0",
-            "--test-scenes-are-valid",
-            "--no-warmup-compiles",
-            "--compilation-cache-dir=",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    proc, port = start_serve_grpc(
+        f"--artifact-glob={scene}",
+        "--test-scenes-are-valid",
+        "--no-warmup-compiles",
+        "--compilation-cache-dir=",
+        drain=True,
     )
-    found = {}
-
-    def read():
-        for line in proc.stdout:
-            m = re.search(r"listening on [\d.]+:(\d+)", line)
-            if m:
-                found["port"] = int(m.group(1))
-                return
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    t.join(120)
     try:
-        assert "port" in found, "serve-grpc did not start"
-        yield found["port"]
+        yield port
     finally:
         proc.kill()
         proc.wait(60)
@@ -98,12 +77,13 @@ def test_grpc_snippets_run_against_a_server(server):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["thin-street", "camera_front_tele_30fov"]
     # The health one-liner, as printed; the server reports SERVING once its scene is loaded.
+    with grpc.insecure_channel(f"127.0.0.1:{server}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+        assert any(reply.status == health_pb2.HealthCheckResponse.SERVING for reply in watch)
+        watch.cancel()
     line = next(l for l in README.splitlines() if l.startswith('python -c "import grpc; from grpc_health'))
     code = line[len('python -c "') : -1].replace("localhost:8080", f"127.0.0.1:{server}")
-    for _ in range(30):
-        out = _python(code, timeout=60)
-        if out.stdout.strip() == "SERVING":
-            break
+    out = _python(code, timeout=60)
     assert out.stdout.strip() == "SERVING", out.stdout + out.stderr[-2000:]
     # grpcurl is not installed here; its commands name services the server lists through reflection.
     listed = _python(

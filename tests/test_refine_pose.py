@@ -1,8 +1,7 @@
 """Research use: camera pose refinement through the renderer recovers a perturbed pose."""
 
-import refine_pose as rp
-
 from nurec_jax import render as R
+from tools import refine_pose as rp
 
 
 def test_pose_refinement_shrinks_the_error_tenfold():

@@ -4,57 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import render_fixtures as fx
 
 from nurec_jax import cameras
 from nurec_jax import constants as C
 from nurec_jax import render as R
 from nurec_jax import renderer as RR
-from nurec_jax.metadata import FThetaIntrinsics, OpenCVPinholeIntrinsics, PolynomialType, ShutterType
+from nurec_jax.metadata import FThetaIntrinsics, PolynomialType, ShutterType
 from nurec_jax.poses import PosePair
-from nurec_jax.types import Gaussians, SceneGaussians, Sky
 
 _OPTS = R.RenderOptions(pair_capacity=1 << 12, chunk=8, tile_batch=4)
 _render = jax.jit(R.render, static_argnames=("options",))
-BG = (0.0, 0.0, 0.0)
-
-
-def _scene(means, scales, opac, color=(1.0, 0.5, 0.25), actor=None):
-    n = len(means)
-    sh0 = (np.asarray(color) - 0.5) / 0.28209479177387814
-    static = Gaussians(
-        jnp.asarray(means, jnp.float32),
-        jnp.tile(jnp.array([1.0, 0, 0, 0]), (n, 1)),
-        jnp.asarray(scales, jnp.float32),
-        jnp.asarray(opac, jnp.float32),
-        jnp.asarray(np.tile(sh0, (n, 1, 1)), jnp.float32),
-        0,
-    )
-    if actor is None:
-        dyn = Gaussians(
-            jnp.zeros((0, 3)), jnp.zeros((0, 4)), jnp.zeros((0, 3)), jnp.zeros((0,)), jnp.zeros((0, 1, 3)), 0
-        )
-        tracks, ids = jnp.zeros(0, jnp.int32), ()
-    else:
-        dyn = Gaussians(
-            jnp.zeros((1, 3)),
-            jnp.array([[1.0, 0, 0, 0]]),
-            jnp.full((1, 3), actor),
-            jnp.array([0.9]),
-            jnp.asarray(np.tile(sh0, (1, 1, 1)), jnp.float32),
-            0,
-        )
-        tracks, ids = jnp.zeros(1, jnp.int32), ("car",)
-    sky = Sky(None, jnp.asarray(BG, jnp.float32), jnp.eye(3))
-    return SceneGaussians(static, jnp.zeros(n, jnp.int32), dyn, tracks, sky, ("s",), ids)
-
-
-def _pinhole(shutter=ShutterType.GLOBAL, size=64, f=40.0):
-    intr = OpenCVPinholeIntrinsics((size, size), shutter, (size / 2, size / 2), (f, f))
-    return cameras.camera_from_intrinsics(intr)
-
-
-def _identity_pose():
-    return PosePair.from_matrices(np.eye(4, dtype=np.float32))
 
 
 def _expected_alpha(theta, z, sigma, opacity):
@@ -66,8 +26,8 @@ def _expected_alpha(theta, z, sigma, opacity):
 
 def test_isotropic_gaussian_on_axis_pinhole():
     z, sigma, op, f = 5.0, 0.2, 0.9, 40.0
-    cam = _pinhole(f=f)
-    out = _render(_scene([[0, 0, z]], [[sigma] * 3], [op]), cam, _identity_pose(), None, options=_OPTS)
+    cam = fx.square_pinhole(f=f)
+    out = _render(fx.analytic_scene([[0, 0, z]], [[sigma] * 3], [op]), cam, fx.identity_pose(), None, options=_OPTS)
     ys, xs = np.mgrid[0:64, 0:64] + 0.5
     theta = np.arctan(np.hypot(xs - 32, ys - 32) / f)
     want = _expected_alpha(theta, z, sigma, op)
@@ -87,7 +47,7 @@ def test_isotropic_gaussian_on_axis_ftheta():
     )
     cam = cameras.camera_from_intrinsics(intr)
     z, sigma, op = 4.0, 0.25, 0.8
-    out = _render(_scene([[0, 0, z]], [[sigma] * 3], [op]), cam, _identity_pose(), None, options=_OPTS)
+    out = _render(fx.analytic_scene([[0, 0, z]], [[sigma] * 3], [op]), cam, fx.identity_pose(), None, options=_OPTS)
     ys, xs = np.mgrid[0:48, 0:64] + 0.5
     r = np.hypot(xs - 32.0, ys - 24.0)  # principal point 31.5 + 0.5 (pixel-centre convention)
     theta = np.polynomial.polynomial.polyval(r, bw)
@@ -99,32 +59,32 @@ def test_isotropic_gaussian_on_axis_ftheta():
 
 
 def test_moving_actor_renders_where_its_pose_puts_it():
-    cam = _pinhole()
-    scene = _scene(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), actor=0.15)
+    cam = fx.square_pinhole()
+    scene = fx.analytic_scene(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), actor=0.15)
     for target in ([0.8, -0.5, 6.0], [-1.0, 0.6, 4.0]):
         T = np.eye(4, dtype=np.float32)
         T[:3, 3] = target
         actors = R.ActorPoses(PosePair.from_matrices(T[None]), jnp.array([True]))
-        alpha = np.asarray(_render(scene, cam, _identity_pose(), actors, options=_OPTS).alpha)
+        alpha = np.asarray(_render(scene, cam, fx.identity_pose(), actors, options=_OPTS).alpha)
         ys, xs = np.mgrid[0:64, 0:64] + 0.5
         centroid = np.array([np.sum(xs * alpha), np.sum(ys * alpha)]) / alpha.sum()
         want = 32 + 40.0 * np.array(target[:2]) / target[2]
         np.testing.assert_allclose(centroid, want, atol=0.15)
     hidden = R.ActorPoses(PosePair.from_matrices(T[None]), jnp.array([False]))
-    assert float(_render(scene, cam, _identity_pose(), hidden, options=_OPTS).alpha.max()) == 0.0
+    assert float(_render(scene, cam, fx.identity_pose(), hidden, options=_OPTS).alpha.max()) == 0.0
 
 
 def test_actor_poses_must_match_the_scene_tracks():
-    scene = _scene(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), actor=0.15)  # one track
+    scene = fx.analytic_scene(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), actor=0.15)  # one track
     with pytest.raises(ValueError, match=r"actors holds 2 poses but the scene has 1 actor tracks"):
-        R.render(scene, _pinhole(), _identity_pose(), R.ActorPoses.hidden(2), _OPTS)
+        R.render(scene, fx.square_pinhole(), fx.identity_pose(), R.ActorPoses.hidden(2), _OPTS)
 
 
 def _pole_columns(shutter, motion=0.5, z=5.0):
-    cam = _pinhole(shutter)
+    cam = fx.square_pinhole(shutter)
     ys = np.linspace(-3.5, 3.5, 71)
     means = np.stack([np.zeros_like(ys), ys, np.full_like(ys, z)], -1)
-    scene = _scene(means, np.full((len(ys), 3), 0.05), np.full(len(ys), 0.9))
+    scene = fx.analytic_scene(means, np.full((len(ys), 3), 0.05), np.full(len(ys), 0.9))
     end = np.eye(4, dtype=np.float32)
     end[0, 3] = motion  # the camera moves right (camera +x) during the exposure
     out = _render(scene, cam, PosePair.from_matrices(np.eye(4, dtype=np.float32), end), None, options=_OPTS)
@@ -144,22 +104,22 @@ def test_rolling_shutter_skews_a_pole_and_global_does_not():
 
 
 def test_renderer_grows_capacity_and_caches_compiles():
-    cam = _pinhole(size=48)
+    cam = fx.square_pinhole(size=48)
     rng = np.random.default_rng(0)
     n = 300
     means = np.stack([rng.uniform(-2, 2, n), rng.uniform(-2, 2, n), rng.uniform(3, 8, n)], -1)
-    scene = _scene(means, rng.uniform(0.05, 0.5, (n, 3)), rng.uniform(0.2, 0.9, n))
+    scene = fx.analytic_scene(means, rng.uniform(0.05, 0.5, (n, 3)), rng.uniform(0.2, 0.9, n))
     small = R.RenderOptions(pair_capacity=64, chunk=8, tile_batch=4)
-    direct = _render(scene, cam, _identity_pose(), None, options=small)
+    direct = _render(scene, cam, fx.identity_pose(), None, options=small)
     assert int(direct.num_pairs) > 64  # overflow is reported, never hidden
     renderer = RR.Renderer(small)
-    out = renderer.render(scene, cam, _identity_pose(), cache_key=("t",))
+    out = renderer.render(scene, cam, fx.identity_pose(), cache_key=("t",))
     big = _render(
-        scene, cam, _identity_pose(), None, options=R.RenderOptions(pair_capacity=1 << 14, chunk=8, tile_batch=4)
+        scene, cam, fx.identity_pose(), None, options=R.RenderOptions(pair_capacity=1 << 14, chunk=8, tile_batch=4)
     )
     np.testing.assert_allclose(np.asarray(out.rgb), np.asarray(big.rgb), atol=1e-6)
     traces = renderer.trace_count
-    renderer.render(scene, cam, _identity_pose(), cache_key=("t",))
+    renderer.render(scene, cam, fx.identity_pose(), cache_key=("t",))
     assert renderer.trace_count == traces  # the grown bucket is remembered: no retrace, no retry
 
 
@@ -167,15 +127,15 @@ def test_staged_render_matches_and_times_each_stage():
     # DETAILS timing renders through four separately compiled stages; the frame must be the same.
     from nurec_jax.server.stage_timer import StageTimer
 
-    cam = _pinhole(size=32)
+    cam = fx.square_pinhole(size=32)
     rng = np.random.default_rng(1)
     n = 40
     means = np.stack([rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), rng.uniform(3, 6, n)], -1)
-    scene = _scene(means, rng.uniform(0.1, 0.4, (n, 3)), rng.uniform(0.3, 0.9, n))
+    scene = fx.analytic_scene(means, rng.uniform(0.1, 0.4, (n, 3)), rng.uniform(0.3, 0.9, n))
     r = RR.Renderer(R.RenderOptions(pair_capacity=1 << 10, chunk=8, tile_batch=4))
     timer = StageTimer(synchronize=True)
-    staged = r.render(scene, cam, _identity_pose(), timer=timer)
-    plain = r.render(scene, cam, _identity_pose())
+    staged = r.render(scene, cam, fx.identity_pose(), timer=timer)
+    plain = r.render(scene, cam, fx.identity_pose())
     assert list(timer.record()) == ["projection", "binning", "compositing", "compose"]
     assert all(ms > 0 for ms in timer.record().values())
     for name in ("rgb", "alpha", "depth"):

@@ -5,13 +5,13 @@ import json
 import re
 import zipfile
 
-import make_sample_scene as gen
 import msgpack
 import numpy as np
 import pytest
 import yaml
 
 import nurec_jax
+from tools import make_sample_scene as gen
 
 
 @pytest.fixture(scope="module")

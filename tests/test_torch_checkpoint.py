@@ -15,7 +15,6 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-import torch_zip
 
 from nurec_jax.errors import SceneFormatError, UnsupportedSceneError
 from nurec_jax.torch_checkpoint import (
@@ -25,6 +24,7 @@ from nurec_jax.torch_checkpoint import (
     load_checkpoint,
     state_dict_arrays,
 )
+from tools import torch_zip
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "checkpoints")
 LIMIT = 1 << 26

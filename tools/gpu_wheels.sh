@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 pin() { grep -i "^$1==" constraints.txt | head -1; }
 mkdir -p .whl
 # Pure-Python or manylinux wheels for CPython 3.12 on x86-64 (the GPU machine's interpreter).
-for pkg in usd-core grpcio protobuf grpcio-health-checking grpcio-reflection; do
+for pkg in usd-core grpcio protobuf grpcio-health-checking grpcio-reflection prometheus_client; do
   spec=$(pin "$pkg")
   [ -n "$spec" ] || { echo "no pin for $pkg in constraints.txt" >&2; exit 1; }
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -11,12 +11,9 @@ a separate process on a thinned copy of the sample scene (every 25th Gaussian), 
 from __future__ import annotations
 
 import argparse
-import collections
 import http.server
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from serve_process import ServerDidNotStart, serve_grpc_env, start_serve_grpc  # noqa: E402
 from thin_scene import write_thin_scene  # noqa: E402
 
 from nurec_jax import read_scene_metadata  # noqa: E402
@@ -40,46 +38,12 @@ SCENE_ID = "load-street"
 
 def start_server(scene: str, cache_dir: str, *extra: str, timeout_s: float = 180.0):
     """serve-grpc in its own process; returns (process, port) once it listens."""
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nurec_jax.cli.serve_grpc",
-            "--host=127.0.0.1",
-            "--port=0",
-            f"--artifact-glob={scene}",
-            f"--download-cache-dir={cache_dir}",
-            "--compilation-cache-dir=",
-            "--max-workers=2",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    found: dict[str, int] = {}
-
-    def read():
-        for line in proc.stdout:
-            m = re.search(r"listening on [\d.]+:(\d+)", line)
-            if m:
-                found["port"] = int(m.group(1))
-                break
-        for _ in proc.stdout:  # keep draining so the server never blocks on a full pipe
-            pass
-
-    threading.Thread(target=read, daemon=True).start()
-    errors = collections.deque(maxlen=20)  # the last stderr lines, shown if the server does not start
-    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while "port" not in found:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("serve-grpc did not start:\n" + "".join(errors))
-        time.sleep(0.05)
-    return proc, found["port"]
+    env = serve_grpc_env(os.environ.get("JAX_PLATFORMS", "cpu"))
+    flags = (f"--artifact-glob={scene}", f"--download-cache-dir={cache_dir}", "--compilation-cache-dir=")
+    try:
+        return start_serve_grpc(*flags, "--max-workers=2", *extra, env=env, timeout_s=timeout_s, drain=True)
+    except ServerDidNotStart as e:
+        raise SystemExit(str(e)) from None
 
 
 def rss_mb(pid: int) -> float:

@@ -36,20 +36,21 @@ import gzip
 import io
 import json
 import os
-import sys
 import zipfile
 
 import msgpack
 import numpy as np
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nurec_jax import data, sh
+from nurec_jax.payload import decode_tensor
 
-import make_sample_scene as sample  # noqa: E402
-import torch_zip  # noqa: E402
-
-from nurec_jax import data, sh  # noqa: E402
-from nurec_jax.payload import decode_tensor  # noqa: E402
+if __package__:  # imported as `tools.make_artifact_variants` (the tests)
+    from tools import make_sample_scene as sample
+    from tools import torch_zip
+else:  # run as `python tools/make_artifact_variants.py`: tools/ is sys.path[0]
+    import make_sample_scene as sample
+    import torch_zip
 
 SEQ2 = "clipgt-sample-street-0002"
 SEQ2_OFFSET_US = 30_000_000  # the second drive starts 30 s after the first

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
-import threading
 
 from nurec_jax import data
 
@@ -33,43 +31,27 @@ def main() -> int:
     args = parser.parse_args()
     scene = data.sample_scene_path()
     hoods = os.path.join(args.output_dir, "ego-hoods")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # a script: its siblings by bare name
     import make_ego_hood
+    from serve_process import ServerDidNotStart, start_serve_grpc
 
     print(f"demo: ego hood {make_ego_hood.write_hood(hoods, scene, 'camera_front_wide_120fov', RIG)}")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nurec_jax.cli.serve_grpc",
+    try:
+        # No compile warm-up: on a 2-core CPU it would compete with the demo's own renders.
+        server, port = start_serve_grpc(
             f"--artifact-glob={scene}",
-            "--host=127.0.0.1",
-            # No compile warm-up: on a 2-core CPU it would compete with the demo's own renders.
-            "--port=0",
             "--test-scenes-are-valid",
             "--no-warmup-compiles",
             "--enable-editing-actors",
             f"--egocar-hood-dir={hoods}",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    port = {}
-
-    def watch():
-        for line in server.stdout:
-            sys.stdout.write(line)
-            m = re.search(r"listening on [\d.]+:(\d+)", line)
-            if m:
-                port["port"] = int(m.group(1))
-                return
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    t.join(300)
-    if "port" not in port:
-        server.kill()
-        print("demo: serve-grpc did not start", file=sys.stderr)
+            env=dict(os.environ),
+            timeout_s=300,
+            drain=True,
+            echo=sys.stdout,
+            inherit_stderr=True,
+        )
+    except ServerDidNotStart as e:
+        print(f"demo: {e}", file=sys.stderr)
         return 1
     try:
         rc = subprocess.call(
@@ -80,7 +62,7 @@ def main() -> int:
                 f"--artifact-path={scene}",
                 f"--output-dir={args.output_dir}",
                 "--host=127.0.0.1",
-                f"--port={port['port']}",
+                f"--port={port}",
                 f"--height={args.height}",
                 f"--camera-id={CAMERAS}",
                 f"--frame-step={args.frame_step}",

@@ -174,6 +174,10 @@ class Server:
 
     # ----------------------------------------------------------------------------------------
 
+    async def _set_health(self, status) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
     def _call(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
@@ -264,9 +268,13 @@ class Server:
             self.request_shutdown()
             return
         if not self._stopping.is_set():
-            self._call(self.health.set("", SERVING), timeout=30)
-            for name in SERVICE_NAMES:
-                self._call(self.health.set(name, SERVING), timeout=30)
+            # A stop may end the event loop before it runs this: wait for either, never for a dead loop.
+            done = asyncio.run_coroutine_threadsafe(self._set_health(SERVING), self._loop)
+            while not done.done():
+                if self._terminated.wait(0.05):
+                    done.cancel()
+                    return
+            done.result()
             self.serving.set()
             _LOGGER.info("health: SERVING")
             if self.options.test_scenes_are_valid and self.options.warmup_compiles:

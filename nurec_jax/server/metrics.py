@@ -194,7 +194,6 @@ class MetricsServer:
             target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="nurec-metrics-http", daemon=True
         )
         self._thread.start()
-        _LOGGER.info("metrics endpoint: http://%s:%d/metrics", self.host, self.port)
         return self.port
 
     def stop(self) -> None:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_rasterize_ref import _DIFF, _inputs, cotangent_grads
+from kernel_inputs import DIFF, cotangent_grads, random_tiles
 
 from nurec_jax.kernels import rasterize_pallas as RP
 from nurec_jax.kernels import rasterize_ref as RR
@@ -29,7 +29,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_gradients_match_reference(case):
-    args = _f32(_inputs(3, n_px=16, **CASES[case]))
+    args = _f32(random_tiles(3, n_px=16, **CASES[case]))
     if case == "overflow":
         args["tile_counts"] = jnp.minimum(args["tile_counts"], 6)
     ref_fn = jax.jit(lambda a: RR.rasterize_tiles_ref(**a, chunk=4, tile_batch=2))
@@ -37,12 +37,12 @@ def test_forward_and_gradients_match_reference(case):
     ref, out = ref_fn(args), pl_fn(args)
     for name, a, b in zip(("rgb", "transmittance", "hit"), ref, out):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, err_msg=name)
-    trans = np.asarray(out[1])
+    _, trans, _ = map(np.asarray, out)  # rgb, transmittance, hit
     assert np.all(trans[0] == 1.0)  # the empty tile
     if case == "saturated":
         assert (trans[1:] < 1e-3).mean() > 0.3
     g_ref, g_pl = cotangent_grads(args, ref, ref_fn, pl_fn)
-    for k in _DIFF:
+    for k in DIFF:
         a, b = np.asarray(g_ref[k]), np.asarray(g_pl[k])
         assert np.abs(a).max() > 0, k
         np.testing.assert_allclose(b, a, atol=2e-4 * max(1.0, np.abs(a).max()), err_msg=k)
@@ -50,10 +50,10 @@ def test_forward_and_gradients_match_reference(case):
 
 def test_stop_positions_match_reference():
     """Both compositors end each pixel at the same list position (the stop rule), whatever their walk."""
-    args = _f32(_inputs(5, n_px=16, **CASES["saturated"]))
+    args = _f32(random_tiles(5, n_px=16, **CASES["saturated"]))
     names = ("pair_gids", "tile_start", "tile_counts", "rays", "pixel_valid")
-    _, (_, _, ref_stop) = RR._forward_units(*[args[k] for k in names + _DIFF[1:]], args["frames"], 4, 2, False)
-    rows = RP._param_rows(*[args[k] for k in _DIFF[1:]])
+    _, (_, _, ref_stop) = RR._forward_units(*[args[k] for k in names + DIFF[1:]], args["frames"], 4, 2, False)
+    rows = RP._param_rows(*[args[k] for k in DIFF[1:]])
     _, _, _, stop, _ = jax.jit(lambda a: RP._forward(*[a[k] for k in names], rows, a["frames"], 4, True))(args)
     assert (np.asarray(stop) < 2**30).mean() > 0.1  # pixels do stop (12 % here)
     np.testing.assert_array_equal(np.asarray(stop), np.asarray(ref_stop))
@@ -64,7 +64,7 @@ def test_forward_and_backward_lower_for_an_abstract_h100():
         mesh as mesh_lib,  # private, same API on 0.10.2 and 0.11.2 (docs/jax_notes.md#lowering-without-a-gpu)
     )
 
-    args = _f32(_inputs(3, n_px=256, n_frames=3))
+    args = _f32(random_tiles(3, n_px=256, n_frames=3))
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in args.items()}
 
     def fwd_bwd(a):
@@ -72,7 +72,7 @@ def test_forward_and_backward_lower_for_an_abstract_h100():
             rgb, trans, hit = RP.rasterize_tiles_pallas(**{**a, **d}, chunk=32, interpret=False)
             return jnp.sum(rgb) + jnp.sum(trans) + jnp.sum(hit)
 
-        return jax.grad(loss)({k: a[k] for k in _DIFF})
+        return jax.grad(loss)({k: a[k] for k in DIFF})
 
     dev = mesh_lib.AbstractDevice("NVIDIA H100", 1, "cuda")
     mesh = mesh_lib.AbstractMesh((1,), ("x",), (mesh_lib.AxisType.Explicit,), abstract_device=dev)
@@ -83,6 +83,6 @@ def test_forward_and_backward_lower_for_an_abstract_h100():
 
 
 def test_chunk_must_be_a_power_of_two():
-    args = _f32(_inputs(3, n_px=16))
+    args = _f32(random_tiles(3, n_px=16))
     with pytest.raises(ValueError, match="power of two"):
         RP.rasterize_tiles_pallas(**args, chunk=6)

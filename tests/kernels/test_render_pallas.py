@@ -8,10 +8,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import lidar_fixtures as lf
 import numpy as np
 import pytest
 import render_fixtures as fx
-import test_lidar as tl
 
 from nurec_jax import lidar
 from nurec_jax import render as R
@@ -89,9 +89,9 @@ def test_pose_and_gaussian_gradients_match_reference():
 
 
 def test_lidar_spin_matches_reference():
-    model = tl.small_model(tl.WALL_BEAMS, columns=32)
-    scene = tl.make_scene(tl.wall(8.0, ripple=0.4), normal_axis=0)
-    pose = PosePair.from_matrices(tl.pose_at(0.2, 0.0), tl.pose_at(0.2, 0.5))
+    model = lf.small_model(lf.WALL_BEAMS, columns=32)
+    scene = lf.make_scene(lf.wall(8.0, ripple=0.4), normal_axis=0)
+    pose = PosePair.from_matrices(lf.pose_at(0.2, 0.0), lf.pose_at(0.2, 0.5))
     spins = [
         RR.LidarCaster(lidar.LidarOptions(pair_capacity=1 << 14, implementation=impl)).cast(scene, model, pose)
         for impl in ("reference", "pallas")

@@ -3,7 +3,8 @@ import http.server
 import threading
 
 import pytest
-from thin_scene import write_thin_scene
+
+from tools.thin_scene import write_thin_scene
 
 
 @pytest.fixture(scope="session")

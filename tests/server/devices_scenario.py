@@ -16,19 +16,20 @@ import os
 import sys
 import threading
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [os.path.join(_ROOT, "tools"), os.path.dirname(os.path.abspath(__file__))]
+# A script, not a test module: Python puts its own directory (grpc_helpers) on sys.path, and this line adds
+# the repository root for the `tools` package (pytest's `pythonpath` setting does that for the tests).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from grpc_helpers import connect, decode, rgb_request  # noqa: E402
-from thin_scene import write_thin_scene  # noqa: E402
 
 from nurec_jax import read_scene_metadata  # noqa: E402
 from nurec_jax._proto import common_pb2  # noqa: E402
 from nurec_jax.server import requests as req_lib  # noqa: E402
 from nurec_jax.server.app import Server  # noqa: E402
 from nurec_jax.server.options import ServerOptions  # noqa: E402
+from tools.thin_scene import write_thin_scene  # noqa: E402
 
 SCENES = ("thin-a", "thin-b")
 E = common_pb2.Empty()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import grpc
 import numpy as np
@@ -53,3 +54,46 @@ def rgb_request(
 
 def decode(image_bytes: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+
+
+class WatchedLock:
+    """A device lock (`servicer.device_locks[device]`) that counts the render workers reaching it: a test that
+    holds the device learns when a call waits for it."""
+
+    def __init__(self, lock):
+        self._lock = lock
+        self.arrived = threading.Semaphore(0)  # released once per worker that reached the lock
+
+    def __enter__(self) -> WatchedLock:
+        self.arrived.release()
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+def watch_device_lock(monkeypatch, servicer) -> WatchedLock:
+    """Puts a WatchedLock in front of the lock of a single-device servicer (until the test ends); the test
+    itself takes the device through `servicer.device_lock`, the lock underneath."""
+    ((device, lock),) = servicer.device_locks.items()
+    watched = WatchedLock(lock)
+    monkeypatch.setitem(servicer.device_locks, device, watched)
+    return watched
+
+
+def acquire(semaphore: threading.Semaphore, times: int, timeout: float = 30.0) -> bool:
+    """Takes `semaphore` `times` times, each within `timeout` seconds; False if one did not come."""
+    return all(semaphore.acquire(timeout=timeout) for _ in range(times))
+
+
+def wait_for_idle_render_workers(servicer, timeout: float = 60.0) -> None:
+    """Returns once every render job the servicer was given has finished, the calls' own work included (a call
+    whose client has gone still runs until its next check). One blocker per render thread must hold every
+    thread of `servicer.render_pool` at once, which happens only when no earlier job still runs or waits; the
+    pool has `max_workers` threads per device (SensorsimServicer.__init__)."""
+    threads = servicer.options.max_workers * len(servicer.device_locks)
+    all_held = threading.Barrier(threads + 1, timeout=timeout)
+    for _ in range(threads):
+        servicer.render_pool.submit(all_held.wait)
+    all_held.wait()

@@ -13,7 +13,16 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_helpers import CAM, HEIGHT, connect, decode, rgb_request
+from grpc_helpers import (
+    CAM,
+    HEIGHT,
+    acquire,
+    connect,
+    decode,
+    rgb_request,
+    wait_for_idle_render_workers,
+    watch_device_lock,
+)
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
@@ -21,7 +30,7 @@ from nurec_jax import load_scene, read_scene_metadata
 from nurec_jax._proto import common_pb2, sensorsim_pb2
 from nurec_jax.render import RenderOptions
 from nurec_jax.renderer import Renderer
-from nurec_jax.server import convert, images
+from nurec_jax.server import convert, images, warmup
 from nurec_jax.server import requests as req_lib
 from nurec_jax.server.app import SERVICE_NAME, create_server
 from nurec_jax.server.options import ServerOptions
@@ -291,9 +300,11 @@ def test_health_and_reflection(server):
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
 
 
-def test_metadata_and_health_answer_while_a_render_compiles(server, thin_scene):
+def test_metadata_and_health_answer_while_a_render_compiles(server, thin_scene, monkeypatch):
     srv, stub, channel = server
     req = rgb_request(thin_scene, SID, camera="camera_rear_pinhole_70fov", height=24)  # a new compile
+    on_device = threading.Event()
+    monkeypatch.setattr(srv.servicer, "device_hook", lambda device: on_device.set())  # next: the compile
     done = threading.Event()
     result = {}
 
@@ -301,12 +312,9 @@ def test_metadata_and_health_answer_while_a_render_compiles(server, thin_scene):
         result["img"] = stub.render_rgb(req).image_bytes
         done.set()
 
-    traces = srv.renderer.trace_count
     t = threading.Thread(target=render)
     t.start()
-    deadline = time.time() + 60
-    while srv.renderer.trace_count == traces and time.time() < deadline:  # the compile has begun
-        time.sleep(0.01)
+    assert on_device.wait(60)
     hs = health_pb2_grpc.HealthStub(channel)
     start = time.perf_counter()
     assert hs.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
@@ -319,27 +327,32 @@ def test_metadata_and_health_answer_while_a_render_compiles(server, thin_scene):
     assert decode(result["img"]).shape == (24, 42, 3)
 
 
-def test_cancelled_and_expired_calls_skip_their_render(server, thin_scene):
+def test_cancelled_and_expired_calls_skip_their_render(server, thin_scene, monkeypatch):
     srv, stub, _ = server
     req = rgb_request(thin_scene, SID, frame=50)
     stub.render_rgb(req)  # compiled and loaded
     stats = srv.servicer.stats
     before_renders, before_skipped = stats.renders, stats.skipped_cancelled
-    before_cancelled = stats.status["CANCELLED"]
+    device = watch_device_lock(monkeypatch, srv.servicer)
+    cancelled = threading.Semaphore(0)  # released once per call the server counts as CANCELLED
+    record = stats.record
+
+    def record_and_tell(method, code, seconds):
+        record(method, code, seconds)
+        if code == grpc.StatusCode.CANCELLED:
+            cancelled.release()
+
+    monkeypatch.setattr(stats, "record", record_and_tell)
     with srv.servicer.device_lock:  # the device is busy with someone else's work
         code, _ = _code(stub.render_rgb, req, timeout=0.5)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         fut = stub.render_rgb.future(req)
-        time.sleep(0.2)
+        assert acquire(device.arrived, 2)  # both calls wait for the device
         fut.cancel()
-        deadline = time.time() + 10  # the server has seen both calls end before the device frees up
-        while stats.status["CANCELLED"] < before_cancelled + 2 and time.time() < deadline:
-            time.sleep(0.02)
-    deadline = time.time() + 10
-    while srv.servicer.stats.skipped_cancelled < before_skipped + 2 and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.servicer.stats.skipped_cancelled == before_skipped + 2
-    assert srv.servicer.stats.renders == before_renders
+        assert acquire(cancelled, 2)  # the server has seen both calls end before the device frees up
+    wait_for_idle_render_workers(srv.servicer)  # both workers took the device, found their call gone and let go
+    assert stats.skipped_cancelled == before_skipped + 2
+    assert stats.renders == before_renders
 
 
 def test_scene_registered_by_request_metadata(server, thin_scene, tmp_path):
@@ -359,8 +372,18 @@ def test_scene_registered_by_request_metadata(server, thin_scene, tmp_path):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "Invalid scene ID" in details
 
 
-def test_warm_up_unavailable_then_serving_then_compiles(thin_scene, renderer):
+def test_warm_up_unavailable_then_serving_then_compiles(thin_scene, renderer, monkeypatch):
     gate = threading.Event()
+    warmed = threading.Event()  # the compile warm-up has returned
+    compile_warm_up = warmup.warm_up
+
+    def warm_up_and_tell(*args, **kwargs):
+        try:
+            compile_warm_up(*args, **kwargs)
+        finally:
+            warmed.set()
+
+    monkeypatch.setattr(warmup, "warm_up", warm_up_and_tell)
 
     def slow_loader(scene_id):
         gate.wait(30)
@@ -385,11 +408,8 @@ def test_warm_up_unavailable_then_serving_then_compiles(thin_scene, renderer):
         # The compile warm-up runs after SERVING: metadata answers meanwhile, and once it is done every
         # camera at the warm-up height renders without compiling.
         assert stub.get_version(E, timeout=5).version_id
-        for _ in range(600):
-            cfg = stub.get_server_config(E).server_config
-            if cfg["warmup.state"] != "running" or "warmup.rendered" not in cfg:
-                break
-            time.sleep(0.5)
+        assert warmed.wait(300)
+        cfg = stub.get_server_config(E).server_config
         n_cams = len(read_scene_metadata(thin_scene).cameras)
         assert cfg["warmup.state"] == "done" and cfg["warmup.rendered"] == f"{n_cams}/{n_cams}", dict(cfg)
         before = renderer.trace_count
@@ -436,20 +456,25 @@ def test_out_of_memory_is_resource_exhausted(thin_scene, renderer):
         srv.stop(1)
 
 
-def test_graceful_shutdown_lets_in_flight_calls_finish(thin_scene, renderer):
+def test_graceful_shutdown_lets_in_flight_calls_finish(thin_scene, renderer, monkeypatch):
     srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0), renderer=renderer)
     channel, stub = connect(port)
     hs = health_pb2_grpc.HealthStub(channel)
     req = rgb_request(thin_scene, SID, frame=60)
     stub.render_rgb(req)  # loaded (compiled already by the module's server)
+    device = watch_device_lock(monkeypatch, srv.servicer)
+    assert srv.serving.wait(30)
+    # Health watches, opened while the server still takes new calls: each sends the current status, then changes.
+    watches = [hs.Watch(health_pb2.HealthCheckRequest(service=name), timeout=30) for name in ("", SERVICE_NAME)]
+    assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
     srv.servicer.device_lock.acquire()
     fut = stub.render_rgb.future(req, timeout=60)
-    time.sleep(0.2)
+    assert acquire(device.arrived, 1)  # the render is in flight, waiting for the device
     stub.shut_down(E, timeout=5)
-    time.sleep(0.3)
+    assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+    for w in watches:
+        w.cancel()  # an open stream would hold the shutdown open too
     assert not srv.wait_for_termination(timeout=0.1)  # the in-flight render holds the shutdown open
-    assert srv.health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert srv.health._server_status[SERVICE_NAME] == health_pb2.HealthCheckResponse.NOT_SERVING
     srv.servicer.device_lock.release()
     assert decode(fut.result().image_bytes).shape == (HEIGHT, 64, 3)
     assert srv.wait_for_termination(timeout=30)
@@ -559,3 +584,31 @@ def test_render_lidar(server, thin_scene):
         timeout=600,
     )
     assert len(agg.rgb_returns) == 1 and [x.num_points for x in agg.lidar_returns] == [n]
+
+
+def test_a_server_stopped_before_it_reports_serving_stops_at_once(thin_scene, monkeypatch):
+    """The start-up thread's health update may be queued on the event loop just as a stop ends that loop;
+    it must notice the stop instead of waiting for a loop that runs no more."""
+    import asyncio
+
+    from nurec_jax.server.app import Server
+
+    entered, release = threading.Event(), threading.Event()
+    original = Server._set_health
+
+    async def held(self, status):  # the update reaches the loop, then waits there while the server stops
+        entered.set()
+        await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        await original(self, status)
+
+    monkeypatch.setattr(Server, "_set_health", held)
+    srv, _ = create_server("127.0.0.1:0", ServerOptions(port=0, artifact_glob=thin_scene))
+    try:
+        assert entered.wait(60)
+        stopper = threading.Thread(target=srv.stop, args=(0.1,))
+        stopper.start()
+        stopper.join(20)  # the start-up thread gave up at once (it used to wait 30 s on the dead loop)
+        assert not stopper.is_alive()
+        assert not srv.serving.is_set()
+    finally:
+        release.set()

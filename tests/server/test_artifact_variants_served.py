@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import os
 
-import make_artifact_variants as variants
-import make_sample_scene as sample
 import numpy as np
 import pytest
 from grpc_helpers import connect, decode, rgb_request
-from thin_scene import write_thin_scene
 
 from nurec_jax import cameras
 from nurec_jax import renderer as RR
@@ -19,6 +16,9 @@ from nurec_jax import scene as S
 from nurec_jax._proto import common_pb2
 from nurec_jax.server.app import create_server
 from nurec_jax.server.options import ServerOptions
+from tools import make_artifact_variants as variants
+from tools import make_sample_scene as sample
+from tools.thin_scene import write_thin_scene
 
 pytestmark = pytest.mark.xdist_group("grpc")
 

@@ -22,7 +22,7 @@ from nurec_jax._proto import common_pb2, sensorsim_pb2_grpc
 from nurec_jax.render import RenderOptions
 from nurec_jax.renderer import Renderer
 from nurec_jax.server import auth
-from nurec_jax.server.app import SERVICE_NAME, Server, create_server
+from nurec_jax.server.app import SERVICE_NAME, create_server
 from nurec_jax.server.options import ServerOptions
 
 pytestmark = pytest.mark.xdist_group("grpc")
@@ -216,7 +216,10 @@ class _Context:
 
 @pytest.mark.parametrize("allow", [False, True])
 def test_shut_down_from_a_remote_peer_needs_allow_remote_shutdown(tmp_path, allow):
-    srv = Server(ServerOptions(port=0, download_cache_dir=str(tmp_path), allow_remote_shutdown=allow))
+    srv, _ = create_server(
+        "127.0.0.1:0", ServerOptions(port=0, download_cache_dir=str(tmp_path), allow_remote_shutdown=allow)
+    )
+    assert srv.serving.wait(30)
     calls = []
     srv.servicer.on_shut_down = lambda: calls.append(1)
     ctx = _Context("ipv4:10.1.2.3:5555")
@@ -229,13 +232,13 @@ def test_shut_down_from_a_remote_peer_needs_allow_remote_shutdown(tmp_path, allo
             assert ctx.code == grpc.StatusCode.PERMISSION_DENIED and "--allow-remote-shutdown" in ctx.details
             assert calls == [] and srv.servicer.stats.status["PERMISSION_DENIED"] == 1
     finally:
-        srv.servicer.close()
-        srv._loop.close()
+        srv.stop(0)
 
 
 def test_exposed_server_logs_one_warning(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="nurec_jax.server.app")
     srv, _ = create_server("0.0.0.0:0", ServerOptions(port=0, download_cache_dir=str(tmp_path)))
+    assert srv.serving.wait(30)  # stopped before its warm-up reports SERVING, the server takes 30 s to stop
     srv.stop(0)
     warnings = [
         r.getMessage()

@@ -12,7 +12,7 @@ import time
 
 import grpc
 import pytest
-from grpc_helpers import HEIGHT, connect, decode, rgb_request
+from grpc_helpers import HEIGHT, connect, decode, rgb_request, wait_for_idle_render_workers
 
 from nurec_jax import renderer as RR
 from nurec_jax._proto import common_pb2, sensorsim_pb2
@@ -94,15 +94,15 @@ def test_compiled_variants_stay_bounded_over_many_sizes(server, thin_scene):
     srv, stub = server
     start = _config(stub)
     evictions0, traces0 = int(start["stats.compiled_variant_evictions"]), srv.renderer.trace_count
-    heights = [8, 10, 12, 14, 16]
+    heights = [8, 10, 12]  # three sizes with room for two: every render of the second cycle recompiles
     for _ in range(2):
         for h in heights:
             img = decode(stub.render_rgb(rgb_request(thin_scene, SID, height=h), timeout=120).image_bytes)
             assert img.shape[0] == h
             config = _config(stub)
             assert int(config["stats.compiled_variants"]) <= 2
-    assert int(config["stats.compiled_variant_evictions"]) >= evictions0 + 8
-    assert srv.renderer.trace_count >= traces0 + 10  # the second cycle found its sizes evicted: recompiled
+    assert int(config["stats.compiled_variant_evictions"]) >= evictions0 + 4
+    assert srv.renderer.trace_count >= traces0 + 6  # the second cycle found its sizes evicted: recompiled
     assert int(config["stats.compiles"]) >= srv.renderer.trace_count
     _good(stub, thin_scene)
 
@@ -117,18 +117,11 @@ def slow_compiles(monkeypatch):
         exe = original(*args, **kwargs)
         state["calls"] += 1
         state["entered"].set()
-        time.sleep(state["delay"])
+        time.sleep(state["delay"])  # the behaviour under test: a compile that outlasts the call
         return exe
 
     monkeypatch.setattr(RR.COMPILED, "get", slow_get)
     return state
-
-
-def _wait_for(pred, seconds=15.0):
-    deadline = time.monotonic() + seconds
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return pred()
 
 
 def test_a_call_that_expires_or_leaves_while_compiling_is_not_run(server, thin_scene, slow_compiles):
@@ -138,13 +131,15 @@ def test_a_call_that_expires_or_leaves_while_compiling_is_not_run(server, thin_s
     renders, skipped = stats.renders, stats.skipped_cancelled
     code, _ = _code(stub.render_rgb, rgb_request(thin_scene, SID), timeout=0.7)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_for(lambda: stats.skipped_cancelled == skipped + 1)
+    wait_for_idle_render_workers(srv.servicer)  # the call's worker has finished its "compile"
+    assert stats.skipped_cancelled == skipped + 1
     # The client goes away while its render "compiles".
     slow_compiles["entered"].clear()
     fut = stub.render_rgb.future(rgb_request(thin_scene, SID), timeout=60)
     assert slow_compiles["entered"].wait(30)
     fut.cancel()
-    assert _wait_for(lambda: stats.skipped_cancelled == skipped + 2)
+    wait_for_idle_render_workers(srv.servicer)
+    assert stats.skipped_cancelled == skipped + 2
     # A batch whose deadline passes during its first item does not go on to the second.
     calls = slow_compiles["calls"]
     batch = sensorsim_pb2.BatchRGBRenderRequest(
@@ -155,8 +150,8 @@ def test_a_call_that_expires_or_leaves_while_compiling_is_not_run(server, thin_s
     )
     code, _ = _code(stub.batch_render_rgb, batch, timeout=0.7)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_for(lambda: stats.skipped_cancelled == skipped + 3)
-    time.sleep(0.2)
+    wait_for_idle_render_workers(srv.servicer)  # the batch's worker is done: it will not start another item
+    assert stats.skipped_cancelled == skipped + 3
     assert slow_compiles["calls"] == calls + 1  # the second item never reached the device
     assert stats.renders == renders  # none of the three ran
     slow_compiles["delay"] = 0.0

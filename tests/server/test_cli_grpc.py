@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import signal
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 from PIL import Image, ImageSequence
-from thin_scene import write_thin_scene
+
+from tools.serve_process import serve_grpc_env, start_serve_grpc
+from tools.thin_scene import write_thin_scene
 
 pytestmark = pytest.mark.xdist_group("grpc")
 
@@ -24,39 +24,13 @@ PROBE_NOISE = "Unable to initialize backend"  # JAX's INFO line for each platfor
 
 
 def _env(jax_platforms="cpu"):
-    env = dict(os.environ)
-    env.pop("JAX_PLATFORMS", None)
-    if jax_platforms is not None:
-        env["JAX_PLATFORMS"] = jax_platforms
-    return env
+    return serve_grpc_env(jax_platforms)
 
 
 def _start_server(*args, env=None):
     if not any(a.startswith("--compilation-cache-dir") for a in args):
         args = args + ("--compilation-cache-dir=",)  # tests never write to the user's cache
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nurec_jax.cli.serve_grpc", "--host=127.0.0.1", "--port=0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env or _env(),
-    )
-    found = {}
-
-    def read():
-        for line in proc.stdout:
-            m = re.search(r"listening on [\d.]+:(\d+)", line)
-            if m:
-                found["port"] = int(m.group(1))
-                return
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    t.join(120)
-    if "port" not in found:
-        proc.kill()
-        raise AssertionError(f"serve-grpc did not start: {proc.stderr.read()[-3000:]}")
-    return proc, found["port"]
+    return start_serve_grpc(*args, env=env or _env())
 
 
 def test_unavailable_features_and_bad_flags_are_refused(thin_scene, tmp_path):

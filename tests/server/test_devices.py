@@ -157,9 +157,10 @@ def test_serve_grpc_refuses_a_device_it_does_not_have(tmp_path):
     assert len(errors) == 1 and "--devices: no local device has id 7" in errors[0], proc.stderr[-2000:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scenario(tmp_path_factory):
-    """tests/server/devices_scenario.py's JSON, run on 4 forced CPU devices."""
+    """tests/server/devices_scenario.py's JSON, run on 4 forced CPU devices. Session scope: run once even
+    when the worker interleaves other modules' tests between this module's (a module fixture would rerun)."""
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     proc = subprocess.run(

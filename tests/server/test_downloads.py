@@ -12,6 +12,7 @@ import http.server
 import io
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -42,40 +43,36 @@ LOOPBACK = DestinationPolicy(allow_private=True)
 _ROUTE_LIMIT_S = 60.0  # no route runs longer than this, whatever the client does
 
 
-def _until(pred, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
 class Web:
-    """Routes: path -> handler(request_handler, record). `record` collects what the route sent."""
+    """Routes: path -> handler(request_handler, record). `record` collects what the route sent; `wait_for`
+    waits for what the requests and routes record."""
 
     def __init__(self):
         self.routes = {}
         self.gets = collections.Counter()
         self.records: dict[str, list[dict]] = collections.defaultdict(list)
+        self._changed = threading.Condition()  # notified on every change of `gets` and `records`
         web = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 path = self.path.split("?")[0]
-                web.gets[path] += 1
                 route = web.routes.get(path)
+                rec = {"sent": 0, "aborted": False, "done": False}
+                with web._changed:
+                    web.gets[path] += 1
+                    if route is not None:
+                        web.records[path].append(rec)
+                    web._changed.notify_all()
                 if route is None:
                     self.send_error(404)
                     return
-                rec = {"sent": 0, "aborted": False, "done": False}
-                web.records[path].append(rec)
                 try:
                     route(self, rec)
                 except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-                    rec["aborted"] = True
+                    web._record(rec, aborted=True)
                 finally:
-                    rec["done"] = True
+                    web._record(rec, done=True)
 
             def log_message(self, *args):
                 pass
@@ -86,6 +83,17 @@ class Web:
         self.port = self.httpd.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def _record(self, rec: dict, sent: int = 0, **changes) -> None:
+        with self._changed:
+            rec["sent"] += sent
+            rec.update(changes)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        """Whether `predicate()` (reading `gets` / `records`) came true within `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout)
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"{self.scheme}://{host}:{self.port}{path}"
@@ -109,9 +117,9 @@ class Web:
             for i in range(0, len(data), step):
                 h.wfile.write(data[i : i + step])
                 h.wfile.flush()
-                rec["sent"] += len(data[i : i + step])
+                self._record(rec, sent=len(data[i : i + step]))
                 if pause_s:
-                    time.sleep(pause_s)
+                    time.sleep(pause_s)  # the behaviour under test: a slow server
 
         self.routes[path] = route
 
@@ -137,9 +145,9 @@ class Web:
             while time.monotonic() < end and (length is None or rec["sent"] < length):
                 h.wfile.write(piece)
                 h.wfile.flush()
-                rec["sent"] += len(piece)
+                self._record(rec, sent=len(piece))
                 if pause_s:
-                    time.sleep(pause_s)
+                    time.sleep(pause_s)  # the behaviour under test: a dripping body
 
         self.routes[path] = route
 
@@ -153,6 +161,40 @@ def web():
     w = Web()
     yield w
     w.close()
+
+
+class DownloadEnds(logging.Handler):
+    """Counts the downloads that ended, from the download cache's log: its download thread logs one line per
+    download ("downloaded scene ..." or "download of scene <id>: <why>") once the partial file is gone."""
+
+    _END = re.compile(r"downloaded scene |download of scene \S+: ")
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._END.match(record.getMessage()):
+            with self._changed:
+                self.count += 1
+                self._changed.notify_all()
+
+    def wait(self, count: int, timeout: float = 10.0) -> bool:
+        """Whether `count` downloads have ended within `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= count, timeout)
+
+
+@pytest.fixture
+def download_ends():
+    logger = logging.getLogger("nurec_jax.server.download_cache")
+    ends, level = DownloadEnds(), logger.level
+    logger.addHandler(ends)
+    logger.setLevel(logging.INFO)
+    yield ends
+    logger.removeHandler(ends)
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +338,7 @@ def test_size_bounds(tmp_path, web, scene_bytes):
     # A body without a length is stopped while streaming, just past the bound.
     with pytest.raises(DownloadError, match="exceeds the download limit of 65536 bytes"):
         cache.fetch("endless", web.url("/endless"))
-    assert _until(lambda: web.records["/endless"] and web.records["/endless"][0]["done"])
+    assert web.wait_for(lambda: web.records["/endless"] and web.records["/endless"][0]["done"])
     assert web.records["/endless"][0]["aborted"] and web.records["/endless"][0]["sent"] < 64 << 20
     with pytest.raises(DownloadUnavailable, match="connection closed after 1000 of"):
         _cache(tmp_path, stall_timeout_s=30.0).fetch("short", web.url("/short"))
@@ -310,7 +352,7 @@ def test_stall_and_total_timeouts(tmp_path, web):
         _cache(tmp_path, stall_timeout_s=0.3).fetch("d", web.url("/drip"))
     with pytest.raises(DownloadUnavailable, match=r"took longer than 0\.5 s \(--download-timeout-s\)"):
         _cache(tmp_path, stall_timeout_s=5.0, timeout_s=0.5).fetch("t", web.url("/trickle"))
-    assert _until(lambda: all(r["done"] for recs in web.records.values() for r in recs))
+    assert web.wait_for(lambda: all(r["done"] for recs in web.records.values() for r in recs))
     assert all(r["aborted"] for recs in web.records.values() for r in recs)
     assert _files(tmp_path) == []
 
@@ -319,7 +361,7 @@ def test_stall_and_total_timeouts(tmp_path, web):
 # Sharing and cancellation
 
 
-def test_waiters_share_one_download_and_the_last_one_stops_it(tmp_path, web, scene_bytes):
+def test_waiters_share_one_download_and_the_last_one_stops_it(tmp_path, web, scene_bytes, download_ends):
     web.file("/s.usdz", scene_bytes, chunk=64 << 10, pause_s=0.02)
     web.drip("/slow.usdz", pause_s=0.02, piece=b"\0" * 1024)
     cache = _cache(tmp_path)
@@ -332,13 +374,14 @@ def test_waiters_share_one_download_and_the_last_one_stops_it(tmp_path, web, sce
     a, b = cache.request("slow", web.url("/slow.usdz")), cache.request("slow", web.url("/slow.usdz"))
     with pytest.raises(DownloadError, match="is being downloaded from"):
         cache.request("slow", web.url("/s.usdz"))
-    assert _until(lambda: web.records["/slow.usdz"] and web.records["/slow.usdz"][0]["sent"] > 0)
+    assert web.wait_for(lambda: web.records["/slow.usdz"] and web.records["/slow.usdz"][0]["sent"] > 0)
     a.release()
     b.release()
-    assert _until(lambda: web.records["/slow.usdz"][0]["done"])
+    assert web.wait_for(lambda: web.records["/slow.usdz"][0]["done"])
     assert web.records["/slow.usdz"][0]["aborted"] and web.records["/slow.usdz"][0]["sent"] < 10 << 20
     assert a.future.cancelled() and b.future.cancelled()
-    assert _until(lambda: _files(tmp_path) == ["index.json", "s.usdz"])
+    assert download_ends.wait(2)  # "s" and "slow"
+    assert _files(tmp_path) == ["index.json", "s.usdz"]
     cache.close()
 
 
@@ -466,7 +509,7 @@ def test_server_refuses_local_paths_and_downloads_http(served, scene_bytes):
     assert web.gets["/s.usdz"] == 1
 
 
-def test_server_metadata_answers_during_slow_downloads_and_cancel_stops_them(served):
+def test_server_metadata_answers_during_slow_downloads_and_cancel_stops_them(served, download_ends):
     srv, stub, web = served
     for i in range(4):
         web.drip(f"/slow{i}.usdz", pause_s=0.05, piece=b"\0" * 1024)
@@ -477,24 +520,25 @@ def test_server_metadata_answers_during_slow_downloads_and_cancel_stops_them(ser
         for i in range(4)
     ]
     # Two download threads are busy (the other two downloads queue); metadata workers are all free.
-    assert _until(lambda: sum(web.gets.values()) >= 2)
+    assert web.wait_for(lambda: sum(web.gets.values()) >= 2)
     for _ in range(3):
         assert stub.get_available_scenes(E, timeout=10).scene_ids == []
         assert stub.get_version(E, timeout=10).version_id
     started = [r for recs in list(web.records.values()) for r in recs]
     for c in calls:
         c.cancel()
-    assert started and _until(lambda: all(r["done"] for r in started))
+    assert started and web.wait_for(lambda: all(r["done"] for r in started))
     assert all(r["aborted"] and r["sent"] < 10 << 20 for r in started)
     # A deadline that passes during the download stops it too, and the call says why.
     web.drip("/late.usdz", pause_s=0.05, piece=b"\0" * 1024)
     with pytest.raises(grpc.RpcError) as info:
         stub.get_available_cameras(_cams("late"), metadata=_md(web.url("/late.usdz"), "late"), timeout=1.0)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _until(lambda: web.records["/late.usdz"] and web.records["/late.usdz"][0]["done"])
+    assert web.wait_for(lambda: web.records["/late.usdz"] and web.records["/late.usdz"][0]["done"])
     assert web.records["/late.usdz"][0]["aborted"]
     assert stub.get_available_scenes(E, timeout=10).scene_ids == []
-    assert _until(lambda: _files(srv.options.download_cache_dir) == [])
+    assert download_ends.wait(5)  # the four cancelled ones (two never started) and the late one
+    assert _files(srv.options.download_cache_dir) == []
 
 
 # ------------------------------------------------------------------------------------------------

@@ -245,13 +245,14 @@ def test_file_assets_only_from_the_asset_dir(server, tmp_path):
     os.symlink(outside, os.path.join(srv.options.asset_dir, "link.ply"))
     size = common_pb2.AABB(size_x=4.0, size_y=2.0, size_z=1.5)
 
-    def edit(asset):
-        return stub.edit_assets(
-            sensorsim_pb2.EditAssetsRequest(
-                scene_id=SID,
-                replace=[sensorsim_pb2.ReplaceAssetAction(original_id="3", replacement_id=asset, object_size=size)],
-            )
+    def request(asset):
+        return sensorsim_pb2.EditAssetsRequest(
+            scene_id=SID,
+            replace=[sensorsim_pb2.ReplaceAssetAction(original_id="3", replacement_id=asset, object_size=size)],
         )
+
+    def edit(asset):
+        return stub.edit_assets(request(asset))
 
     denied = {}
     for asset in (
@@ -272,7 +273,7 @@ def test_file_assets_only_from_the_asset_dir(server, tmp_path):
     stub.restore_model_parameters(sensorsim_pb2.RestoreModelParametersRequest(scene_id=SID))
     # Without --asset-dir no path is read at all.
     with pytest.raises(errs.PermissionDenied, match="--asset-dir"):
-        SceneEditor(srv.registry)._asset_file(inside, "replace[0].replacement_id")
+        SceneEditor(srv.registry).parse(request(inside))  # an editor built without asset_dir
 
 
 def test_a_bomb_scene_is_refused_and_the_server_keeps_serving(server, thin_scene):

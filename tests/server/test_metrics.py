@@ -6,7 +6,7 @@ import http.client
 import jax
 import jax.numpy as jnp
 import pytest
-from jax._src import compilation_cache
+from jax.experimental.compilation_cache import compilation_cache
 from prometheus_client.parser import text_string_to_metric_families
 
 from nurec_jax.server.metrics import (

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import yaml
 from grpc_helpers import connect, decode, rgb_request
-from make_postprocess_model import make_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from nurec_jax import load_scene, read_scene_metadata
@@ -23,6 +22,7 @@ from nurec_jax.server import images
 from nurec_jax.server import requests as req_lib
 from nurec_jax.server.app import create_server
 from nurec_jax.server.options import ServerOptions
+from tools.make_postprocess_model import make_model
 
 pytestmark = pytest.mark.xdist_group("grpc")
 

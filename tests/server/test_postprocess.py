@@ -1,17 +1,20 @@
 """The `--enable-difix` post-processing hook: model format, numerics, validation, model lookup."""
 
+import contextlib
 import os
 import pickle
 import subprocess
 import sys
+import threading
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
 
-from nurec_jax.server import postprocess as pp
+from nurec_jax.server import metrics
 from nurec_jax.server.downloads import DestinationPolicy, Limits
 from nurec_jax.server.postprocess import ConvLayer, PostProcessor, load_postprocessor, resolve_model_path
 
@@ -141,21 +144,32 @@ def test_input_shape_checked():
         _two_layer()(np.zeros((12, 16, 4), np.float32))
 
 
-def test_jit_cache_per_size(monkeypatch):
-    traces = []
-    real = pp._forward
+@contextlib.contextmanager
+def _executables_built_by_this_thread():
+    """Yields a list that gets one entry per executable this thread builds (compiled, or loaded from the
+    persistent compilation cache), as JAX reports them through `jax.monitoring`. Other threads are left out:
+    a server another test left running may compile meanwhile."""
+    me, built = threading.get_ident(), []
 
-    def counting(params, rgb, **kw):
-        traces.append(tuple(rgb.shape))
-        return real(params, rgb, **kw)
+    def on_duration(event, duration_secs, **kwargs):
+        if event == metrics.BACKEND_COMPILE_EVENT and threading.get_ident() == me:
+            built.append(duration_secs)
 
-    monkeypatch.setattr(pp, "_forward", counting)
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        yield built
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+
+
+def test_jit_cache_per_size():
     model = _two_layer()
-    for h, w in [(12, 16), (12, 16), (8, 8), (12, 16), (8, 8)]:
-        model(_image(h, w))
-    assert traces == [(12, 16, 3), (8, 8, 3)]
-    model.precompile(4, 6)
-    assert model.compiled_sizes() == [(4, 6), (8, 8), (12, 16)] and len(traces) == 3
+    with _executables_built_by_this_thread() as built:
+        for h, w in [(12, 16), (12, 16), (8, 8), (12, 16), (8, 8)]:
+            model(_image(h, w))
+        assert model.compiled_sizes() == [(8, 8), (12, 16)] and len(built) == 2  # one compile per size
+        model.precompile(4, 6)
+        assert model.compiled_sizes() == [(4, 6), (8, 8), (12, 16)] and len(built) == 3
     # a new working resolution is a new processor with its own cache
     assert model.with_resolution((6, 8)).compiled_sizes() == []
 
@@ -353,7 +367,7 @@ def test_load_postprocessor_resolution_precedence(tmp_path):
 
 
 def test_tool_models():
-    import make_postprocess_model as tool
+    from tools import make_postprocess_model as tool
 
     img = _smooth_image()
     np.testing.assert_array_equal(tool.make_model("identity")(img), img)
