@@ -45,9 +45,16 @@ def test_loader_snippet_runs():
 
 
 def test_rendering_and_gradient_snippet_runs():
-    out = _python(_block("jax.grad(") + "\nprint('ok', out.rgb.shape)\n")
+    """The render runs as written; the gradient line is traced, not compiled (`jax.eval_shape`): its numbers
+    are checked against finite differences in tests/test_render_grad.py, and compiling the backward pass
+    here again would cost half a minute of the suite."""
+    code = _block("jax.grad(")
+    grad_line = "jax.grad(loss)(jax.numpy.zeros(6))"
+    assert grad_line in code
+    code = code.replace(grad_line, "print('grad', jax.eval_shape(jax.grad(loss), jax.numpy.zeros(6)).shape)")
+    out = _python(code + "\nprint('ok', out.rgb.shape)\n")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "ok (180, 320, 3)" in out.stdout
+    assert "ok (180, 320, 3)" in out.stdout and "grad (6,)" in out.stdout
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""render-grpc's plan, run and write steps without a server: hand-built proto answers in, jobs out; a fake
+"""render-grpc's plan, run and write steps (nurec_jax/cli/render_jobs.py) without a server: hand-built proto answers in, jobs out; a fake
 stub in place of the server; the summary files from fake image bytes."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageSequence
 
 from nurec_jax._proto import common_pb2, sensorsim_pb2
-from nurec_jax.cli import render_grpc
-from nurec_jax.cli.render_grpc import Answers, Options, PlanError, Results, plan_jobs, run_jobs, write_outputs
+from nurec_jax.cli import render_jobs
+from nurec_jax.cli.render_jobs import Answers, Options, PlanError, Results, plan_jobs, run_jobs, write_outputs
 from nurec_jax.metadata import CameraCalibration, LidarCalibration, SceneMetadata
 
 RIG_TS = [t * 100_000 for t in range(11)]  # 0 .. 1 s, 10 Hz; the rig moves 1 m along x per pose
@@ -265,7 +265,7 @@ def test_write_outputs_from_fake_image_bytes(tmp_path, capsys):
         os.makedirs(sensor.directory)
     cam_a = [j for j in plan.jobs if j.sensor == "cam_a"][:3]
     for i, job in enumerate(cam_a):
-        render_grpc.save_reply(job, sensorsim_pb2.RGBRenderReturn(image_bytes=_png(40 * i)))
+        render_jobs.save_reply(job, sensorsim_pb2.RGBRenderReturn(image_bytes=_png(40 * i)))
     results = Results({"cam_a": tuple(cam_a), "cam_b": ()}, failures=1, seconds=2.0)
     write_outputs(plan, results, video_format=("gif",), args={"height": 300})
     assert sorted(os.listdir(tmp_path / "cam_a")) == ["30000.png", "330000.png", "630000.png"]
@@ -290,7 +290,7 @@ def test_save_reply_writes_a_lidar_spin_as_bin_and_bev(tmp_path):
     reply = sensorsim_pb2.LidarRenderReturn(
         point_xyzs_buffer=pts.tobytes(), point_intensities_buffer=np.asarray([0.25, 0.75], "<f4").tobytes()
     )
-    render_grpc.save_reply(job, reply, bev_color="intensity")
+    render_jobs.save_reply(job, reply, bev_color="intensity")
     np.testing.assert_array_equal(np.fromfile(job.path, "<f4").reshape(-1, 4)[:, :3], pts)
     with Image.open(job.bev_path) as im:
         assert im.format == "PNG"

@@ -17,6 +17,15 @@ CAM = "camera_front_wide_120fov"
 HEIGHT = 36  # 64x36 for the 1920x1080 cameras: one compile per camera model in the whole module
 
 
+def rpc_error(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
+    """Calls an RPC that must fail; returns its (status code, details)."""
+    try:
+        fn(*args, **kw)
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    raise AssertionError(f"{getattr(fn, '_method', fn)!r} succeeded; an error was expected")
+
+
 def connect(port: int):
     limit = 64 << 20  # what AlpaSim uses; a lidar spin with every field filled exceeds gRPC's default 4 MiB
     channel = grpc.insecure_channel(

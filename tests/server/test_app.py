@@ -20,6 +20,7 @@ from grpc_helpers import (
     connect,
     decode,
     rgb_request,
+    rpc_error,
     wait_for_idle_render_workers,
     watch_device_lock,
 )
@@ -72,12 +73,6 @@ def server(thin_scene, renderer, hood_dir, tmp_path_factory):
     yield srv, stub, channel
     channel.close()
     srv.stop(1)
-
-
-def _code(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kw)
-    return info.value.code(), info.value.details()
 
 
 def test_metadata_rpcs_answer_from_the_file(server, thin_scene):
@@ -201,25 +196,25 @@ def test_error_codes_and_the_server_keeps_serving(server, thin_scene):
         )
     )
     for request, code, text in cases:
-        got, details = _code(stub.render_rgb, request)
+        got, details = rpc_error(stub.render_rgb, request)
         assert got == code and text in details, (got, details)
     assert (
-        _code(stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id="nope"))[0]
+        rpc_error(stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id="nope"))[0]
         == grpc.StatusCode.NOT_FOUND
     )
     assert (
-        _code(stub.get_dynamic_objects, sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=""))[0]
+        rpc_error(stub.get_dynamic_objects, sensorsim_pb2.AvailableDynamicObjectsRequest(scene_id=""))[0]
         == grpc.StatusCode.INVALID_ARGUMENT
     )
-    code, details = _code(stub.render_lidar, sensorsim_pb2.LidarRenderRequest(scene_id=SID))
+    code, details = rpc_error(stub.render_lidar, sensorsim_pb2.LidarRenderRequest(scene_id=SID))
     assert code == grpc.StatusCode.OUT_OF_RANGE and "frame_end_us" in details
     reply = stub.edit_assets(sensorsim_pb2.EditAssetsRequest(scene_id=SID))  # edit failures are in-band
     assert not reply.success and "no replace or insert" in reply.message
     assert (
-        _code(stub.restore_model_parameters, sensorsim_pb2.RestoreModelParametersRequest(scene_id="nope"))[0]
+        rpc_error(stub.restore_model_parameters, sensorsim_pb2.RestoreModelParametersRequest(scene_id="nope"))[0]
         == grpc.StatusCode.NOT_FOUND
     )
-    code, details = _code(stub.get_version, E, metadata=(("x-nre-scene-url", "file:///x.usdz"),))
+    code, details = rpc_error(stub.get_version, E, metadata=(("x-nre-scene-url", "file:///x.usdz"),))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "x-nre-scene-id" in details
     # Still serving.
     assert decode(stub.render_rgb(good).image_bytes).shape == (HEIGHT, 64, 3)
@@ -254,7 +249,7 @@ def test_batch_per_item_results(server, thin_scene):
     assert mixed[1].error_message.startswith("INVALID_ARGUMENT: items[1].request.scene_id")
     agg = stub.render_aggregated(sensorsim_pb2.AggregatedRenderRequest(rgb_requests=[good]))
     assert [r.image_bytes for r in agg.rgb_returns] == [out[0].result.image_bytes]
-    code, details = _code(
+    code, details = rpc_error(
         stub.render_aggregated,
         sensorsim_pb2.AggregatedRenderRequest(
             rgb_requests=[good], lidar_requests=[sensorsim_pb2.LidarRenderRequest(scene_id=SID)]
@@ -344,7 +339,7 @@ def test_cancelled_and_expired_calls_skip_their_render(server, thin_scene, monke
 
     monkeypatch.setattr(stats, "record", record_and_tell)
     with srv.servicer.device_lock:  # the device is busy with someone else's work
-        code, _ = _code(stub.render_rgb, req, timeout=0.5)
+        code, _ = rpc_error(stub.render_rgb, req, timeout=0.5)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         fut = stub.render_rgb.future(req)
         assert acquire(device.arrived, 2)  # both calls wait for the device
@@ -361,12 +356,12 @@ def test_scene_registered_by_request_metadata(server, thin_scene, tmp_path):
     copy = tmp_path / "copy.usdz"
     shutil.copy(thin_scene, copy)
     md = (("x-nre-scene-url", f"file://{copy}"), ("x-nre-scene-id", "my-copy"))
-    code, details = _code(
+    code, details = rpc_error(
         stub.get_available_cameras, sensorsim_pb2.AvailableCamerasRequest(scene_id="my-copy"), metadata=md
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "x-nre-scene-url" in details
     assert "my-copy" not in stub.get_available_scenes(E).scene_ids
-    code, details = _code(
+    code, details = rpc_error(
         stub.get_version, E, metadata=(("x-nre-scene-url", "http://example.com/a.usdz"), ("x-nre-scene-id", "bad id!"))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "Invalid scene ID" in details
@@ -400,7 +395,7 @@ def test_warm_up_unavailable_then_serving_then_compiles(thin_scene, renderer, mo
         hs = health_pb2_grpc.HealthStub(channel)
         assert hs.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert stub.get_version(E, timeout=5).version_id  # metadata answers while warming up
-        code, details = _code(stub.render_rgb, rgb_request(thin_scene, SID), timeout=4.0)
+        code, details = rpc_error(stub.render_rgb, rgb_request(thin_scene, SID), timeout=4.0)
         assert code == grpc.StatusCode.UNAVAILABLE and "still loading" in details
         gate.set()
         assert srv.serving.wait(30)
@@ -448,7 +443,7 @@ def test_out_of_memory_is_resource_exhausted(thin_scene, renderer):
     )
     channel, stub = connect(port)
     try:
-        code, details = _code(stub.render_rgb, rgb_request(thin_scene, SID))
+        code, details = rpc_error(stub.render_rgb, rgb_request(thin_scene, SID))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of device memory" in details
         assert list(stub.get_available_scenes(E).scene_ids) == [SID]  # still serving
     finally:
@@ -570,15 +565,15 @@ def test_render_lidar(server, thin_scene):
     bad = sensorsim_pb2.LidarRenderRequest()
     bad.CopyFrom(req)
     bad.render_filter.opacity_threshold = 1.5
-    code, details = _code(stub.render_lidar, bad)
+    code, details = rpc_error(stub.render_lidar, bad)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "render_filter.opacity_threshold" in details
     bad.CopyFrom(req)
     bad.ClearField("sensor_pose")
-    code, details = _code(stub.render_lidar, bad)
+    code, details = rpc_error(stub.render_lidar, bad)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "sensor_pose: missing" in details
     bad.CopyFrom(req)
     bad.scene_id = "nope"
-    assert _code(stub.render_lidar, bad)[0] == grpc.StatusCode.NOT_FOUND
+    assert rpc_error(stub.render_lidar, bad)[0] == grpc.StatusCode.NOT_FOUND
     agg = stub.render_aggregated(
         sensorsim_pb2.AggregatedRenderRequest(rgb_requests=[rgb_request(thin_scene, SID)], lidar_requests=[req]),
         timeout=600,

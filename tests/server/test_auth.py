@@ -14,7 +14,7 @@ import sys
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_helpers import CAM, HEIGHT, decode, rgb_request
+from grpc_helpers import CAM, HEIGHT, decode, rgb_request, rpc_error
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
@@ -42,12 +42,6 @@ def _tls_channel(port: int, cert: str | None = None, key: str | None = None):
     creds = grpc.ssl_channel_credentials(_pem("ca.pem"), key and _pem(key), cert and _pem(cert))
     channel = grpc.secure_channel(f"127.0.0.1:{port}", creds)
     return channel, sensorsim_pb2_grpc.SensorsimServiceStub(channel)
-
-
-def _code(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kw)
-    return info.value.code(), info.value.details()
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +101,12 @@ def test_tls_with_token_renders_and_bad_tokens_are_unauthenticated(tls_server, t
         (("authorization", TOKEN),),
         (("authorization", "Basic " + TOKEN),),
     ):
-        code, details = _code(stub.get_version, E, metadata=md, timeout=10)
+        code, details = rpc_error(stub.get_version, E, metadata=md, timeout=10)
         assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization" in details, (md, details)
         assert TOKEN not in details
         # The rejection comes before the handler: a render is refused the same way, and the server goes on.
         assert (
-            _code(stub.render_rgb, rgb_request(thin_scene, SID), metadata=md, timeout=10)[0]
+            rpc_error(stub.render_rgb, rgb_request(thin_scene, SID), metadata=md, timeout=10)[0]
             == grpc.StatusCode.UNAUTHENTICATED
         )
         assert stub.get_available_scenes(E, metadata=GOOD, timeout=10).scene_ids == [SID]
@@ -139,7 +133,7 @@ def test_plaintext_client_cannot_talk_to_a_tls_port(tls_server):
     _, port, stub, _ = tls_server
     with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
         plain_stub = sensorsim_pb2_grpc.SensorsimServiceStub(plain)
-        assert _code(plain_stub.get_version, E, metadata=GOOD, timeout=5)[0] == grpc.StatusCode.UNAVAILABLE
+        assert rpc_error(plain_stub.get_version, E, metadata=GOOD, timeout=5)[0] == grpc.StatusCode.UNAVAILABLE
     assert stub.get_version(E, metadata=GOOD, timeout=10).version_id  # still serving TLS clients
 
 
@@ -148,12 +142,12 @@ def test_mtls_refuses_clients_without_a_certificate_from_its_ca(mtls_server):
     for cert, key in ((None, None), ("other-client.pem", "other-client.key")):
         channel, stub = _tls_channel(port, cert, key)
         with channel:
-            assert _code(stub.get_version, E, metadata=GOOD, timeout=5)[0] == grpc.StatusCode.UNAVAILABLE, cert
+            assert rpc_error(stub.get_version, E, metadata=GOOD, timeout=5)[0] == grpc.StatusCode.UNAVAILABLE, cert
     channel, stub = _tls_channel(port, "client.pem", "client.key")
     with channel:
         assert stub.get_version(E, metadata=GOOD, timeout=10).version_id
         # mTLS does not replace the token when both are configured.
-        assert _code(stub.get_version, E, timeout=10)[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert rpc_error(stub.get_version, E, timeout=10)[0] == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_shut_down_from_loopback_stops_a_server(tmp_path):

@@ -15,7 +15,7 @@ import zipfile
 import grpc
 import numpy as np
 import pytest
-from grpc_helpers import HEIGHT, connect, decode, rgb_request
+from grpc_helpers import HEIGHT, connect, decode, rgb_request, rpc_error
 
 from nurec_jax._proto import common_pb2, sensorsim_pb2
 from nurec_jax.ply import write_ply_gaussians
@@ -65,12 +65,6 @@ def server(scenes, renderer, tmp_path_factory):
     yield srv, stub, channel
     channel.close()
     srv.stop(1)
-
-
-def _code(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kw)
-    return info.value.code(), info.value.details()
 
 
 def _good(stub, thin_scene):
@@ -129,18 +123,18 @@ def test_long_ids_are_refused_and_never_echoed_whole(server, thin_scene, caplog)
         ),
     ]
     for fn, request, field, text in cases:
-        code, details = _code(fn, request)
+        code, details = rpc_error(fn, request)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (field, code, details[:300])
         assert field in details and text in details and len(details) < 1000, details[:300]
     # An unknown id that is merely long: NOT_FOUND, quoted truncated with its length.
-    code, details = _code(stub.render_rgb, variant(scene_id="z" * 200))
+    code, details = rpc_error(stub.render_rgb, variant(scene_id="z" * 200))
     assert code == grpc.StatusCode.NOT_FOUND and "(200 chars)" in details and "z" * 65 not in details
     # Scene headers: the id and the URL are bounded too.
     for md, field in [
         ((("x-nre-scene-url", "file:///x.usdz"), ("x-nre-scene-id", "i" * 1000)), "x-nre-scene-id"),
         ((("x-nre-scene-url", "file:///" + "u" * 5000), ("x-nre-scene-id", "ok")), "x-nre-scene-url"),
     ]:
-        code, details = _code(stub.get_version, E, metadata=md)
+        code, details = rpc_error(stub.get_version, E, metadata=md)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details and len(details) < 1000
     assert max(len(r.getMessage()) for r in caplog.records) < 5000  # nothing huge reached the log
     _good(stub, thin_scene)
@@ -155,7 +149,7 @@ def test_undecodable_request_bytes_are_invalid_argument(server, thin_scene):
         ("edit_assets", "EditAssetsRequest"),
     ]:
         raw = channel.unary_unary(f"{SERVICE}/{rpc}")  # no serializers: bytes as they are
-        code, details = _code(raw, garbage, timeout=30)
+        code, details = rpc_error(raw, garbage, timeout=30)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (rpc, code, details)
         assert details.startswith(f"{rpc}: ") and type_name in details, details
     _good(stub, thin_scene)
@@ -196,7 +190,7 @@ def test_refused_renders_leave_the_latency_figures_alone(server, thin_scene):
     before = len(srv.servicer.stats.latencies_s)
     refused = srv.servicer.stats.status["NOT_FOUND"]
     for _ in range(5):
-        _code(stub.render_rgb, rgb_request(thin_scene, SID, spec=sensorsim_pb2.CameraSpec(logical_id="cam_x")))
+        rpc_error(stub.render_rgb, rgb_request(thin_scene, SID, spec=sensorsim_pb2.CameraSpec(logical_id="cam_x")))
     assert len(srv.servicer.stats.latencies_s) == before
     assert srv.servicer.stats.status["NOT_FOUND"] == refused + 5
     config = stub.get_server_config(E).server_config
@@ -208,7 +202,7 @@ def test_edit_assets_needs_the_editing_flag(thin_scene, renderer):
     srv, port = create_server("127.0.0.1:0", ServerOptions(artifact_glob=thin_scene, port=0), renderer=renderer)
     channel, stub = connect(port)
     try:
-        code, details = _code(
+        code, details = rpc_error(
             stub.edit_assets,
             sensorsim_pb2.EditAssetsRequest(
                 scene_id=SID, replace=[sensorsim_pb2.ReplaceAssetAction(original_id="3", replacement_id="/etc/x.ply")]
@@ -262,7 +256,7 @@ def test_file_assets_only_from_the_asset_dir(server, tmp_path):
         "../" + os.path.basename(outside),
         "/etc/passwd.ply",
     ):
-        code, details = _code(edit, asset)
+        code, details = rpc_error(edit, asset)
         assert code == grpc.StatusCode.PERMISSION_DENIED and "replace[0].replacement_id" in details, details
         denied[asset] = details.replace(errs.quoted(asset), "<asset>")
     assert len(set(denied.values())) == 1  # the same words whether or not the file exists
@@ -281,7 +275,7 @@ def test_a_bomb_scene_is_refused_and_the_server_keeps_serving(server, thin_scene
     request = rgb_request(thin_scene, "bomb")  # its own intrinsics: the bomb has no cameras of its own
     assert "bomb" in stub.get_available_scenes(E).scene_ids  # registered: its metadata is fine
     for _ in range(2):  # a failed load is not cached: each try is refused the same way
-        code, details = _code(stub.render_rgb, request)
+        code, details = rpc_error(stub.render_rgb, request)
         assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
         assert "bomb.usdz:volume.nurec" in details and "200:1" in details, details
     assert not srv.scene_cache.is_loaded("bomb")
