@@ -88,14 +88,14 @@ def test_compiled_variants_stay_bounded_over_many_sizes(server, thin_scene):
     srv, stub = server
     start = _config(stub)
     evictions0, traces0 = int(start["stats.compiled_variant_evictions"]), srv.renderer.trace_count
-    heights = [8, 10, 12, 8]  # three sizes with room for two: the last one was evicted and compiles again
+    heights = [8, 10, 12]  # three sizes with room for two (retracing after an eviction: test_compiled_cache.py)
     for h in heights:
         img = decode(stub.render_rgb(rgb_request(thin_scene, SID, height=h), timeout=120).image_bytes)
         assert img.shape[0] == h
         config = _config(stub)
         assert int(config["stats.compiled_variants"]) <= 2
-    assert int(config["stats.compiled_variant_evictions"]) >= evictions0 + 2
-    assert srv.renderer.trace_count >= traces0 + 4  # 8 px was evicted by 12 px: traced and compiled again
+    assert int(config["stats.compiled_variant_evictions"]) >= evictions0 + 1
+    assert srv.renderer.trace_count >= traces0 + 3
     assert int(config["stats.compiles"]) >= srv.renderer.trace_count
     _good(stub, thin_scene)
 
