@@ -159,6 +159,13 @@ def committed_device(x):
     return None
 
 
+def on_scene_device(gaussians, inputs):
+    """(device, inputs): a scene placed on one device (the server's `--devices`) has the call's other inputs
+    put there too, so nothing is staged on device 0; otherwise (None, inputs) unchanged."""
+    device = committed_device(gaussians.static.means)
+    return device, (inputs if device is None else jax.device_put(inputs, device))
+
+
 def _run_device(leaves):
     """The device a computation over `leaves` runs on: the first committed leaf's, else the default device
     in effect (the thread's `jax.default_device`, else the first device)."""
@@ -452,9 +459,7 @@ class Renderer:
             actors = ActorPoses.hidden(len(gaussians.track_ids), gaussians.static.means.dtype)
         # One argument structure per scene kind, so every caller shares one compiled function.
         isp = None if gaussians.ppisp is None else (IspIndex.of() if isp is None else isp)
-        device = committed_device(gaussians.static.means)
-        if device is not None:  # a scene placed on one device (--devices): its inputs go there, not to device 0
-            camera, sensor_pose, actors, isp = jax.device_put((camera, sensor_pose, actors, isp), device)
+        _, (camera, sensor_pose, actors, isp) = on_scene_device(gaussians, (camera, sensor_pose, actors, isp))
         while True:
             if timer is None:
                 out = COMPILED.call(
@@ -510,9 +515,7 @@ class LidarCaster:
         if actors is None:
             actors = ActorPoses.hidden(len(gaussians.track_ids), dtype)
         tables = lidar_tables(model, dtype)
-        device = committed_device(gaussians.static.means)
-        if device is not None:  # a scene placed on one device (--devices): its inputs go there
-            tables, sensor_pose, actors = jax.device_put((tables, sensor_pose, actors), device)
+        device, (tables, sensor_pose, actors) = on_scene_device(gaussians, (tables, sensor_pose, actors))
         n_ct = column_tiles_for(tables, ray_chunk_size)
         key = (cache_key, model.static_key(), n_ct)
         opts = dataclasses.replace(

@@ -158,7 +158,7 @@ def test_renderers_share_executables_and_check_stops_the_frame():
 
 
 def test_output_pixel_limit_defaults_agree_and_name_the_fields():
-    assert req_lib.max_output_pixels == ServerOptions().max_output_pixels
+    assert req_lib.DEFAULT_MAX_OUTPUT_PIXELS == ServerOptions().max_output_pixels
     assert ServerOptions().max_output_pixels >= 3848 * 2168  # the largest real NuRec camera fits
     req_lib.check_output_pixels(3848, 2168, 3848, 2168, (3848, 2168))
     from nurec_jax.server.request_errors import InvalidArgument

@@ -254,7 +254,6 @@ def run(
 
     def usage_errors_in_one_line(argv):
         logs.configure(LOG_FORMAT.value, getattr(logging, LOG_LEVEL.value))  # one format for every command
-        quiet_jax_platform_probe()  # configure() sets the root level; the probe's logger keeps its own
         try:
             return main(argv)
         except app.UsageError as e:

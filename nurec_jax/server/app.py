@@ -30,7 +30,6 @@ from nurec_jax.render import RenderOptions
 from nurec_jax.renderer import LidarCaster, Renderer
 from nurec_jax.scene import LoadOptions, Scene, load_scene
 from nurec_jax.server import auth, downloads, metrics, postprocess, warmup
-from nurec_jax.server import requests as requests_lib
 from nurec_jax.server.download_cache import DownloadCache
 from nurec_jax.server.ego_masks import EgoMasks
 from nurec_jax.server.options import ServerOptions
@@ -112,10 +111,9 @@ class Server:
             RenderOptions(pair_capacity=options.initial_pair_capacity), max_pair_capacity=options.max_pair_capacity
         )
         self.lidar_caster = lidar_caster or LidarCaster(max_pair_capacity=options.max_pair_capacity)
-        # Bounded work (nurec-jax): process-wide limits (the compiled-variant LRU is shared by every Renderer
-        # and LidarCaster of the process; the output-size limit is read by request validation).
+        # Bounded work (nurec-jax): the compiled-variant LRU is process-wide (shared by every Renderer and
+        # LidarCaster of the process); the output-size limit travels with each request's validation.
         self.renderer.compiled_cache.resize(options.max_compiled_variants)
-        requests_lib.max_output_pixels = options.max_output_pixels
         # Operations: timing log / metrics.yaml, profiler, post-processing model. Each raises ValueError naming
         # its flag (a missing nvtx package, Tracy, an unusable path, no post-processing model), so a
         # misconfigured server refuses to start instead of failing requests.
@@ -175,6 +173,7 @@ class Server:
     # ----------------------------------------------------------------------------------------
 
     async def _set_health(self, status) -> None:
+        """The health status of the server ("") and of SensorsimService under both of its names."""
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
@@ -190,9 +189,7 @@ class Server:
         self._server = grpc.aio.server(options=msg, interceptors=interceptors)
         add_to_server(self.servicer, self._server)  # undecodable requests answer INVALID_ARGUMENT
         self.health = health.aio.HealthServicer()
-        await self.health.set("", NOT_SERVING)
-        for name in SERVICE_NAMES:  # NRE's name and NuRec 26.x's
-            await self.health.set(name, NOT_SERVING)
+        await self._set_health(NOT_SERVING)  # "" and both service names (NRE's and NuRec 26.x's)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

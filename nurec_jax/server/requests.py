@@ -100,8 +100,7 @@ def camera_pose_pair(metadata: SceneMetadata, request, prefix: str = "") -> tupl
         return pose_pair(request.sensor_pose, f"{prefix}sensor_pose", request)
     ego = pose_pair(request.ego_pose, f"{prefix}ego_pose", request)
     spec = request.camera_intrinsics
-    mounts = [c for c in metadata.camera_list if c.logical_id == spec.logical_id] if spec.logical_id else []
-    if not mounts:
+    if spec.logical_id not in metadata.cameras:  # every logical id of the scene, whatever its trajectory
         if has_sensor:  # nothing to compare against: a novel camera on no known mount
             return pose_pair(request.sensor_pose, f"{prefix}sensor_pose", request)
         raise InvalidArgument(
@@ -183,18 +182,23 @@ def scene_camera(metadata: SceneMetadata, logical_id: str, trajectory_idx: int, 
     )
 
 
-# Bounded work (nurec-jax): the output-size limit; the server sets it at start from --max-output-pixels
-# (process-wide, like the compiled-variant cache). A 3848x2168 camera (8.3 MP) fits with 50 % to spare.
-max_output_pixels = 12 << 20
+# Bounded work (nurec-jax): the default of --max-output-pixels (ServerOptions.max_output_pixels); a
+# 3848x2168 camera (8.3 MP) fits with 50 % to spare.
+DEFAULT_MAX_OUTPUT_PIXELS = 12 << 20
 
 
 def check_output_pixels(
-    out_w: int, out_h: int, req_w: int, req_h: int, native: tuple[int, int], prefix: str = "", limit: int | None = None
+    out_w: int,
+    out_h: int,
+    req_w: int,
+    req_h: int,
+    native: tuple[int, int],
+    prefix: str = "",
+    limit: int = DEFAULT_MAX_OUTPUT_PIXELS,
 ) -> None:
-    """Refuses an output (after NuRec's resolution rule) above `limit` pixels (default: the server's
+    """Refuses an output (after NuRec's resolution rule) above `limit` pixels (the server's
     --max-output-pixels) before anything compiles: every new size is a compile, and its time and memory
     grow with the pixel count. INVALID_ARGUMENT: the same request can never succeed on this server."""
-    limit = max_output_pixels if limit is None else limit
     if out_w * out_h > limit:
         raise InvalidArgument(
             f"{prefix}resolution_w/resolution_h: {req_w}x{req_h} gives an output of {out_w}x{out_h} "
@@ -203,7 +207,14 @@ def check_output_pixels(
         )
 
 
-def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix: str = "") -> Camera:
+def request_camera(
+    metadata: SceneMetadata,
+    spec,
+    req_w: int,
+    req_h: int,
+    prefix: str = "",
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+) -> Camera:
     """The camera of a request at NuRec's output resolution.
 
     With a `camera_param` the request's own intrinsics are used (a novel camera may carry any
@@ -239,7 +250,7 @@ def request_camera(metadata: SceneMetadata, spec, req_w: int, req_h: int, prefix
             f"{native_w}x{native_h} camera (NuRec keeps the native aspect); it must be 1..{MAX_SIDE} a side "
             f"and at most {MAX_PIXELS} pixels"
         )
-    check_output_pixels(out_w, out_h, req_w, req_h, (native_w, native_h), prefix)
+    check_output_pixels(out_w, out_h, req_w, req_h, (native_w, native_h), prefix, max_output_pixels)
     return camera_lib.camera_at_resolution(camera_lib.camera_from_intrinsics(intr), req_w, req_h)
 
 
@@ -264,14 +275,27 @@ def actor_overrides(metadata: SceneMetadata, objects, editing_enabled: bool, pre
     return out
 
 
-def prepare_rgb(metadata: SceneMetadata, request, *, editing_enabled: bool, prefix: str = "") -> RGBJob:
-    """Validates an RGBRenderRequest against a scene; raises typed errors naming the field."""
+def prepare_rgb(
+    metadata: SceneMetadata,
+    request,
+    *,
+    editing_enabled: bool,
+    prefix: str = "",
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+) -> RGBJob:
+    """Validates an RGBRenderRequest against a scene; raises typed errors naming the field. Outputs above
+    `max_output_pixels` (the server's --max-output-pixels) are refused."""
     try:
         images.validate_format(request.image_format, request.image_quality, prefix.rstrip("."))
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
     camera = request_camera(
-        metadata, request.camera_intrinsics, int(request.resolution_w), int(request.resolution_h), prefix
+        metadata,
+        request.camera_intrinsics,
+        int(request.resolution_w),
+        int(request.resolution_h),
+        prefix,
+        max_output_pixels,
     )
     start_us, end_us = int(request.frame_start_us), int(request.frame_end_us)
     check_interval(metadata, start_us, end_us, prefix)

@@ -105,10 +105,8 @@ class _Call:
 
 @dataclasses.dataclass
 class Stats:
-    """Request counters (exposed in get_server_config under `stats.*`)."""
+    """Request counters (exposed in get_server_config under `stats.*` and on /metrics)."""
 
-    requests: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     responses: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (method, code)
     latency: metrics.LatencyHistogram = dataclasses.field(default_factory=metrics.LatencyHistogram)  # all-time
     renders: int = 0
@@ -120,12 +118,27 @@ class Stats:
         """Counts a call by RPC and by status code; only successful renders enter the latency figures
         (a refused request answers in microseconds and would pull the percentiles down)."""
         with self.lock:
-            self.requests[method] += 1
-            self.status[code.name] += 1
             self.responses[(method, code.name)] += 1
             if code == grpc.StatusCode.OK and method in metrics.RENDER_METHODS:
                 self.latencies_s.append(seconds)
                 self.latency.observe(seconds)
+
+    @property
+    def requests(self) -> collections.Counter:
+        """Calls per RPC (every call is answered once, so these are `responses` summed over codes)."""
+        return _sum_by(self.responses, 0)
+
+    @property
+    def status(self) -> collections.Counter:
+        """Answers per status code name (`responses` summed over RPCs)."""
+        return _sum_by(self.responses, 1)
+
+
+def _sum_by(counts: collections.Counter, position: int) -> collections.Counter:
+    out = collections.Counter()
+    for key, n in counts.items():
+        out[key[position]] += n
+    return out
 
 
 def scene_report_strings(scene) -> dict[str, str]:
@@ -171,9 +184,8 @@ def _tolerant(deserialize, type_name: str):
 
 
 # The service's full names: NRE's package and NuRec 26.x's rename (same messages, same wire bytes).
-SERVICE_NAMES = tuple(
-    m.DESCRIPTOR.services_by_name["SensorsimService"].full_name for m in (sensorsim_pb2, nurec_sensorsim_pb2)
-)
+_SERVICES = tuple(m.DESCRIPTOR.services_by_name["SensorsimService"] for m in (sensorsim_pb2, nurec_sensorsim_pb2))
+SERVICE_NAMES = tuple(service.full_name for service in _SERVICES)
 
 
 def add_to_server(servicer, server) -> None:
@@ -182,7 +194,6 @@ def add_to_server(servicer, server) -> None:
     a client generated from NRE's protos and one from NuRec 26.x's renamed protos call different paths
     with identical bytes), with request parsers that pass undecodable bytes on to the handler as an
     `UndecodableRequest`."""
-    services = [m.DESCRIPTOR.services_by_name["SensorsimService"] for m in (sensorsim_pb2, nurec_sensorsim_pb2)]
 
     class _Registrar:
         registered = False
@@ -191,7 +202,7 @@ def add_to_server(servicer, server) -> None:
             pass  # replaced below by one built from the wrapped handlers
 
         def add_registered_method_handlers(self, name, handlers):
-            for service in services:
+            for service in _SERVICES:
                 wrapped = {
                     m: h._replace(
                         request_deserializer=_tolerant(
@@ -441,7 +452,13 @@ class SensorsimServicer(sensorsim_pb2_grpc.SensorsimServiceServicer):
             return images.encode(rgb, job.image_format, job.image_quality)
 
     def _prepare(self, meta: SceneMetadata, request, prefix: str = "") -> requests.RGBJob:
-        job = requests.prepare_rgb(meta, request, editing_enabled=self.options.enable_editing_actors, prefix=prefix)
+        job = requests.prepare_rgb(
+            meta,
+            request,
+            editing_enabled=self.options.enable_editing_actors,
+            prefix=prefix,
+            max_output_pixels=self.options.max_output_pixels,
+        )
         if job.ego_mask is not None and not self.ego_masks.rig_exists(job.ego_mask[0]):
             raise errs.NotFound(
                 f"{prefix}ego_mask_id.rig_config_id: no ego masks for rig {errs.quoted(job.ego_mask[0])}"

@@ -591,9 +591,10 @@ def test_a_server_stopped_before_it_reports_serving_stops_at_once(thin_scene, mo
     entered, release = threading.Event(), threading.Event()
     original = Server._set_health
 
-    async def held(self, status):  # the update reaches the loop, then waits there while the server stops
-        entered.set()
-        await asyncio.get_running_loop().run_in_executor(None, release.wait)
+    async def held(self, status):  # the SERVING update reaches the loop, then waits there while the server stops
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            entered.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait)
         await original(self, status)
 
     monkeypatch.setattr(Server, "_set_health", held)

@@ -16,7 +16,6 @@ from grpc_helpers import HEIGHT, connect, decode, rgb_request, rpc_error, wait_f
 
 from nurec_jax import renderer as RR
 from nurec_jax._proto import common_pb2, sensorsim_pb2
-from nurec_jax.server import requests as req_lib
 from nurec_jax.server.app import create_server
 from nurec_jax.server.options import ServerOptions
 
@@ -29,7 +28,7 @@ LIMIT = 4000  # pixels: 64x36 (2304) renders, 106x60 (6360) does not
 
 @pytest.fixture(scope="module")
 def server(thin_scene, tmp_path_factory):
-    before = (RR.COMPILED.max_entries, req_lib.max_output_pixels)
+    before = RR.COMPILED.max_entries
     opts = ServerOptions(
         artifact_glob=thin_scene,
         port=0,
@@ -44,8 +43,7 @@ def server(thin_scene, tmp_path_factory):
     yield srv, stub
     channel.close()
     srv.stop(1)
-    RR.COMPILED.resize(before[0])  # process-wide: later tests in this worker get the usual bound back
-    req_lib.max_output_pixels = before[1]
+    RR.COMPILED.resize(before)  # process-wide: later tests in this worker get the usual bound back
 
 
 def _config(stub) -> dict:
